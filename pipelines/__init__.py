@@ -1,0 +1,1 @@
+"""Apache Beam jobs and the ``tempo`` command line."""

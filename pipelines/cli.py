@@ -1,0 +1,70 @@
+"""The ``tempo`` command line.
+
+Each subcommand lives in its own module that defines ``add_arguments(parser)`` and
+``run(args, extra_args) -> int`` (``extra_args`` are unrecognised arguments, passed on to
+Beam by the jobs that accept pipeline options). Modules are imported only when their
+subcommand runs, so ``tempo --help`` stays fast.
+
+Expected failures (``TempoError``) are printed as one line ``error [code]: message`` and
+exit with status 2; no traceback reaches the user for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from tempo_ops.errors import TempoError
+
+# name -> (module, help, accepts extra (Beam) arguments)
+SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
+    "probe": ("pipelines.probe_cmd", "probe, sample and segment videos; print a per-video summary", False),
+    "validate-manifest": ("pipelines.manifest_cmd", "check a corpus manifest and report every problem", False),
+    "make-tiny-models": ("pipelines.tiny_models_cmd", "build tiny random-weight models offline (tests, demo)", False),
+    "compress": ("pipelines.compress", "run the compression job: manifest -> Zarr token cache", True),
+    "inspect": ("pipelines.inspect_cache", "show a token cache's configuration, counts and entries", False),
+    "shards": ("pipelines.build_shards", "cut WebDataset training shards from a cache", True),
+    "demo": ("pipelines.demo", "run the whole pipeline on generated sample videos and tiny models", False),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tempo", description="Tempo Pipeline: offline query-aware long-video compression.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_module, help_text, _extra) in SUBCOMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            parser.print_usage(sys.stderr)
+            print(f"tempo: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        parser.print_help()
+        return 0
+    name, rest = argv[0], argv[1:]
+    module_name, help_text, accepts_extra = SUBCOMMANDS[name]
+    module = importlib.import_module(module_name)
+    sub_parser = argparse.ArgumentParser(prog=f"tempo {name}", description=help_text)
+    module.add_arguments(sub_parser)
+    if accepts_extra:
+        args, extra = sub_parser.parse_known_args(rest)
+    else:
+        args, extra = sub_parser.parse_args(rest), []
+    try:
+        return int(module.run(args, extra) or 0)
+    except TempoError as exc:
+        print(f"error [{exc.code}]: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

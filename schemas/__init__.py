@@ -1,0 +1,1 @@
+"""Versioned formats: corpus manifest, cache layout, shard samples, run results."""
