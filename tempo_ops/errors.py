@@ -118,6 +118,18 @@ class InvalidQuery(InputError):
     code = "invalid_query"
 
 
+class InvalidSegment(InputError):
+    """A segment handed to the compressor is unusable (frames shape/dtype, start_position, real_fps)."""
+
+    code = "invalid_segment"
+
+
+class InvalidFrames(InputError):
+    """Decoded frames handed to the SVLM input path have the wrong type, dtype or shape."""
+
+    code = "invalid_frames"
+
+
 # --------------------------------------------------------------------------- models
 class ModelError(TempoError):
     code = "model_error"
@@ -185,6 +197,24 @@ class CacheNotWritable(CacheError):
     code = "cache_not_writable"
 
 
+class InvalidCacheBlock(CacheError):
+    """A block or video record given to the cache writer is invalid (shape, alignment, NaN, types)."""
+
+    code = "invalid_cache_block"
+
+
+class InvalidTokenRange(CacheError):
+    """A token range asked of a cache entry is outside [0, K] or not one per segment."""
+
+    code = "invalid_token_range"
+
+
+class EntryIncomplete(CacheError):
+    """Finalising found blocks of a cache entry missing or damaged; the entry stays incomplete."""
+
+    code = "entry_incomplete"
+
+
 # --------------------------------------------------------------------------- allocation / shards
 class AllocationError(TempoError):
     """Invalid input to a token allocation policy."""
@@ -200,3 +230,15 @@ class ConfigError(TempoError):
     """Invalid command-line or job configuration."""
 
     code = "config_error"
+
+
+class PackingError(AllocationError):
+    """An allocation does not fit the cache entry it is applied to (length, range, shapes)."""
+
+    code = "packing_error"
+
+
+class ShardFormatError(ShardError):
+    """A shard, sample or shard-set index is not in a format version this code reads."""
+
+    code = "shard_format"

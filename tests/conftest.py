@@ -8,3 +8,14 @@ import os
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """Tiny random-weight models built locally once per test session: {"svlm": dir, "tempo": dir}."""
+    from tempo_ops.svlm.tiny import make_tiny_models
+
+    return make_tiny_models(tmp_path_factory.mktemp("tiny_models"), seed=0)

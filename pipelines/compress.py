@@ -1,0 +1,555 @@
+"""The compression job: corpus manifest → complete Zarr token cache (``tempo compress``).
+
+Graph (each step adapts a pure function of ``tempo_ops``)::
+
+    ReadFromText(manifest) → ParseEntry → [limit filter]
+      → PlanVideo        (probe, sample, segment; skip complete (video, query) pairs; write video
+                          metadata; create entries; fan out work units of whole cache shards)
+      → Reshuffle        (fuse break: units of one long video spread over workers)
+      → DecodeUnit       (CPU stage: fetch + decode + resize the unit's segments)
+      → CompressUnit     (model stage: every query of every segment through the shared prefix)
+      → WriteBlock       (one writer per cache shard: unit boundaries are shard boundaries)
+      → GroupByKey(video, query) → FinalizeEntry (completion marker only when every unit landed)
+    every step's failures → dead letters → merged per item → ``<cache>.deadletter.jsonl``
+
+Model loading: a DoFn ``setup`` that takes the compressor from ``apache_beam.utils.shared``
+(one model per worker process, shared by its threads). We do not use ``RunInference``:
+its ``BatchElements`` batches by element count, while our element is a work unit whose
+segments × queries the compressor already batches by token cost through the shared-prefix
+path; a ModelHandler would only wrap the same call.
+
+Re-runs: complete (video, query) pairs are skipped at planning; incomplete ones are begun
+again (the cache overwrites their partial data). ``--force`` recomputes everything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.utils import shared
+
+from pipelines.beam_support import (
+    DEAD_LETTER,
+    DeadLetter,
+    ProgressReporter,
+    WriteDeadLetters,
+    add_runner_arguments,
+    counter_values,
+    is_local_runner,
+    pipeline_options_from_args,
+    runner_name,
+)
+from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
+from schemas import manifest as manifest_schema
+from tempo_ops import video
+from tempo_ops.errors import ConfigError, TempoError
+
+METRICS_NAMESPACE = "tempo.compress"
+GENERIC_QUERY_ID = "_generic"  # videos without queries get one query-agnostic entry
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- elements
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to load the compressor (picklable, small)."""
+
+    svlm: str
+    compressor: str | None
+    seed: int
+    device: str | None
+    dtype: str | None
+    max_batch_tokens: int
+    torch_threads: int | None
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A run of whole cache shards of one video, for all of its pending queries."""
+
+    video_id: str
+    uri: str
+    plan: Any  # video.VideoPlan
+    unit_index: int
+    n_units: int
+    seg_start: int
+    seg_stop: int
+    queries: tuple[tuple[str, str], ...]  # (query_id, text)
+
+
+def entry_queries(entry) -> list[tuple[str, str]]:
+    """(query_id, text) pairs of a manifest entry; a video without queries gets the generic one."""
+    if entry.queries:
+        return [(q.query_id, q.text) for q in entry.queries]
+    return [(GENERIC_QUERY_ID, "")]
+
+
+def unit_ranges(n_segments: int, unit_segments: int) -> list[tuple[int, int]]:
+    """Split ``n_segments`` into consecutive [start, stop) ranges of ``unit_segments`` (last may be short)."""
+    return [(s, min(s + unit_segments, n_segments)) for s in range(0, n_segments, unit_segments)]
+
+
+def cache_config(compressor_fingerprint: dict, sampling: video.SamplingConfig) -> dict:
+    """The configuration a cache is fingerprinted with (docs/ARCHITECTURE.md)."""
+    return {"compressor": compressor_fingerprint, "sampling": sampling.to_dict(), "stored_dtype": "float16"}
+
+
+def load_compressor(spec: ModelSpec):
+    """Load the compressor described by ``spec`` (called once per worker process)."""
+    import torch
+
+    from tempo_ops.svlm.compressor import Compressor
+
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    return Compressor.from_pretrained(
+        spec.svlm,
+        memory_tokens=spec.compressor,
+        seed=spec.seed,
+        device=spec.device,
+        dtype=spec.dtype,
+        max_batch_tokens=spec.max_batch_tokens,
+    )
+
+
+class _SharedModel:
+    """Weak-referenceable holder for ``shared.Shared``."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+
+def _dead(exc: BaseException, *, video_id: str, query_id: str | None, stage: str, **details):
+    return beam.pvalue.TaggedOutput(
+        DEAD_LETTER, DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage=stage, **details)
+    )
+
+
+def _unit_failed(unit: WorkUnit, query_ids):
+    """Markers telling FinalizeEntry that a unit of these queries will not land (error already recorded)."""
+    for qid in query_ids:
+        yield beam.pvalue.TaggedOutput("unit_status", ((unit.video_id, qid), ("failed", unit.unit_index, unit.n_units)))
+
+
+# --------------------------------------------------------------------------- DoFns (adapters only)
+class _CacheDoFn(beam.DoFn):
+    def __init__(self, cache_url: str, config: dict) -> None:
+        self.cache_url = cache_url
+        self.config = config
+        self.writer = None
+
+    def setup(self) -> None:
+        from tempo_ops.store import CacheWriter
+
+        self.writer = CacheWriter.open(self.cache_url, self.config)
+
+
+class PlanVideoFn(_CacheDoFn):
+    """VideoEntry → WorkUnits of its pending queries (dead letter if the video is unusable)."""
+
+    def __init__(self, cache_url: str, config: dict, sampling: video.SamplingConfig, unit_segments: int, force: bool):
+        super().__init__(cache_url, config)
+        self.sampling = sampling
+        self.unit_segments = unit_segments
+        self.force = force
+        self.videos = Metrics.counter(METRICS_NAMESPACE, "videos_planned")
+        self.videos_failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed")
+        self.skipped = Metrics.counter(METRICS_NAMESPACE, "queries_skipped_complete")
+        self.pending = Metrics.counter(METRICS_NAMESPACE, "queries_pending")
+        self.segments = Metrics.counter(METRICS_NAMESPACE, "segments_planned")
+        self.units = Metrics.counter(METRICS_NAMESPACE, "units_planned")
+        self.units_landed = Metrics.counter(METRICS_NAMESPACE, "units_skipped_landed")
+
+    def process(self, entry) -> Iterator:
+        queries = entry_queries(entry)
+        pending = [(q, t) for q, t in queries if self.force or not self.writer.is_complete(entry.video_id, q)]
+        self.skipped.inc(len(queries) - len(pending))
+        if not pending:
+            return
+        try:
+            plan = video.plan_video(entry.uri, self.sampling)
+            self.writer.write_video(entry.video_id, video_meta(entry, plan))
+            ranges = unit_ranges(plan.n_segments, self.unit_segments)
+            landed = set(range(len(ranges)))
+            for qid, text in pending:
+                # Resume: an incomplete entry keeps the blocks that already landed.
+                self.writer.begin_entry(entry.video_id, qid, text, plan.n_segments, force=self.force, resume=True)
+                landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid))
+        except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
+            self.videos_failed.inc()
+            yield _dead(exc, video_id=entry.video_id, query_id=None, stage="probe", uri=entry.uri)
+            return
+        self.videos.inc()
+        self.pending.inc(len(pending))
+        self.segments.inc(plan.n_segments)
+        # A unit is skipped only when it landed for every pending query; otherwise it is
+        # recomputed for all of them, so its batch (and so its bytes) equal an uninterrupted run's.
+        self.units.inc(len(ranges) - len(landed))
+        self.units_landed.inc(len(landed))
+        for i, (a, b) in enumerate(ranges):
+            if i in landed:
+                for qid, _ in pending:
+                    yield beam.pvalue.TaggedOutput("unit_status", ((entry.video_id, qid), ("ok", i, len(ranges))))
+            else:
+                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, tuple(pending))
+
+
+def landed_units(ranges: list[tuple[int, int]], missing: list[tuple[int, int]]) -> set[int]:
+    """Indices of unit ``ranges`` that overlap none of the ``missing`` segment ranges."""
+    return {i for i, (a, b) in enumerate(ranges) if not any(ma < b and a < mb for ma, mb in missing)}
+
+
+def video_meta(entry, plan) -> dict:
+    """Per-video attributes stored in the cache (schemas/CACHE_LAYOUT.md)."""
+    meta = plan.to_dict()
+    meta["uri"] = entry.uri
+    meta["metadata"] = entry.metadata
+    return meta
+
+
+class DecodeUnitFn(beam.DoFn):
+    """WorkUnit → (WorkUnit, [Segment]) — the CPU stage."""
+
+    def __init__(self, sampling: video.SamplingConfig) -> None:
+        self.sampling = sampling
+        self.decode_ms = Metrics.distribution(METRICS_NAMESPACE, "decode_ms")
+        self.decoded = Metrics.counter(METRICS_NAMESPACE, "segments_decoded")
+
+    def process(self, unit: WorkUnit) -> Iterator:
+        t0 = time.perf_counter()
+        try:
+            segments = list(
+                video.iter_segments(unit.uri, self.sampling, plan=unit.plan, segments=range(unit.seg_start, unit.seg_stop))
+            )
+        except Exception as exc:  # noqa: BLE001
+            yield _dead(exc, video_id=unit.video_id, query_id=None, stage="decode", unit=unit.unit_index)
+            yield from _unit_failed(unit, [q for q, _ in unit.queries])
+            return
+        self.decode_ms.update(int((time.perf_counter() - t0) * 1000))
+        self.decoded.inc(len(segments))
+        yield unit, segments
+
+
+class CompressUnitFn(beam.DoFn):
+    """(WorkUnit, [Segment]) → one block per query — the model stage."""
+
+    def __init__(self, spec: ModelSpec, shared_handle: shared.Shared) -> None:
+        self.spec = spec
+        self.shared_handle = shared_handle
+        self.model = None
+        self.model_ms = Metrics.distribution(METRICS_NAMESPACE, "model_ms")
+        self.compressed = Metrics.counter(METRICS_NAMESPACE, "segments_compressed")
+
+    def setup(self) -> None:
+        self.model = self.shared_handle.acquire(lambda: _SharedModel(load_compressor(self.spec))).model
+
+    def process(self, element) -> Iterator:
+        unit, segments = element
+        t0 = time.perf_counter()
+        try:
+            result = self.model.compress(segments, [text for _, text in unit.queries])
+        except Exception as exc:  # noqa: BLE001
+            for qid, _ in unit.queries:
+                yield _dead(exc, video_id=unit.video_id, query_id=qid, stage="model", unit=unit.unit_index)
+            yield from _unit_failed(unit, [q for q, _ in unit.queries])
+            return
+        self.model_ms.update(int((time.perf_counter() - t0) * 1000))
+        self.compressed.inc(len(segments) * len(unit.queries))
+        for qi, (qid, _) in enumerate(unit.queries):
+            yield unit, qid, result.candidates[qi], result.relevance[qi]
+
+
+class WriteBlockFn(_CacheDoFn):
+    """One query's block of a unit → the cache; emits the unit's status for finalisation."""
+
+    def __init__(self, cache_url: str, config: dict) -> None:
+        super().__init__(cache_url, config)
+        self.bytes_written = Metrics.counter(METRICS_NAMESPACE, "bytes_written")
+        self.progress = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.progress = ProgressReporter("compress")
+
+    def process(self, element) -> Iterator:
+        unit, qid, candidates, relevance = element
+        key = (unit.video_id, qid)
+        try:
+            self.writer.write_block(unit.video_id, qid, unit.seg_start, candidates, relevance)
+        except Exception as exc:  # noqa: BLE001
+            yield _dead(exc, video_id=unit.video_id, query_id=qid, stage="write", unit=unit.unit_index)
+            yield key, ("failed", unit.unit_index, unit.n_units)
+            return
+        self.bytes_written.inc(int(candidates.shape[0] * candidates.shape[1] * candidates.shape[2] * 2 + relevance.size * 4))
+        self.progress.add(blocks=1, segments=int(candidates.shape[0]))
+        yield key, ("ok", unit.unit_index, unit.n_units)
+
+
+class FinalizeEntryFn(_CacheDoFn):
+    """(video, query) with all its unit statuses → completion marker when every unit landed."""
+
+    def __init__(self, cache_url: str, config: dict) -> None:
+        super().__init__(cache_url, config)
+        self.done = Metrics.counter(METRICS_NAMESPACE, "queries_completed")
+        self.failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
+
+    def process(self, element) -> Iterator:
+        (video_id, query_id), statuses = element
+        statuses = list(statuses)
+        n_units = statuses[0][2]
+        ok = {u for s, u, _ in statuses if s == "ok"}
+        if any(s == "failed" for s, _, _ in statuses):
+            self.failed.inc()  # its dead letter was recorded where it failed
+            return
+        if len(ok) != n_units:
+            self.failed.inc()
+            missing = sorted(set(range(n_units)) - ok)
+            yield DeadLetter(video_id, query_id, "finalize", "units_missing", f"{video_id}/{query_id}: units {missing} never landed")
+            return
+        try:
+            self.writer.finalize_entry(video_id, query_id)
+        except Exception as exc:  # noqa: BLE001
+            self.failed.inc()
+            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
+            return
+        self.done.inc()
+
+
+# --------------------------------------------------------------------------- graph
+@dataclass(frozen=True)
+class CompressJob:
+    manifest: str
+    cache: str
+    sampling: video.SamplingConfig
+    model: ModelSpec
+    config: dict
+    unit_segments: int
+    force: bool = False
+    only_video_ids: frozenset[str] | None = None
+
+    @property
+    def dead_letter_path(self) -> str:
+        return self.cache.rstrip("/") + ".deadletter.jsonl"
+
+    @property
+    def summary_path(self) -> str:
+        return self.cache.rstrip("/") + ".summary.json"
+
+
+def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
+    """Add the compression job's transforms to ``pipeline``."""
+    base = manifest_schema.manifest_base(job.manifest)
+    entries = (
+        pipeline
+        | "ReadManifest" >> beam.io.ReadFromText(job.manifest)
+        | "ParseEntry" >> beam.FlatMap(lambda line: [e for e in [manifest_schema.parse_manifest_line(line, base)] if e])
+    )
+    if job.only_video_ids is not None:
+        wanted = job.only_video_ids
+        entries = entries | "Limit" >> beam.Filter(lambda e: e.video_id in wanted)
+    planned = entries | "PlanVideo" >> beam.ParDo(
+        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force)
+    ).with_outputs(DEAD_LETTER, "unit_status", main="units")
+    decoded = (
+        planned.units
+        | "SpreadUnits" >> beam.Reshuffle()
+        | "DecodeUnit" >> beam.ParDo(DecodeUnitFn(job.sampling)).with_outputs(DEAD_LETTER, "unit_status", main="segments")
+    )
+    compressed = decoded.segments | "CompressUnit" >> beam.ParDo(
+        CompressUnitFn(job.model, shared.Shared())
+    ).with_outputs(DEAD_LETTER, "unit_status", main="blocks")
+    written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config)).with_outputs(
+        DEAD_LETTER, main="status"
+    )
+    finalize_failures = (
+        (planned.unit_status, written.status, decoded.unit_status, compressed.unit_status)
+        | "AllUnitStatus" >> beam.Flatten()
+        | "GroupUnitsPerEntry" >> beam.GroupByKey()
+        | "FinalizeEntry" >> beam.ParDo(FinalizeEntryFn(job.cache, job.config))
+    )
+    (
+        (planned[DEAD_LETTER], decoded[DEAD_LETTER], compressed[DEAD_LETTER], written[DEAD_LETTER], finalize_failures)
+        | "AllDeadLetters" >> beam.Flatten()
+        | "WriteDeadLetters" >> WriteDeadLetters(job.dead_letter_path)
+    )
+
+
+# --------------------------------------------------------------------------- command line
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="corpus manifest (JSON Lines; local path or fsspec URL)")
+    parser.add_argument("--cache", required=True, help="Zarr cache URL (local path, memory://, gs://...)")
+    parser.add_argument("--svlm", required=True, help="base Qwen3-VL directory or URL")
+    parser.add_argument(
+        "--compressor",
+        default=None,
+        help="memory tokens: a Tempo-6B checkpoint or a tempo compressor checkpoint (default: fresh seeded init)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of a fresh memory-token init")
+    add_sampling_arguments(parser)
+    parser.add_argument("--unit-segments", type=int, default=None, help="segments per work unit (multiple of the cache shard)")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model forward pass")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
+    parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
+    parser.add_argument("--force", action="store_true", help="recompute (video, query) pairs that are already complete")
+    add_runner_arguments(parser)
+
+
+def run(args: argparse.Namespace, extra_args: list[str]) -> int:
+    sampling = sampling_config_from_args(args)
+    n_valid = validate_manifest_or_raise(args.manifest)
+    only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
+    if args.dry_run:
+        return dry_run(args, sampling, only)
+
+    from tempo_ops.store import CacheWriter
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
+    spec = ModelSpec(args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads)
+    print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr)
+    fingerprint = load_compressor(spec).fingerprint()
+    config = cache_config(fingerprint, sampling)
+    writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
+    unit_segments = args.unit_segments or writer.segments_per_shard
+    if unit_segments % writer.segments_per_shard:
+        raise ConfigError(
+            f"--unit-segments {unit_segments} must be a multiple of the cache shard ({writer.segments_per_shard} segments)"
+        )
+    job = CompressJob(args.manifest, args.cache, sampling, spec, config, unit_segments, args.force, only)
+    options = pipeline_options_from_args(extra_args, job_name="tempo-compress", local_workers=args.local_workers)
+    started = time.time()
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    print(
+        f"[compress] run {run_id}: {n_valid} manifest entries"
+        + (f" (limit {args.limit})" if only is not None else "")
+        + f", runner {runner_name(options)}",
+        file=sys.stderr,
+    )
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, job)
+    result = pipeline.run()
+    if not is_local_runner(options):
+        print(f"[compress] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
+        return 0
+    result.wait_until_finish()
+    summary = write_summary(job, result, run_id=run_id, started=started, runner=runner_name(options), fingerprint=writer.fingerprint)
+    print_summary(summary)
+    return 0 if summary["failures"]["items"] == 0 else 1
+
+
+def validate_manifest_or_raise(url: str) -> int:
+    """Stream-validate the manifest; raise ManifestError listing every problem. Returns the entry count."""
+    problems = manifest_schema.validate_manifest(url)
+    if problems:
+        raise manifest_schema.manifest_error(url, problems)
+    return sum(1 for _ in manifest_schema.iter_manifest(url))
+
+
+def first_video_ids(url: str, limit: int) -> frozenset[str]:
+    if limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {limit}")
+    ids = []
+    for entry in manifest_schema.iter_manifest(url):
+        if len(ids) >= limit:
+            break
+        ids.append(entry.video_id)
+    return frozenset(ids)
+
+
+def write_summary(job: CompressJob, result, *, run_id: str, started: float, runner: str, fingerprint: str) -> dict:
+    """Gather metrics + dead letters into the run summary and write it next to the cache."""
+    import fsspec
+
+    wall = time.time() - started
+    metrics = counter_values(result, METRICS_NAMESPACE)
+    failures: dict[str, int] = {}
+    n_items = 0
+    with fsspec.open(job.dead_letter_path, "rt", encoding="utf-8") as fh:
+        for line in fh:
+            if line.strip():
+                n_items += 1
+                code = json.loads(line)["code"]
+                failures[code] = failures.get(code, 0) + 1
+    segments = int(metrics.get("segments_decoded", 0))
+    summary = {
+        "job": "compress",
+        "run_id": run_id,
+        "runner": runner,
+        "manifest": job.manifest,
+        "cache": job.cache,
+        "dead_letter_file": job.dead_letter_path,
+        "fingerprint": fingerprint,
+        "config": job.config,
+        "counts": {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")},
+        "failures": {"items": n_items, "by_code": failures},
+        "timing": {
+            "wall_s": round(wall, 3),
+            "decode_s": round(metrics.get("decode_ms", 0) / 1000, 3),
+            "model_s": round(metrics.get("model_ms", 0) / 1000, 3),
+            "segments_per_s": round(segments / wall, 3) if wall > 0 else None,
+        },
+    }
+    with fsspec.open(job.summary_path, "wt", encoding="utf-8") as fh:
+        fh.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    c, t, f = summary["counts"], summary["timing"], summary["failures"]
+    print(
+        f"[compress] done in {t['wall_s']:.1f}s: videos {c.get('videos_planned', 0)} ok / {c.get('videos_failed', 0)} failed, "
+        f"queries {c.get('queries_completed', 0)} completed / {c.get('queries_failed', 0)} failed / "
+        f"{c.get('queries_skipped_complete', 0)} already complete, segments {c.get('segments_decoded', 0)} "
+        f"({t['segments_per_s']} seg/s; decode {t['decode_s']}s, model {t['model_s']}s)",
+        file=sys.stderr,
+    )
+    if f["items"]:
+        print(f"[compress] {f['items']} failed item(s) by code {f['by_code']}: see {summary['dead_letter_file']}", file=sys.stderr)
+    print(f"[compress] summary: {summary['cache']}.summary.json", file=sys.stderr)
+
+
+def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, only: frozenset[str] | None) -> int:
+    """Probe every input and print the plan (work units, segments, estimated cache bytes); no model."""
+    from tempo_ops.svlm.checkpoints import read_hidden_size
+
+    hidden = read_hidden_size(args.svlm)
+    k = 128
+    unit_segments = args.unit_segments or 32
+    totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "bytes": 0}
+    print(f"{'video_id':<24} {'segments':>8} {'units':>5} {'queries':>7} {'est. bytes':>12}  note")
+    for entry in manifest_schema.iter_manifest(args.manifest):
+        if only is not None and entry.video_id not in only:
+            continue
+        n_queries = len(entry_queries(entry))
+        try:
+            plan = video.plan_video(entry.uri, sampling)
+        except TempoError as exc:
+            totals["failed"] += 1
+            print(f"{entry.video_id:<24} {'-':>8} {'-':>5} {n_queries:>7} {'-':>12}  error [{exc.code}] {exc.reason}")
+            continue
+        units = len(unit_ranges(plan.n_segments, unit_segments))
+        est = n_queries * plan.n_segments * (k * hidden * 2 + 4)
+        totals["videos"] += 1
+        totals["segments"] += plan.n_segments
+        totals["units"] += units
+        totals["entries"] += n_queries
+        totals["bytes"] += est
+        print(f"{entry.video_id:<24} {plan.n_segments:>8} {units:>5} {n_queries:>7} {est:>12}")
+    print(
+        f"plan: {totals['videos']} videos ({totals['failed']} unusable), {totals['entries']} (video, query) entries, "
+        f"{totals['segments']} segments in {totals['units']} work units, ~{totals['bytes'] / 2**20:.1f} MiB of cache"
+    )
+    print(json.dumps({"dry_run": totals}), file=sys.stderr)
+    return 0

@@ -1,0 +1,274 @@
+"""The token cache's layout: node paths, attribute names, shapes, fingerprint, version check.
+
+The human-readable specification is ``schemas/CACHE_LAYOUT.md``; this module is its code.
+Everything that names a node or an attribute of the cache lives here, so writer, reader,
+``tempo inspect`` and third-party readers agree.
+
+Zarr v3 hierarchy (keys relative to the cache root; ``vkey = sanitize_key(video_id)``,
+``qkey = sanitize_key(query_id)``)::
+
+    zarr.json                                   root group; attrs: ROOT_* (written once)
+    videos/zarr.json                            group (no attrs)
+    videos/{vkey}/zarr.json                     video group; attrs: VIDEO_* (+ "meta")
+    videos/{vkey}/queries/zarr.json             group (no attrs)
+    videos/{vkey}/queries/{qkey}/zarr.json      entry group; attrs: ENTRY_* ; marker "complete": true
+    videos/{vkey}/queries/{qkey}/candidates     (S, K, D) float16, shards (P, K, D), chunks (1, C, D)
+    videos/{vkey}/queries/{qkey}/relevance      (S,) float32, chunks (P,), fill NaN
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from tempo_ops.errors import CacheLayoutError, ConfigError, InvalidCacheBlock
+from tempo_ops.keys import sanitize_key
+
+LAYOUT_VERSION = 1
+CACHE_KIND = "tempo_token_cache"
+STORED_DTYPE = "float16"
+FLOAT16_MAX = 65504.0
+
+DEFAULT_SEGMENTS_PER_SHARD = 32  # P: one shard = one unit of writing (one writer per shard)
+DEFAULT_TOKEN_CHUNK = 8  # C: inner chunk along the token axis (plain-zarr read granularity)
+
+# ---------------------------------------------------------------- node names
+VIDEOS = "videos"
+QUERIES = "queries"
+CANDIDATES = "candidates"
+RELEVANCE = "relevance"
+METADATA_FILE = "zarr.json"
+CANDIDATES_DIMS = ("segment", "token", "channel")
+RELEVANCE_DIMS = ("segment",)
+
+# ---------------------------------------------------------------- root attributes
+ROOT_KIND = "kind"  # == CACHE_KIND
+ROOT_LAYOUT_VERSION = "layout_version"  # int == LAYOUT_VERSION
+ROOT_FINGERPRINT = "fingerprint"  # sha256 hex of canonical_json(config)
+ROOT_CONFIG = "config"  # {"compressor": {...}, "sampling": {...}, "stored_dtype": "float16"}
+ROOT_PACKAGE_VERSION = "tempo_ops_version"  # producing tempo_ops.__version__
+ROOT_CREATED_AT = "created_at"  # ISO-8601 UTC
+ROOT_SEGMENTS_PER_SHARD = "segments_per_shard"  # P
+ROOT_TOKEN_CHUNK = "token_chunk"  # C
+ROOT_K = "num_memory_tokens"  # K (== config.compressor.num_memory_tokens)
+ROOT_D = "hidden_size"  # D (== config.compressor.hidden_size)
+
+# ---------------------------------------------------------------- video attributes
+VIDEO_KIND = "tempo_video"
+VIDEO_ID = "video_id"  # original id (the group name is sanitize_key of it)
+VIDEO_N_SEGMENTS = "n_segments"
+VIDEO_META = "meta"  # the record given to write_video (see VIDEO_META_REQUIRED / _KNOWN)
+VIDEO_WRITTEN_AT = "written_at"
+
+VIDEO_META_REQUIRED = ("uri", "timestamps", "timestamp_texts")
+VIDEO_META_KNOWN = ("probe", "frame_indices", "real_fps", "bounds", "sampling")
+
+# ---------------------------------------------------------------- entry attributes
+ENTRY_KIND = "tempo_entry"
+ENTRY_VIDEO_ID = "video_id"
+ENTRY_QUERY_ID = "query_id"
+ENTRY_QUERY_TEXT = "query_text"
+ENTRY_N_SEGMENTS = "n_segments"
+ENTRY_K = "num_memory_tokens"
+ENTRY_D = "hidden_size"
+ENTRY_STARTED_AT = "started_at"
+ENTRY_COMPLETE = "complete"  # the completion marker: True, written last by finalize_entry
+ENTRY_COMPLETED_AT = "completed_at"
+ENTRY_PACKAGE_VERSION = "tempo_ops_version"
+
+# ---------------------------------------------------------------- config / fingerprint
+REQUIRED_COMPRESSOR_FIELDS = (
+    "svlm_name",
+    "svlm_weights_sha256",
+    "memory_tokens_source",
+    "memory_tokens_sha256",
+    "prompt_sha256",
+    "num_memory_tokens",
+    "hidden_size",
+    "reference_geometry",
+)
+REQUIRED_SAMPLING_FIELDS = ("target_fps", "min_frames", "max_frames", "max_edge", "window")
+
+
+def video_path(video_id: str) -> str:
+    """Zarr path of a video's group."""
+    return f"{VIDEOS}/{sanitize_key(video_id)}"
+
+
+def queries_path(video_id: str) -> str:
+    """Zarr path of the group holding a video's entries."""
+    return f"{video_path(video_id)}/{QUERIES}"
+
+
+def entry_path(video_id: str, query_id: str) -> str:
+    """Zarr path of one (video, query) entry group."""
+    return f"{queries_path(video_id)}/{sanitize_key(query_id)}"
+
+
+def candidates_path(video_id: str, query_id: str) -> str:
+    return f"{entry_path(video_id, query_id)}/{CANDIDATES}"
+
+
+def relevance_path(video_id: str, query_id: str) -> str:
+    return f"{entry_path(video_id, query_id)}/{RELEVANCE}"
+
+
+def metadata_key(node_path: str) -> str:
+    """Store key of a node's ``zarr.json`` ('' is the root)."""
+    return f"{node_path}/{METADATA_FILE}" if node_path else METADATA_FILE
+
+
+def candidates_shard_key(video_id: str, query_id: str, shard_index: int) -> str:
+    """Store key of candidates shard ``shard_index`` (default chunk-key encoding, '/' separator)."""
+    return f"{candidates_path(video_id, query_id)}/c/{shard_index}/0/0"
+
+
+def relevance_chunk_key(video_id: str, query_id: str, chunk_index: int) -> str:
+    return f"{relevance_path(video_id, query_id)}/c/{chunk_index}"
+
+
+def shard_index_nbytes(segments_per_shard: int, num_tokens: int, token_chunk: int) -> int:
+    """Bytes of a candidates shard's index: 16 per inner chunk + 4 (crc32c)."""
+    return segments_per_shard * (num_tokens // token_chunk) * 16 + 4
+
+
+# ---------------------------------------------------------------- JSON helpers
+def to_jsonable(value: Any, *, item: str = "value") -> Any:
+    """``value`` as plain JSON types (numpy scalars/arrays, tuples converted); rejects NaN/inf."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v, item=f"{item}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v, item=item) for v in value]
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist(), item=item)
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item(), item=item)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidCacheBlock(f"{item} is not finite ({value})", item=item)
+        return value
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    raise InvalidCacheBlock(f"{item} is not JSON-serialisable ({type(value).__name__})", item=item)
+
+
+def _canonical(value: Any) -> Any:
+    # 2 and 2.0 must give the same fingerprint (configs pass through JSON and Python alike).
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def canonical_json(value: Any) -> str:
+    """Canonical JSON: sorted keys, no spaces, ASCII, integral floats as ints, no NaN."""
+    return json.dumps(_canonical(to_jsonable(value)), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_fingerprint(config: Mapping[str, Any]) -> str:
+    """sha256 hex digest of ``canonical_json(config)``."""
+    return hashlib.sha256(canonical_json(config).encode("ascii")).hexdigest()
+
+
+def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """Check the cache configuration and return it as plain JSON (a fresh dict).
+
+    Raises ConfigError naming the missing/invalid field.
+    """
+    if not isinstance(config, Mapping):
+        raise ConfigError("cache config must be a dict", item="config")
+    out = to_jsonable(config, item="config")
+    for section, fields in (("compressor", REQUIRED_COMPRESSOR_FIELDS), ("sampling", REQUIRED_SAMPLING_FIELDS)):
+        sub = out.get(section)
+        if not isinstance(sub, dict):
+            raise ConfigError(f"missing section {section!r}", item="config")
+        missing = [f for f in fields if f not in sub]
+        if missing:
+            raise ConfigError(f"missing field(s) {', '.join(section + '.' + m for m in missing)}", item="config")
+    if out.get("stored_dtype") != STORED_DTYPE:
+        raise ConfigError(f"stored_dtype must be {STORED_DTYPE!r}, got {out.get('stored_dtype')!r}", item="config")
+    for name in ("num_memory_tokens", "hidden_size"):
+        v = out["compressor"][name]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"compressor.{name} must be a positive int, got {v!r}", item="config")
+    return out
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out or {prefix: {}}
+    return {prefix: _canonical(value)}
+
+
+def config_differences(stored: Mapping[str, Any], given: Mapping[str, Any]) -> list[str]:
+    """Dotted names of the fields that differ, e.g. ``["compressor.memory_tokens_sha256"]``."""
+    a, b = _flatten(to_jsonable(stored)), _flatten(to_jsonable(given))
+    return sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+# ---------------------------------------------------------------- version check (every reader)
+def check_layout(root_attrs: Mapping[str, Any] | None, item: str) -> dict[str, Any]:
+    """Validate a cache root's attributes; return them. The ONE layout-version check.
+
+    Raises CacheLayoutError when the root is not a Tempo cache, or its ``layout_version``
+    is missing or not ``LAYOUT_VERSION``.
+    """
+    if root_attrs is None:
+        raise CacheLayoutError("no Tempo token cache here (root zarr.json missing or unreadable)", item=item)
+    if root_attrs.get(ROOT_KIND) != CACHE_KIND:
+        raise CacheLayoutError(f"not a Tempo token cache (root attribute {ROOT_KIND!r} is not {CACHE_KIND!r})", item=item)
+    version = root_attrs.get(ROOT_LAYOUT_VERSION)
+    if version is None:
+        raise CacheLayoutError("root attribute 'layout_version' is missing", item=item)
+    if version != LAYOUT_VERSION:
+        raise CacheLayoutError(
+            f"layout_version {version!r} is not supported (this code reads {LAYOUT_VERSION})",
+            item=item,
+            found=version,
+            expected=LAYOUT_VERSION,
+        )
+    for name in (ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_SHARD, ROOT_TOKEN_CHUNK, ROOT_K, ROOT_D):
+        if name not in root_attrs:
+            raise CacheLayoutError(f"root attribute {name!r} is missing", item=item)
+    return dict(root_attrs)
+
+
+def validate_video_meta(video_id: str, meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Check a video record for ``write_video``; return it as plain JSON.
+
+    Requires ``uri`` (str), ``timestamps`` (list of float seconds, one per segment) and
+    ``timestamp_texts`` (list of str, same length, >= 1). Other fields are kept as given.
+    """
+    if not isinstance(meta, Mapping):
+        raise InvalidCacheBlock("video meta must be a dict", item=video_id)
+    out = to_jsonable(meta, item=f"{video_id}.meta")
+    missing = [f for f in VIDEO_META_REQUIRED if f not in out]
+    if missing:
+        raise InvalidCacheBlock(f"video meta lacks {', '.join(missing)}", item=video_id)
+    ts, texts = out["timestamps"], out["timestamp_texts"]
+    if not isinstance(ts, list) or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in ts):
+        raise InvalidCacheBlock("meta.timestamps must be a list of numbers (seconds)", item=video_id)
+    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+        raise InvalidCacheBlock("meta.timestamp_texts must be a list of strings", item=video_id)
+    if len(ts) != len(texts) or not ts:
+        raise InvalidCacheBlock(
+            f"meta.timestamps ({len(ts)}) and meta.timestamp_texts ({len(texts)}) must have the same, non-zero length",
+            item=video_id,
+        )
+    if not isinstance(out["uri"], str):
+        raise InvalidCacheBlock("meta.uri must be a string", item=video_id)
+    return out

@@ -1,0 +1,305 @@
+"""Corpus manifest: JSON Lines, one video per line (format version ``MANIFEST_VERSION``).
+
+A line is a JSON object::
+
+    {"video_id": "cooking_01", "uri": "videos/cooking_01.mp4",
+     "queries": [{"query_id": "q1", "text": "What is added first?",
+                  "options": ["A. salt", "B. oil"], "answer": "B"}],
+     "metadata": {"source": "..."}, "manifest_version": 1}
+
+- ``video_id`` (non-empty str, unique in the file) and ``uri`` (non-empty str) are required.
+  A relative ``uri`` resolves against the manifest's directory (also for URLs such as
+  ``memory://corpus/manifest.jsonl`` or ``gs://bucket/corpus/manifest.jsonl``).
+- ``queries``: optional list (default ``[]``) of objects with ``query_id`` (non-empty str,
+  unique within the video), ``text`` (str; may be empty), optional ``options`` (non-empty
+  list of str, or null) and ``answer`` (str or null).
+- ``metadata``: optional JSON object (default ``{}``), passed through untouched.
+- ``manifest_version``: optional int, default 1; any other version is rejected.
+- Unknown keys (top level or in a query) are errors: they are usually typos
+  (``"quries"``) that would otherwise silently drop data.
+- Blank lines are skipped; line numbers in problems are 1-based physical lines.
+
+Reading streams line by line through fsspec, so manifests with millions of lines are
+never held in memory (only the set of seen video ids is kept, to find duplicates).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import fsspec
+
+from tempo_ops.errors import InputError, ManifestError
+from tempo_ops.keys import sanitize_key
+
+MANIFEST_VERSION = 1
+_TOP_KEYS = {"video_id", "uri", "queries", "metadata", "manifest_version"}
+_QUERY_KEYS = {"query_id", "text", "options", "answer"}
+
+
+@dataclass(frozen=True)
+class QueryEntry:
+    """One question about a video. options: multiple-choice texts or None; answer: str or None."""
+
+    query_id: str
+    text: str
+    options: list[str] | None = None
+    answer: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"query_id": self.query_id, "text": self.text, "options": self.options, "answer": self.answer}
+
+
+@dataclass(frozen=True)
+class VideoEntry:
+    """One manifest line. ``uri`` is already resolved; ``line`` is the 1-based line number."""
+
+    video_id: str
+    uri: str
+    queries: list[QueryEntry] = field(default_factory=list)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    line: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "video_id": self.video_id,
+            "uri": self.uri,
+            "queries": [q.to_dict() for q in self.queries],
+            "metadata": self.metadata,
+            "line": self.line,
+        }
+
+
+class ManifestProblem(NamedTuple):
+    """One problem: ``line`` (1-based; 0 = the file itself), ``field`` (dotted path) and ``message``."""
+
+    line: int
+    field: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line}: {self.field}: {self.message}"
+
+
+# --------------------------------------------------------------------------- paths
+def manifest_base(url: str | os.PathLike) -> str:
+    """The directory against which the manifest's relative ``uri``s resolve."""
+    url = os.fspath(url)
+    if "://" in url:
+        head, _, _ = url.rstrip("/").rpartition("/")
+        return head
+    return os.path.dirname(os.path.abspath(url))
+
+
+def resolve_uri(uri: str, base: str) -> str:
+    """``uri`` unchanged when absolute (a URL or ``/path``), else joined to ``base``."""
+    if "://" in uri or uri.startswith("/"):
+        return uri
+    if "://" in base:
+        protocol, _, rest = base.partition("://")
+        return f"{protocol}://{posixpath.normpath(posixpath.join(rest, uri))}" if rest else f"{protocol}://{uri}"
+    return os.path.normpath(os.path.join(base, uri))
+
+
+# --------------------------------------------------------------------------- parsing
+def _check_line(obj: Any, line_no: int) -> list[ManifestProblem]:
+    """Problems of one decoded line, without cross-line checks."""
+    problems: list[ManifestProblem] = []
+
+    def bad(fld: str, msg: str) -> None:
+        problems.append(ManifestProblem(line_no, fld, msg))
+
+    if not isinstance(obj, dict):
+        bad("<line>", f"expected a JSON object, got {type(obj).__name__}")
+        return problems
+    for key in sorted(set(obj) - _TOP_KEYS):
+        bad(key, f"unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
+    version = obj.get("manifest_version", MANIFEST_VERSION)
+    if isinstance(version, bool) or not isinstance(version, int):
+        bad("manifest_version", f"must be an integer, got {version!r}")
+    elif version != MANIFEST_VERSION:
+        bad("manifest_version", f"unsupported version {version} (this reader knows {MANIFEST_VERSION})")
+    for key in ("video_id", "uri"):
+        value = obj.get(key)
+        if key not in obj:
+            bad(key, "missing")
+        elif not isinstance(value, str):
+            bad(key, f"must be a string, got {type(value).__name__}")
+        elif not value.strip():
+            bad(key, "must not be empty")
+    if isinstance(obj.get("video_id"), str) and obj["video_id"]:
+        try:
+            sanitize_key(obj["video_id"])
+        except InputError as exc:
+            bad("video_id", exc.reason)
+    metadata = obj.get("metadata", {})
+    if metadata is not None and not isinstance(metadata, dict):
+        bad("metadata", f"must be an object, got {type(metadata).__name__}")
+    queries = obj.get("queries", [])
+    if queries is None:
+        queries = []
+    if not isinstance(queries, list):
+        bad("queries", f"must be a list, got {type(queries).__name__}")
+        return problems
+    seen: dict[str, int] = {}
+    for i, q in enumerate(queries):
+        where = f"queries[{i}]"
+        if not isinstance(q, dict):
+            bad(where, f"must be an object, got {type(q).__name__}")
+            continue
+        for key in sorted(set(q) - _QUERY_KEYS):
+            bad(f"{where}.{key}", f"unknown key (allowed: {', '.join(sorted(_QUERY_KEYS))})")
+        qid = q.get("query_id")
+        if "query_id" not in q:
+            bad(f"{where}.query_id", "missing")
+        elif not isinstance(qid, str):
+            bad(f"{where}.query_id", f"must be a string, got {type(qid).__name__}")
+        elif not qid.strip():
+            bad(f"{where}.query_id", "must not be empty")
+        elif qid in seen:
+            bad(f"{where}.query_id", f"duplicate query_id {qid!r} (also queries[{seen[qid]}])")
+        else:
+            seen[qid] = i
+        if "text" not in q:
+            bad(f"{where}.text", "missing")
+        elif not isinstance(q["text"], str):
+            bad(f"{where}.text", f"must be a string, got {type(q['text']).__name__}")
+        options = q.get("options")
+        if options is not None:
+            if not isinstance(options, list) or not options:
+                bad(f"{where}.options", "must be a non-empty list of strings or null")
+            else:
+                for j, opt in enumerate(options):
+                    if not isinstance(opt, str):
+                        bad(f"{where}.options[{j}]", f"must be a string, got {type(opt).__name__}")
+        answer = q.get("answer")
+        if answer is not None and not isinstance(answer, str):
+            bad(f"{where}.answer", f"must be a string or null, got {type(answer).__name__}")
+    return problems
+
+
+def _decode(line: str, line_no: int) -> tuple[Any, list[ManifestProblem]]:
+    try:
+        return json.loads(line), []
+    except json.JSONDecodeError as exc:
+        return None, [ManifestProblem(line_no, "<line>", f"invalid JSON: {exc.msg} at column {exc.colno}")]
+
+
+def _entry(obj: dict[str, Any], line_no: int, base: str) -> VideoEntry:
+    queries = [
+        QueryEntry(
+            query_id=q["query_id"],
+            text=q["text"],
+            options=list(q["options"]) if q.get("options") is not None else None,
+            answer=q.get("answer"),
+        )
+        for q in (obj.get("queries") or [])
+    ]
+    return VideoEntry(
+        video_id=obj["video_id"],
+        uri=resolve_uri(obj["uri"], base),
+        queries=queries,
+        metadata=dict(obj.get("metadata") or {}),
+        line=line_no,
+    )
+
+
+def parse_manifest_line(line: str, base: str, line_no: int = 0) -> VideoEntry | None:
+    """Parse one manifest line (None for a blank line); raise ManifestError if it is invalid.
+
+    ``base`` is :func:`manifest_base` of the manifest. Cross-line checks (duplicate
+    video ids) are not done here; :func:`validate_manifest` does them.
+    """
+    if not line.strip():
+        return None
+    obj, problems = _decode(line, line_no)
+    problems = problems or _check_line(obj, line_no)
+    if problems:
+        raise ManifestError(f"invalid manifest line {line_no}: {problems[0].field}: {problems[0].message}", item=f"line {line_no}", problems=problems)
+    return _entry(obj, line_no, base)
+
+
+def _lines(url: str) -> Iterator[tuple[int, str]]:
+    """(line number, text) pairs, streamed."""
+    try:
+        with fsspec.open(url, "rt", encoding="utf-8") as fh:
+            yield from enumerate(fh, start=1)
+    except FileNotFoundError:
+        raise ManifestError("manifest not found", item=url) from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"manifest is not UTF-8 text ({exc.reason})", item=url) from None
+    except IsADirectoryError:
+        raise ManifestError("manifest path is a directory", item=url) from None
+
+
+def iter_manifest(url: str | os.PathLike) -> Iterator[VideoEntry]:
+    """Stream the manifest's entries (relative ``uri``s resolved).
+
+    Fails fast: raises ManifestError at the first invalid line or duplicate video id.
+    Use :func:`validate_manifest` to list every problem.
+    """
+    url = os.fspath(url)
+    base = manifest_base(url)
+    seen: dict[str, int] = {}
+    for n, text in _lines(url):
+        entry = parse_manifest_line(text, base, n)
+        if entry is None:
+            continue
+        if entry.video_id in seen:
+            problem = ManifestProblem(n, "video_id", f"duplicate video_id {entry.video_id!r} (first on line {seen[entry.video_id]})")
+            raise ManifestError(f"invalid manifest line {n}: {problem.message}", item=url, problems=[problem])
+        seen[entry.video_id] = n
+        yield entry
+
+
+def validate_manifest(url: str | os.PathLike) -> list[ManifestProblem]:
+    """Every problem of the manifest (empty list: valid). Streams; never raises for content.
+
+    A missing or unreadable manifest is reported as one problem on line 0.
+    """
+    url = os.fspath(url)
+    problems: list[ManifestProblem] = []
+    seen: dict[str, int] = {}
+    n_entries = 0
+    try:
+        for n, text in _lines(url):
+            if not text.strip():
+                continue
+            obj, line_problems = _decode(text, n)
+            if not line_problems:
+                line_problems = _check_line(obj, n)
+            problems.extend(line_problems)
+            n_entries += 1
+            vid = obj.get("video_id") if isinstance(obj, dict) else None
+            if isinstance(vid, str) and vid:
+                if vid in seen:
+                    problems.append(ManifestProblem(n, "video_id", f"duplicate video_id {vid!r} (first on line {seen[vid]})"))
+                else:
+                    seen[vid] = n
+    except ManifestError as exc:
+        problems.append(ManifestProblem(0, "<file>", exc.reason))
+        return problems
+    if n_entries == 0:
+        problems.append(ManifestProblem(0, "<file>", "manifest has no entries"))
+    return problems
+
+
+def manifest_error(url: str | os.PathLike, problems: list[ManifestProblem]) -> ManifestError:
+    """A ManifestError for ``url`` listing ``problems`` (first few in the message)."""
+    url = os.fspath(url)
+    shown = "; ".join(str(p) for p in problems[:5])
+    more = f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""
+    return ManifestError(f"{len(problems)} problem(s): {shown}{more}", item=url, problems=list(problems))
+
+
+def load_validated(url: str | os.PathLike) -> list[VideoEntry]:
+    """Validate the whole manifest, then return its entries; ManifestError lists every problem."""
+    problems = validate_manifest(url)
+    if problems:
+        raise manifest_error(url, problems)
+    return list(iter_manifest(url))

@@ -1,0 +1,296 @@
+"""fsspec / Zarr storage helpers: open a store for a URL, retry transient errors, count bytes.
+
+- ``open_store(url, storage_options=None, read_only=False)`` returns a Zarr v3 store for a
+  local path, ``file://``, ``memory://``, ``gs://`` or any other fsspec URL, wrapped in a
+  :class:`RetryingStore` so transient storage errors are retried with exponential backoff.
+- ``retry_call(fn, *args, policy=..., what=...)`` retries any synchronous call (used by
+  the compression and shards jobs too); ``retry_async`` is the coroutine version.
+- ``is_transient(exc)`` is the one place that decides which errors are worth retrying:
+  ``OSError`` (except "not found"/"permission"-type errors), timeouts, connection errors,
+  gcsfs ``HttpError`` with status 429 or 5xx, and ``TempoError`` with ``transient=True``.
+- :class:`CountingStore` counts requests and bytes moved (benchmarks, tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
+from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.storage import FsspecStore, LocalStore, WrapperStore
+
+from tempo_ops.errors import CacheWriteError, TempoError
+
+T = TypeVar("T")
+
+# Errors that say "the thing is not there / not allowed": retrying cannot help.
+_PERMANENT_OS_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff: attempt n (0-based) waits min(max_delay, base_delay * 2**n) * U(0.5, 1)."""
+
+    max_attempts: int = 8
+    base_delay_s: float = 0.05
+    max_delay_s: float = 4.0
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt ``attempt`` (0-based), with jitter."""
+        return min(self.max_delay_s, self.base_delay_s * (2**attempt)) * random.uniform(0.5, 1.0)  # noqa: S311
+
+
+DEFAULT_RETRY = RetryPolicy()
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when retrying the operation that raised ``exc`` may succeed."""
+    if isinstance(exc, TempoError):
+        return bool(exc.transient)
+    if isinstance(exc, _PERMANENT_OS_ERRORS):
+        return False
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError, OSError)):
+        return True
+    code = getattr(exc, "code", None)
+    if type(exc).__name__ == "HttpError" and isinstance(code, int):
+        # gcsfs.retry.HttpError (kept import-free: gcsfs is optional here)
+        return code == 429 or code == 408 or code >= 500
+    try:  # aiohttp is present with gcsfs / http filesystems
+        import aiohttp
+
+        if isinstance(exc, aiohttp.ClientError):
+            return True
+    except ImportError:  # pragma: no cover - depends on the environment
+        pass
+    return False
+
+
+def retry_call(
+    fn: Callable[..., T],
+    *args: Any,
+    policy: RetryPolicy = DEFAULT_RETRY,
+    what: str = "storage operation",
+    **kwargs: Any,
+) -> T:
+    """Call ``fn(*args, **kwargs)``, retrying transient errors with backoff.
+
+    After ``policy.max_attempts`` failures raises :class:`CacheWriteError` (transient) naming
+    ``what`` and chained to the last error; permanent errors propagate unchanged at once.
+    """
+    for attempt in range(policy.max_attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            if attempt + 1 == policy.max_attempts:
+                raise CacheWriteError(
+                    f"gave up after {policy.max_attempts} attempts: {type(exc).__name__}: {exc}", item=what
+                ) from exc
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def retry_async(
+    make: Callable[[], Awaitable[T]], *, policy: RetryPolicy = DEFAULT_RETRY, what: str = "storage operation"
+) -> T:
+    """Await ``make()`` (a fresh awaitable per attempt), retrying transient errors with backoff."""
+    for attempt in range(policy.max_attempts):
+        try:
+            return await make()
+        except Exception as exc:  # noqa: BLE001 - classified below
+            if not is_transient(exc):
+                raise
+            if attempt + 1 == policy.max_attempts:
+                raise CacheWriteError(
+                    f"gave up after {policy.max_attempts} attempts: {type(exc).__name__}: {exc}", item=what
+                ) from exc
+            await asyncio.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class RetryingStore(WrapperStore[Store]):
+    """A Zarr store wrapper that retries every request on transient errors (see ``is_transient``).
+
+    Listings are collected fully inside one attempt, so a retried listing never yields a key twice.
+    All writes the cache makes are whole-object puts, so retrying them is idempotent.
+    """
+
+    def __init__(self, store: Store, policy: RetryPolicy = DEFAULT_RETRY) -> None:
+        super().__init__(store)
+        self.policy = policy
+
+    def _with_store(self, store: Store) -> RetryingStore:
+        return type(self)(store, self.policy)
+
+    def _what(self, op: str, key: str) -> str:
+        return f"{op} {self._store}/{key}"
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        return await retry_async(
+            lambda: self._store.get(key, prototype, byte_range), policy=self.policy, what=self._what("get", key)
+        )
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+    async def exists(self, key: str) -> bool:
+        return await retry_async(lambda: self._store.exists(key), policy=self.policy, what=self._what("exists", key))
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await retry_async(lambda: self._store.set(key, value), policy=self.policy, what=self._what("put", key))
+
+    async def set_if_not_exists(self, key: str, value: Buffer) -> None:
+        await retry_async(
+            lambda: self._store.set_if_not_exists(key, value), policy=self.policy, what=self._what("put", key)
+        )
+
+    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+        await asyncio.gather(*(self.set(k, v) for k, v in values))
+
+    async def delete(self, key: str) -> None:
+        await retry_async(lambda: self._store.delete(key), policy=self.policy, what=self._what("delete", key))
+
+    async def delete_dir(self, prefix: str) -> None:
+        await retry_async(lambda: self._store.delete_dir(prefix), policy=self.policy, what=self._what("delete", prefix))
+
+    async def getsize(self, key: str) -> int:
+        return await retry_async(lambda: self._store.getsize(key), policy=self.policy, what=self._what("size", key))
+
+    async def getsize_prefix(self, prefix: str) -> int:
+        return await retry_async(
+            lambda: self._store.getsize_prefix(prefix), policy=self.policy, what=self._what("size", prefix)
+        )
+
+    async def _collect(self, it: Callable[[], AsyncIterator[str]], what: str) -> list[str]:
+        async def once() -> list[str]:
+            return [k async for k in it()]
+
+        return await retry_async(once, policy=self.policy, what=what)
+
+    async def list(self) -> AsyncIterator[str]:  # type: ignore[override]
+        for key in await self._collect(self._store.list, self._what("list", "")):
+            yield key
+
+    async def list_prefix(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+        for key in await self._collect(lambda: self._store.list_prefix(prefix), self._what("list", prefix)):
+            yield key
+
+    async def list_dir(self, prefix: str) -> AsyncIterator[str]:  # type: ignore[override]
+        for key in await self._collect(lambda: self._store.list_dir(prefix), self._what("list", prefix)):
+            yield key
+
+
+class CountingStore(WrapperStore[Store]):
+    """A Zarr store wrapper that counts requests and bytes (``get_bytes``, ``set_bytes``...).
+
+    ``log`` keeps (op, key, nbytes) per request when ``keep_log`` is True.
+    """
+
+    def __init__(self, store: Store, keep_log: bool = False) -> None:
+        super().__init__(store)
+        self.keep_log = keep_log
+        self.reset()
+
+    def _with_store(self, store: Store) -> CountingStore:
+        return type(self)(store, self.keep_log)
+
+    def reset(self) -> None:
+        """Zero all counters."""
+        self.get_requests = 0
+        self.get_bytes = 0
+        self.set_requests = 0
+        self.set_bytes = 0
+        self.log: list[tuple[str, str, int]] = []
+
+    async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
+        value = await self._store.get(key, prototype, byte_range)
+        n = 0 if value is None else len(value)
+        self.get_requests += 1
+        self.get_bytes += n
+        if self.keep_log:
+            self.log.append(("get", key, n))
+        return value
+
+    async def get_partial_values(
+        self, prototype: BufferPrototype, key_ranges: Iterable[tuple[str, ByteRequest | None]]
+    ) -> list[Buffer | None]:
+        return list(await asyncio.gather(*(self.get(k, prototype, r) for k, r in key_ranges)))
+
+    async def set(self, key: str, value: Buffer) -> None:
+        await self._store.set(key, value)
+        self.set_requests += 1
+        self.set_bytes += len(value)
+        if self.keep_log:
+            self.log.append(("set", key, len(value)))
+
+    async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
+        await asyncio.gather(*(self.set(k, v) for k, v in values))
+
+    async def getsize(self, key: str) -> int:
+        return await self._store.getsize(key)
+
+    async def getsize_prefix(self, prefix: str) -> int:
+        return await self._store.getsize_prefix(prefix)
+
+
+def _strip_file_scheme(url: str) -> str:
+    return url[len("file://") :] if url.startswith("file://") else url
+
+
+def is_local_url(url: str) -> bool:
+    """True for plain paths and ``file://`` URLs."""
+    return "://" not in url or url.startswith("file://")
+
+
+def open_base_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False) -> Store:
+    """The unwrapped Zarr store for ``url``: ``LocalStore`` for paths, ``FsspecStore`` otherwise."""
+    if is_local_url(url):
+        path = os.path.abspath(os.path.expanduser(_strip_file_scheme(url)))
+        if not read_only:
+            os.makedirs(path, exist_ok=True)
+        return LocalStore(path, read_only=read_only)
+    return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
+
+
+def open_store(
+    url: str,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    read_only: bool = False,
+    policy: RetryPolicy = DEFAULT_RETRY,
+) -> RetryingStore:
+    """A Zarr v3 store for ``url`` whose requests retry transient errors with backoff."""
+    return RetryingStore(open_base_store(url, storage_options, read_only), policy)
+
+
+def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """``(fsspec filesystem, path)`` for ``url`` (local paths become the local filesystem)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
+
+
+__all__ = [
+    "DEFAULT_RETRY",
+    "CountingStore",
+    "RangeByteRequest",
+    "RetryPolicy",
+    "RetryingStore",
+    "SuffixByteRequest",
+    "is_local_url",
+    "is_transient",
+    "open_base_store",
+    "open_store",
+    "retry_async",
+    "retry_call",
+    "url_to_fs",
+]

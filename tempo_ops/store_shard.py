@@ -1,0 +1,133 @@
+"""Zarr v3 ``sharding_indexed`` shards of the candidates array: encode, decode the index, plan reads.
+
+A candidates shard holds ``P`` segments × ``K`` tokens × ``D`` channels float16 as inner
+chunks of shape ``(1, C, D)`` (``C`` = token chunk), codec ``bytes`` (little endian, no
+compression), followed by the shard index (``index_location: end``): an array of shape
+``(P, K // C, 1, 2)`` uint64 little endian holding (offset, nbytes) per inner chunk, C order,
+``2**64 - 1`` for an absent chunk, then the crc32c of those index bytes (uint32 LE). That is
+exactly what zarr writes and reads for the array metadata the cache declares.
+
+Our writer lays the chunks out in C order (segment-major, token-minor) — zarr itself uses
+Morton order, which the format allows because the index gives every chunk's place. So the
+first ``k`` tokens of a segment are one contiguous byte run, and a budget read needs one
+range request per segment (fewer after merging neighbours) with no bytes wasted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import google_crc32c
+import numpy as np
+
+from tempo_ops.errors import EntryIncomplete
+
+EMPTY = np.uint64(2**64 - 1)
+_LE_F16 = np.dtype("<f2")
+
+
+def encode_index(index: np.ndarray) -> bytes:
+    """Index array ``(..., 2)`` uint64 → index bytes + crc32c (LE)."""
+    raw = np.ascontiguousarray(index, dtype="<u8").tobytes()
+    return raw + np.array(google_crc32c.value(raw), dtype="<u4").tobytes()
+
+
+def encode_shard(block: np.ndarray, segments_per_shard: int, token_chunk: int) -> np.ndarray:
+    """Encode ``block`` ``(n, K, D)`` (n <= P; finite, float16-safe) as one shard object (uint8 array).
+
+    Segments ``n..P-1`` (past the end of the array) are absent in the index. The data is
+    copied once, straight into the output buffer.
+    """
+    n, k, d = block.shape
+    if n > segments_per_shard or k % token_chunk:
+        raise ValueError(f"block {block.shape} does not fit a shard of {segments_per_shard} x {k}/{token_chunk}")
+    chunks_per_segment = k // token_chunk
+    chunk_nbytes = token_chunk * d * 2
+    index = np.full((segments_per_shard, chunks_per_segment, 1, 2), EMPTY, dtype=np.uint64)
+    offsets = np.arange(n * chunks_per_segment, dtype=np.uint64) * np.uint64(chunk_nbytes)
+    index[:n, :, 0, 0] = offsets.reshape(n, chunks_per_segment)
+    index[:n, :, 0, 1] = chunk_nbytes
+    index_bytes = encode_index(index)
+    data_nbytes = n * k * d * 2
+    out = np.empty(data_nbytes + len(index_bytes), dtype=np.uint8)
+    out[:data_nbytes].view(_LE_F16).reshape(n, k, d)[...] = block
+    out[data_nbytes:] = np.frombuffer(index_bytes, dtype=np.uint8)
+    return out
+
+
+def decode_index(raw: bytes, segments_per_shard: int, chunks_per_segment: int, *, item: str) -> np.ndarray:
+    """Index bytes (with crc32c) → ``(P, K//C, 2)`` uint64. EntryIncomplete if short or corrupt."""
+    expected = segments_per_shard * chunks_per_segment * 16 + 4
+    if len(raw) != expected:
+        raise EntryIncomplete(f"shard index has {len(raw)} bytes, expected {expected}", item=item)
+    body, crc = raw[:-4], raw[-4:]
+    if np.array(google_crc32c.value(body), dtype="<u4").tobytes() != crc:
+        raise EntryIncomplete("shard index checksum mismatch (damaged or partial shard)", item=item)
+    return np.frombuffer(body, dtype="<u8").reshape(segments_per_shard, chunks_per_segment, 2)
+
+
+def check_shard(
+    index: np.ndarray, n_segments_in_shard: int, chunk_nbytes: int, data_nbytes: int, *, item: str
+) -> None:
+    """Verify every in-bounds chunk is present, has ``chunk_nbytes`` and lies inside the data."""
+    used = index[:n_segments_in_shard]
+    if np.any(used[..., 0] == EMPTY):
+        missing = sorted({int(s) for s in np.nonzero(used[..., 0] == EMPTY)[0]})
+        raise EntryIncomplete(f"shard lacks chunks of local segments {missing[:10]}", item=item)
+    if np.any(used[..., 1] != chunk_nbytes):
+        raise EntryIncomplete(f"shard chunks are not {chunk_nbytes} bytes (compressed or damaged)", item=item)
+    if int((used[..., 0] + used[..., 1]).max()) > data_nbytes:
+        raise EntryIncomplete("shard chunk offsets point past the shard's data (truncated shard)", item=item)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``nbytes`` bytes at ``offset`` in a shard → ``out`` rows starting at ``out_row`` (token rows)."""
+
+    offset: int
+    nbytes: int
+    out_row: int
+
+
+def plan_segment(
+    index: np.ndarray, local_segment: int, start: int, stop: int, token_chunk: int, token_nbytes: int, out_row: int
+) -> list[Piece]:
+    """Byte pieces of tokens ``[start, stop)`` of one segment, merged where chunks are contiguous.
+
+    Reads exactly ``(stop - start) * token_nbytes`` bytes (chunks are uncompressed).
+    """
+    pieces: list[Piece] = []
+    tok = start
+    while tok < stop:
+        c = tok // token_chunk
+        chunk_off = int(index[local_segment, c, 0])
+        if chunk_off == int(EMPTY):
+            raise EntryIncomplete(f"chunk {c} of local segment {local_segment} is absent", item="shard")
+        end_tok = min(stop, (c + 1) * token_chunk)
+        offset = chunk_off + (tok - c * token_chunk) * token_nbytes
+        nbytes = (end_tok - tok) * token_nbytes
+        if pieces and pieces[-1].offset + pieces[-1].nbytes == offset:
+            last = pieces[-1]
+            pieces[-1] = Piece(last.offset, last.nbytes + nbytes, last.out_row)
+        else:
+            pieces.append(Piece(offset, nbytes, out_row + (tok - start)))
+        tok = end_tok
+    return pieces
+
+
+def merge_pieces(pieces: list[Piece], token_nbytes: int) -> list[tuple[int, int, list[Piece]]]:
+    """Group byte-adjacent pieces (in offset order) into requests ``(offset, nbytes, pieces)``.
+
+    Only pieces whose output rows are also consecutive are merged, so a request's bytes
+    land in one contiguous slice of the output.
+    """
+    requests: list[tuple[int, int, list[Piece]]] = []
+    for p in sorted(pieces, key=lambda p: p.offset):
+        if requests:
+            off, n, group = requests[-1]
+            last = group[-1]
+            if off + n == p.offset and last.out_row + last.nbytes // token_nbytes == p.out_row:
+                requests[-1] = (off, n + p.nbytes, [*group, p])
+                continue
+        requests.append((p.offset, p.nbytes, [p]))
+    return requests

@@ -1,0 +1,680 @@
+"""Video front end: probe, sample, resize and segment videos (DESIGN.md section 2).
+
+Rules (exactly the reference's, see DESIGN.md "Frame sampling" and "Segments"):
+
+- ``n = round(duration_s * target_fps)`` (Python ``round``: halves to even), clamped to
+  ``[min_frames, max_frames]``; indices ``floor(linspace(0, N - 1, n))`` over the N source
+  frames; ``real_fps = n / duration_s``. A one-frame video yields ``[0]``. When N < n the
+  indices repeat (e.g. N=3, n=8 -> ``[0, 0, 0, 0, 1, 1, 1, 2]``) and are kept that way.
+- Unknown frame rate: if a video reports no usable rate and none can be derived from its
+  frame count and duration, :data:`ASSUMED_FPS` (30 frames/s) is assumed, so
+  ``duration_s = N / 30``.
+- Resize (:func:`resize_shape`): scale so the longer *display* edge is at most
+  ``max_edge``; each side is then rounded (Python ``round``) to a multiple of ``multiple``;
+  a side that would come out larger than the source side is rounded down instead (never
+  enlarge, e.g. 511x511 -> 496x496, 100x56 -> 96x48); finally each side is at least
+  ``multiple`` -- the 16-px minimum wins over "never enlarge" (1x1 -> 16x16). Bicubic
+  (PIL ``Image.resize(..., BICUBIC)``, as the reference resizes PIL images).
+- Segments: windows of ``window`` (8) sampled frames, stride 8; a trailing window of
+  exactly one frame is padded by repeating it (T = 2); other short tails stay short.
+  ``t_i = (8 i + 4) / real_fps`` rendered ``<{t:.1f} seconds>``.
+
+Frame index <-> time. Frame ``i`` is the frame *displayed* at time
+``start_s + i / fps`` where ``start_s`` is the first decoded frame's presentation time and
+``fps`` the stream's average rate: we pick the last decoded frame whose presentation time
+is <= that time (plus 1/8 of a frame period, to absorb timestamp rounding). For constant
+frame rate this is exactly the i-th frame; for variable frame rate it samples by
+presentation time. A target before the first frame takes the first frame.
+
+Frame count: the container's frame count (``stream.frames``, exact for MP4/MOV) when
+present; otherwise ``round(duration * fps)``; otherwise the video packets are counted.
+``duration_s = frame_count / fps`` (the reference's ``len / avg_fps``), falling back to the
+stream's or container's duration.
+
+Decoding streams through fsspec (local paths, ``memory://``, ``gs://``...) and keeps only
+the current segment's frames. Sparse samples do not decode every frame: before each wanted
+frame, if the container's index shows a key frame after the current decode position and
+at or before the wanted time by more than :data:`SEEK_MIN_SKIP_S`, we seek to it
+(``backward=True, any_frame=False``) and decode forward; without an index we seek when the
+gap exceeds ``max(SEEK_GAP_S, observed key-frame interval)``. If a seek lands after the
+wanted time it is retried further back, so both paths give identical frames.
+
+Rotation: ``VideoInfo.rotation`` is the clockwise angle (0/90/180/270, the legacy
+``rotate`` tag) the coded picture is turned for display; frames are returned upright and
+``display_width/height`` are the upright size. Other angles round to the nearest 90.
+
+Limits (:class:`~tempo_ops.errors.AbsurdDimensions`): each side 1..16384 px, at most
+64 Mpx, aspect ratio at most 512 (so 4000x16 works). A file that is not a media container
+at all (e.g. text renamed ``.mp4``) is a :class:`~tempo_ops.errors.CorruptVideo`;
+:class:`~tempo_ops.errors.NoVideoStream` is a valid container without video (audio-only).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+import numpy as np
+
+from tempo_ops.errors import (
+    AbsurdDimensions,
+    ConfigError,
+    CorruptVideo,
+    EmptyVideoFile,
+    NoVideoStream,
+    TempoError,
+    UnsupportedCodec,
+    VideoError,
+    VideoNotFound,
+    VideoReadError,
+    VideoTooShort,
+)
+
+ASSUMED_FPS = 30.0
+MAX_SIDE = 16384
+MAX_PIXELS = 64 * 1024 * 1024
+MAX_ASPECT = 512.0
+SEEK_GAP_S = 2.0
+SEEK_MIN_SKIP_S = 0.5
+_IO_BUFFER = 1 << 20
+
+
+# --------------------------------------------------------------------------- configuration
+@dataclass(frozen=True)
+class SamplingConfig:
+    """How frames are sampled, resized and grouped (DESIGN.md section 2).
+
+    target_fps: sampling rate in frames/s; min_frames/max_frames: clamp of the frame count;
+    max_edge: longest output side in px; multiple: output sides are multiples of it;
+    window: sampled frames per segment.
+    """
+
+    target_fps: float = 2.0
+    min_frames: int = 8
+    max_frames: int = 1024
+    max_edge: int = 512
+    multiple: int = 16
+    window: int = 8
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.target_fps, (int, float)) and math.isfinite(self.target_fps) and self.target_fps > 0):
+            raise ConfigError(f"target_fps must be a positive number, got {self.target_fps!r}", item="sampling")
+        for name in ("min_frames", "max_frames", "max_edge", "multiple", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}", item="sampling")
+        if self.min_frames > self.max_frames:
+            raise ConfigError(f"min_frames ({self.min_frames}) > max_frames ({self.max_frames})", item="sampling")
+        if self.max_edge < self.multiple:
+            raise ConfigError(f"max_edge ({self.max_edge}) < multiple ({self.multiple})", item="sampling")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict of the fields (part of the cache fingerprint)."""
+        return {**asdict(self), "target_fps": float(self.target_fps)}
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe_video` learns about a video.
+
+    duration_s: seconds; fps: average frame rate (frames/s) or None when unknown;
+    frame_count: source frames N; width/height: coded size in px; rotation: clockwise
+    display rotation (0/90/180/270); display_width/height: upright size; start_s: the
+    first frame's presentation time in seconds.
+    """
+
+    uri: str
+    duration_s: float
+    fps: float | None
+    frame_count: int
+    width: int
+    height: int
+    rotation: int
+    codec: str
+    display_width: int
+    display_height: int
+    variable_frame_rate: bool = False
+    start_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- pure rules
+def sample_frame_indices(
+    total_frames: int,
+    source_fps: float | None,
+    target_fps: float = 2.0,
+    min_frames: int = 8,
+    max_frames: int = 1024,
+) -> list[int]:
+    """Source frame indices to sample (sorted, may repeat when N < n).
+
+    ``n = round(N / fps * target_fps)`` clamped to ``[min_frames, max_frames]``;
+    ``floor(linspace(0, N - 1, n))``. One-frame video -> ``[0]``. ``source_fps`` None or
+    not positive -> :data:`ASSUMED_FPS`.
+    """
+    if not isinstance(total_frames, (int, np.integer)) or total_frames < 1:
+        raise VideoTooShort(f"no frames to sample (total_frames={total_frames!r})", item="sample_frame_indices")
+    total = int(total_frames)
+    if total == 1:
+        return [0]
+    fps = _usable_fps(source_fps) or ASSUMED_FPS
+    duration = total / fps
+    n = min(max(int(round(duration * target_fps)), min_frames), max_frames)
+    return [int(i) for i in np.floor(np.linspace(0, total - 1, n))]
+
+
+def resize_shape(width: int, height: int, max_edge: int = 512, multiple: int = 16) -> tuple[int, int]:
+    """Output ``(w, h)`` in px for a ``width x height`` (display) frame; rules in module docstring.
+
+    640x360 -> (512, 288); 511x511 -> (496, 496); 1x1 -> (16, 16); 4000x16 -> (512, 16).
+    """
+    if width < 1 or height < 1:
+        raise AbsurdDimensions(f"frame size must be positive, got {width}x{height}", item="resize_shape")
+    scale = min(1.0, max_edge / max(width, height))
+
+    def side(src: int) -> int:
+        out = int(round(src * scale / multiple)) * multiple
+        if out > src:  # rounding up past the source size would enlarge: round down instead
+            out = (src // multiple) * multiple
+        out = min(out, (max_edge // multiple) * multiple)
+        return max(multiple, out)  # the minimum wins over "never enlarge"
+
+    return side(width), side(height)
+
+
+def segment_bounds(n_frames: int, window: int = 8) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` positions in the sampled list (end exclusive), stride ``window``."""
+    if n_frames < 0 or window < 1:
+        raise ConfigError(f"invalid segment request n_frames={n_frames}, window={window}", item="segment_bounds")
+    return [(s, min(s + window, n_frames)) for s in range(0, n_frames, window)]
+
+
+def segment_timestamp(i: int, real_fps: float, window: int = 8) -> float:
+    """Centre of segment ``i`` in seconds: ``(window * i + window / 2) / real_fps``."""
+    return (window * i + window / 2) / real_fps
+
+
+def format_timestamp(t: float) -> str:
+    """``"<{t:.1f} seconds>"``."""
+    return f"<{t:.1f} seconds>"
+
+
+# --------------------------------------------------------------------------- plan
+@dataclass(frozen=True)
+class VideoPlan:
+    """Everything decided before decoding: which frames, which segments, what size.
+
+    frame_indices: sampled source indices (n,); bounds: per-segment (start, end) positions
+    in the sampled list; timestamps: segment centres in s; frame_width/height: output px.
+    """
+
+    info: VideoInfo
+    config: SamplingConfig
+    frame_indices: list[int]
+    real_fps: float
+    bounds: list[tuple[int, int]]
+    timestamps: list[float]
+    timestamp_texts: list[str]
+    frame_width: int
+    frame_height: int
+    n_segments: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "n_segments", len(self.bounds))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "info": self.info.to_dict(),
+            "config": self.config.to_dict(),
+            "frame_indices": list(self.frame_indices),
+            "real_fps": self.real_fps,
+            "bounds": [list(b) for b in self.bounds],
+            "timestamps": list(self.timestamps),
+            "timestamp_texts": list(self.timestamp_texts),
+            "frame_width": self.frame_width,
+            "frame_height": self.frame_height,
+            "n_segments": self.n_segments,
+        }
+
+
+def plan_video(
+    uri_or_info: str | os.PathLike | VideoInfo,
+    config: SamplingConfig | None = None,
+    *,
+    storage_options: dict[str, Any] | None = None,
+) -> VideoPlan:
+    """Probe (if given a URI) and decide the sampled frames, segments and output size."""
+    config = config or SamplingConfig()
+    info = uri_or_info if isinstance(uri_or_info, VideoInfo) else probe_video(uri_or_info, storage_options=storage_options)
+    indices = sample_frame_indices(info.frame_count, info.fps, config.target_fps, config.min_frames, config.max_frames)
+    duration = info.duration_s if info.duration_s > 0 else info.frame_count / (info.fps or ASSUMED_FPS)
+    real_fps = len(indices) / duration
+    bounds = segment_bounds(len(indices), config.window)
+    timestamps = [segment_timestamp(i, real_fps, config.window) for i in range(len(bounds))]
+    w, h = resize_shape(info.display_width, info.display_height, config.max_edge, config.multiple)
+    return VideoPlan(
+        info=info,
+        config=config,
+        frame_indices=indices,
+        real_fps=real_fps,
+        bounds=bounds,
+        timestamps=timestamps,
+        timestamp_texts=[format_timestamp(t) for t in timestamps],
+        frame_width=w,
+        frame_height=h,
+    )
+
+
+# --------------------------------------------------------------------------- opening
+def _usable_fps(value: Any) -> float | None:
+    try:
+        fps = float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    return fps if math.isfinite(fps) and fps > 0 else None
+
+
+def _uri_str(uri: str | os.PathLike) -> str:
+    return os.fspath(uri) if not isinstance(uri, str) else uri
+
+
+@contextmanager
+def _open_container(uri: str, storage_options: dict[str, Any] | None = None):
+    """Open ``uri`` through fsspec and PyAV; yield ``(container, video_stream)``.
+
+    Maps storage and container errors to typed errors naming ``uri``.
+    """
+    import av
+
+    try:
+        fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+        details = fs.info(path)
+    except FileNotFoundError:
+        raise VideoNotFound("no such file", item=uri) from None
+    except (ValueError, ImportError) as exc:  # unknown protocol / malformed URL
+        raise VideoNotFound(f"cannot resolve location: {exc}", item=uri) from None
+    except OSError as exc:
+        raise VideoReadError(f"cannot read: {exc}", item=uri) from None
+    if details.get("type") == "directory":
+        raise VideoNotFound("is a directory, not a video file", item=uri)
+    if (details.get("size") or 0) == 0:
+        raise EmptyVideoFile("file is empty (0 bytes)", item=uri)
+    try:
+        fh = fs.open(path, "rb")
+    except FileNotFoundError:
+        raise VideoNotFound("no such file", item=uri) from None
+    except OSError as exc:
+        raise VideoReadError(f"cannot open: {exc}", item=uri) from None
+    container = None
+    try:
+        try:
+            container = av.open(fh, "r", buffer_size=_IO_BUFFER)
+        except av.error.PyAVCallbackError as exc:
+            raise VideoReadError(f"read failed: {exc}", item=uri) from None
+        except av.error.FFmpegError as exc:
+            raise CorruptVideo(f"not a readable media container ({_ff_reason(exc)})", item=uri) from None
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            raise NoVideoStream(f"no video stream (streams: {', '.join(kinds)})", item=uri)
+        stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise UnsupportedCodec(f"no decoder available for the video stream's codec ({_codec_tag(stream)})", item=uri)
+        yield container, stream
+    finally:
+        if container is not None:
+            container.close()
+        fh.close()
+
+
+def _codec_tag(stream: Any) -> str:
+    try:
+        return f"tag {stream.codec_tag!r}"
+    except Exception:  # noqa: BLE001 - only for the message
+        return "unknown codec"
+
+
+def _ff_reason(exc: Exception) -> str:
+    return str(getattr(exc, "strerror", None) or exc).strip() or type(exc).__name__
+
+
+def check_dimensions(uri: str, width: int, height: int) -> None:
+    if width < 1 or height < 1:
+        raise AbsurdDimensions(f"frame size {width}x{height} has a side < 1 px", item=uri)
+    if width > MAX_SIDE or height > MAX_SIDE:
+        raise AbsurdDimensions(f"frame size {width}x{height} has a side > {MAX_SIDE} px", item=uri)
+    if width * height > MAX_PIXELS:
+        raise AbsurdDimensions(f"frame size {width}x{height} exceeds {MAX_PIXELS // (1024 * 1024)} Mpx", item=uri)
+    if max(width, height) / min(width, height) > MAX_ASPECT:
+        raise AbsurdDimensions(f"aspect ratio of {width}x{height} exceeds {MAX_ASPECT:g}", item=uri)
+
+
+def _frame_time(frame: Any) -> float | None:
+    t = frame.time
+    return float(t) if t is not None else None
+
+
+def _decode_iter(container: Any, stream: Any, uri: str) -> Iterator[Any]:
+    """Decoded frames of ``stream`` from the current position; errors mapped to typed ones."""
+    import av
+
+    try:
+        yield from container.decode(stream)
+    except av.error.PyAVCallbackError as exc:
+        raise VideoReadError(f"read failed while decoding: {exc}", item=uri) from None
+    except av.error.FFmpegError as exc:
+        raise CorruptVideo(f"undecodable data ({_ff_reason(exc)})", item=uri) from None
+
+
+def probe_video(uri: str | os.PathLike, *, storage_options: dict[str, Any] | None = None) -> VideoInfo:
+    """Read a video's metadata and decode its first frame (to check it and read rotation).
+
+    ``storage_options`` go to fsspec (e.g. gcsfs credentials / endpoint). Raises
+    VideoNotFound, EmptyVideoFile, CorruptVideo, NoVideoStream, UnsupportedCodec,
+    VideoTooShort, AbsurdDimensions, VideoReadError -- each naming ``uri``.
+    """
+    uri = _uri_str(uri)
+    try:
+        return _probe(uri, storage_options)
+    except TempoError:
+        raise
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # noqa: BLE001 - no raw traceback reaches the user
+        raise VideoError(f"probing failed: {type(exc).__name__}: {exc}", item=uri) from exc
+
+
+def _probe(uri: str, storage_options: dict[str, Any] | None) -> VideoInfo:
+    with _open_container(uri, storage_options) as (container, stream):
+        ctx = stream.codec_context
+        width, height = int(ctx.width or 0), int(ctx.height or 0)
+        check_dimensions(uri, width, height)
+        first = next(_decode_iter(container, stream, uri), None)
+        if first is None:
+            raise VideoTooShort("no decodable video frame", item=uri)
+        rotation = int(round(-float(first.rotation or 0) / 90.0)) * 90 % 360
+        start_s = _frame_time(first) or 0.0
+        fps = _usable_fps(stream.average_rate) or _usable_fps(stream.guessed_rate)
+        tb = stream.time_base
+        stream_dur = float(stream.duration * tb) if stream.duration and tb else None
+        container_dur = container.duration / 1e6 if container.duration and container.duration > 0 else None
+        known_dur = stream_dur or container_dur
+        frames = int(stream.frames or 0)
+        if frames <= 0 and known_dur and fps:
+            frames = max(1, int(round(known_dur * fps)))
+        if frames <= 0:
+            frames = _count_packets(container, stream, uri)
+        if fps is None and known_dur:
+            fps = frames / known_dur if frames > 1 else None
+        duration = frames / fps if fps else (known_dur or frames / ASSUMED_FPS)
+        base = _usable_fps(stream.base_rate)
+        vfr = bool(fps and base and abs(base - fps) > 0.01 * fps)
+        codec = getattr(ctx, "name", None) or "unknown"
+    disp_w, disp_h = (height, width) if rotation in (90, 270) else (width, height)
+    return VideoInfo(
+        uri=uri,
+        duration_s=float(duration),
+        fps=fps,
+        frame_count=frames,
+        width=width,
+        height=height,
+        rotation=rotation,
+        codec=codec,
+        display_width=disp_w,
+        display_height=disp_h,
+        variable_frame_rate=vfr,
+        start_s=float(start_s),
+    )
+
+
+def _count_packets(container: Any, stream: Any, uri: str) -> int:
+    import av
+
+    container.seek(0)
+    n = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size:
+                n += 1
+    except av.error.FFmpegError as exc:
+        raise CorruptVideo(f"unreadable packets ({_ff_reason(exc)})", item=uri) from None
+    if n == 0:
+        raise VideoTooShort("no video packets", item=uri)
+    return n
+
+
+# --------------------------------------------------------------------------- decoding
+@dataclass
+class Segment:
+    """One segment ready for the SVLM.
+
+    frames: ``(T, H, W, 3) uint8`` upright, resized; frame_indices: absolute source frame
+    indices (T,) with padding repeated; start_position: first sampled position
+    (``bounds[index][0]``); timestamp: centre in s; real_fps: sampled frames per second.
+    """
+
+    index: int
+    frames: np.ndarray
+    frame_indices: list[int]
+    start_position: int
+    timestamp: float
+    timestamp_text: str
+    real_fps: float
+
+
+class _FramePicker:
+    """Yields, for ascending target times, the frame displayed at each (rules in module doc)."""
+
+    def __init__(self, container: Any, stream: Any, info: VideoInfo, seek_mode: str) -> None:
+        self.container, self.stream, self.info, self.uri = container, stream, info, info.uri
+        self.seek_mode = seek_mode
+        self.period = 1.0 / (info.fps or ASSUMED_FPS)
+        self.tol = self.period / 8
+        self.tb = float(stream.time_base) if stream.time_base else None
+        self.keyframes = self._index_keyframes()
+        self.gop_s = 0.0  # largest key-frame interval seen while decoding
+        self._last_key: float | None = None
+        self.frames = _decode_iter(container, stream, self.uri)
+        self.prev: Any = None
+        self.pending: Any = None
+        self.last_time: float | None = None
+        self.seeks = 0
+        self.decoded = 0
+
+    def _index_keyframes(self) -> list[float]:
+        """Approximate key-frame times (s) from the container index (empty if none)."""
+        if self.tb is None:
+            return []
+        try:
+            entries = self.stream.index_entries
+            stamps = [e.timestamp for e in entries if e.is_keyframe]
+            first = entries[0].timestamp if len(entries) else None
+        except Exception:  # noqa: BLE001 - an index is an optimisation only
+            return []
+        if not stamps or first is None:
+            return []
+        # Index timestamps are decode times; shift so the first entry is the first frame.
+        shift = self.info.start_s - first * self.tb
+        return sorted(s * self.tb + shift for s in stamps)
+
+    def _next_frame(self) -> tuple[Any, float] | None:
+        """Next decoded ``(frame, time_s)`` or None at the end of the stream."""
+        frame = next(self.frames, None)
+        if frame is None:
+            return None
+        self.decoded += 1
+        t = _frame_time(frame)
+        if t is None:  # no timestamp: assume the nominal period after the previous frame
+            t = (self.last_time + self.period) if self.last_time is not None else self.info.start_s
+        if frame.key_frame:
+            if self._last_key is not None and t > self._last_key:
+                self.gop_s = max(self.gop_s, t - self._last_key)
+            self._last_key = t
+        self.last_time = t
+        return frame, t
+
+    def _should_seek(self, target: float) -> bool:
+        if self.seek_mode == "never" or self.tb is None:
+            return False
+        cur = self.last_time
+        if cur is None:
+            cur = self.info.start_s
+        if target <= cur + self.tol:
+            return False
+        if self.seek_mode == "always":
+            return target - cur > 1.5 * self.period
+        if self.keyframes:
+            k = bisect.bisect_right(self.keyframes, target + self.tol) - 1
+            return k >= 0 and self.keyframes[k] - cur > max(SEEK_MIN_SKIP_S, 2 * self.period)
+        return target - cur > max(SEEK_GAP_S, self.gop_s)
+
+    def _seek(self, target: float) -> None:
+        """Seek so the next decoded frame is at or before ``target`` (retrying further back)."""
+        import av
+
+        back = 0.0  # first try the target itself; on overshoot retry 1, 4, 16... periods back
+        while True:
+            pos = target + self.tol - back
+            ts = int(math.floor(pos / self.tb)) if self.tb else None
+            try:
+                self.container.seek(max(ts, 0) if pos > 0 else 0, backward=True, any_frame=False, stream=self.stream)
+            except av.error.FFmpegError as exc:
+                raise CorruptVideo(f"seek failed ({_ff_reason(exc)})", item=self.uri) from None
+            self.seeks += 1
+            self.frames = _decode_iter(self.container, self.stream, self.uri)
+            self.prev, self.last_time = None, None
+            first = self._next_frame()
+            if pos <= 0 or (first is not None and first[1] <= target + self.tol):
+                self.pending = first
+                return
+            back = back * 4 if back else self.period
+
+    def pick(self, target: float) -> Any:
+        """The frame displayed at ``target`` seconds (the previous pick is no longer valid)."""
+        if self._should_seek(target):
+            self._seek(target)
+        while True:
+            if self.pending is not None:
+                item, self.pending = self.pending, None
+            else:
+                item = self._next_frame()
+            if item is None:  # end of stream
+                if self.prev is None:
+                    raise VideoTooShort("no decodable frame at or before the wanted time", item=self.uri)
+                # A constant-rate stream that ends well before a wanted frame lost data; a
+                # variable-rate one may legitimately show its last frame for a long time.
+                shortfall = target - self.prev[1]
+                if not self.info.variable_frame_rate and shortfall > max(2 * self.period, 0.02 * self.info.duration_s):
+                    raise CorruptVideo(
+                        f"stream ends at {self.prev[1]:.3f} s, before the frame wanted at {target:.3f} s (truncated?)",
+                        item=self.uri,
+                    )
+                self.pending = None
+                self.frames = iter(())
+                return self.prev[0]
+            if item[1] <= target + self.tol:
+                self.prev = item
+                continue
+            self.pending = item
+            if self.prev is None:  # target precedes the first frame: take the first frame
+                self.prev = item
+            return self.prev[0]
+
+
+def _to_output(frame: Any, rotation: int, width: int, height: int) -> np.ndarray:
+    """Decoded frame -> upright, resized ``(height, width, 3) uint8`` (PIL bicubic)."""
+    from PIL import Image
+
+    rgb = frame.to_ndarray(format="rgb24")
+    if rotation:
+        rgb = np.rot90(rgb, k=-(rotation // 90))  # clockwise turn
+    if rgb.shape[1] != width or rgb.shape[0] != height:
+        rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((width, height), Image.Resampling.BICUBIC))
+    return np.ascontiguousarray(rgb)
+
+
+def iter_segments(
+    uri: str | os.PathLike,
+    config: SamplingConfig | None = None,
+    *,
+    plan: VideoPlan | None = None,
+    segments: range | None = None,
+    seek_mode: str = "auto",
+    storage_options: dict[str, Any] | None = None,
+) -> Iterator[Segment]:
+    """Decode and yield the video's segments one at a time (bounded memory).
+
+    Args:
+        uri: local path or fsspec URL.
+        config: sampling configuration (ignored when ``plan`` is given).
+        plan: a plan from :func:`plan_video` (avoids probing again).
+        segments: only these segment indices (ascending range), e.g. a work unit;
+            only the frames they need are decoded.
+        seek_mode: ``"auto"`` (seek past key frames when it saves decoding), ``"never"``
+            (decode sequentially) or ``"always"`` (seek for every gap; for tests).
+        storage_options: fsspec options for ``uri`` (credentials, endpoint).
+    """
+    uri = _uri_str(uri)
+    if plan is None:
+        plan = plan_video(uri, config or SamplingConfig(), storage_options=storage_options)
+    if seek_mode not in ("auto", "never", "always"):
+        raise ConfigError(f"seek_mode must be auto, never or always, got {seek_mode!r}", item=uri)
+    wanted = range(plan.n_segments) if segments is None else segments
+    if not isinstance(wanted, range) or wanted.step < 1:
+        raise ConfigError(f"segments must be an ascending range, got {wanted!r}", item=uri)
+    if len(wanted) and (wanted[0] < 0 or wanted[-1] >= plan.n_segments):
+        raise ConfigError(f"segments {wanted!r} outside 0..{plan.n_segments - 1}", item=uri)
+    if not len(wanted):
+        return
+    info = plan.info
+    fps = info.fps or ASSUMED_FPS
+    with _open_container(uri, storage_options) as (container, stream):
+        picker = _FramePicker(container, stream, info, seek_mode)
+        try:
+            for seg in wanted:
+                start, end = plan.bounds[seg]
+                idx = plan.frame_indices[start:end]
+                frames = []
+                for i in idx:
+                    frame = picker.pick(info.start_s + i / fps)
+                    frames.append(_to_output(frame, info.rotation, plan.frame_width, plan.frame_height))
+                if len(idx) == 1:  # a one-frame tail is padded (the video processor needs >= 2)
+                    frames.append(frames[0])
+                    idx = idx * 2
+                yield Segment(
+                    index=seg,
+                    frames=np.stack(frames),
+                    frame_indices=list(idx),
+                    start_position=start,
+                    timestamp=plan.timestamps[seg],
+                    timestamp_text=plan.timestamp_texts[seg],
+                    real_fps=plan.real_fps,
+                )
+        except TempoError:
+            raise
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - anything else from the decoder is unusable data
+            raise VideoError(f"decoding failed: {type(exc).__name__}: {exc}", item=uri) from exc
+
+
+def count_decoded_frames(uri: str | os.PathLike, plan: VideoPlan, seek_mode: str = "auto") -> dict[str, int]:
+    """Decode a plan's frames without converting them; return ``{"decoded", "seeks"}`` counts.
+
+    Diagnostics for benchmarks and tests: how many frames the decoder produced.
+    """
+    uri = _uri_str(uri)
+    info = plan.info
+    fps = info.fps or ASSUMED_FPS
+    with _open_container(uri) as (container, stream):
+        picker = _FramePicker(container, stream, info, seek_mode)
+        for i in plan.frame_indices:
+            picker.pick(info.start_s + i / fps)
+        return {"decoded": picker.decoded, "seeks": picker.seeks}

@@ -1,0 +1,300 @@
+"""End-to-end tests of the compression job (Beam local runner, tiny models)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipelines.cli import main as tempo
+from tempo_ops.synthetic import write_test_video
+
+REPO = Path(__file__).resolve().parents[1]
+LONG_SEGMENTS = 34  # > one 32-segment cache shard: two work units
+
+
+def _write_corpus(root: Path, *, bad: bool = True) -> Path:
+    """A small corpus: a 2-unit video, a short one, one without queries, and (optionally) bad inputs."""
+    root.mkdir(parents=True, exist_ok=True)
+    # 2 fps source sampled at 2 fps: every frame is sampled; 34 segments of 8 frames.
+    write_test_video(root / "long.mp4", n_frames=LONG_SEGMENTS * 8, fps=2, width=64, height=48, gop=8)
+    write_test_video(root / "short.mp4", n_frames=40, fps=10, width=80, height=64)
+    write_test_video(root / "noquery.mp4", n_frames=24, fps=8, width=48, height=48, codec="mpeg4")
+    lines = [
+        {
+            "video_id": "long",
+            "uri": "long.mp4",
+            "queries": [
+                {"query_id": "q1", "text": "What is shown?", "options": ["A", "B"], "answer": "A"},
+                {"query_id": "q2", "text": "Is there a person?", "answer": "No"},
+            ],
+        },
+        {"video_id": "short/clip", "uri": "short.mp4", "queries": [{"query_id": "q1", "text": "Count the blocks."}]},
+        {"video_id": "noquery", "uri": "noquery.mp4"},
+    ]
+    if bad:
+        data = (root / "short.mp4").read_bytes()
+        (root / "truncated.mp4").write_bytes(data[: len(data) // 3])
+        (root / "notes.mp4").write_text("this is not a video\n")
+        lines += [
+            {"video_id": "truncated", "uri": "truncated.mp4", "queries": [{"query_id": "q1", "text": "x"}, {"query_id": "q2", "text": "y"}]},
+            {"video_id": "missing", "uri": "missing.mp4", "queries": [{"query_id": "q1", "text": "x"}]},
+            {"video_id": "text", "uri": "notes.mp4", "queries": [{"query_id": "q1", "text": "x"}]},
+        ]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return manifest
+
+
+def _compress_args(manifest: Path, cache: Path, models: dict, *extra: str) -> list[str]:
+    return ["compress", "--manifest", str(manifest), "--cache", str(cache), "--svlm", models["svlm"], "--compressor", models["tempo"], *extra]
+
+
+def _dead_letters(cache: Path) -> list[dict]:
+    path = Path(str(cache) + ".deadletter.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _summary(cache: Path) -> dict:
+    return json.loads(Path(str(cache) + ".summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _write_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_models, corpus, tmp_path_factory):
+    """One complete run over the corpus with bad inputs; returns (cache path, exit code)."""
+    cache = tmp_path_factory.mktemp("run") / "cache.zarr"
+    rc = tempo(_compress_args(corpus, cache, tiny_models))
+    return cache, rc
+
+
+def test_good_pairs_complete_and_bad_videos_dead_lettered_once(full_run):
+    from tempo_ops.store import CacheReader
+
+    cache, rc = full_run
+    assert rc == 1  # some items failed
+    reader = CacheReader(str(cache))
+    assert sorted(reader.entries()) == sorted(
+        [("long", "q1"), ("long", "q2"), ("short/clip", "q1"), ("noquery", "_generic")]
+    )
+    letters = _dead_letters(cache)
+    by_video = {d["video_id"]: d for d in letters}
+    assert len(letters) == len(by_video) == 3  # exactly one record per bad video
+    assert by_video["missing"]["code"] == "video_not_found"
+    assert by_video["truncated"]["code"] == "corrupt_container"
+    assert by_video["text"]["code"] in ("corrupt_container", "no_video_stream")
+    for d in letters:
+        assert d["stage"] in ("probe", "decode")
+        assert d["query_id"] is None
+        assert d["video_id"] in d["message"] or "mp4" in d["message"]
+        assert d["attempt"] >= 1
+    summary = _summary(cache)
+    assert summary["failures"]["items"] == 3
+    assert summary["counts"]["queries_completed"] == 4
+    assert summary["counts"]["segments_decoded"] > LONG_SEGMENTS
+    assert summary["fingerprint"] == reader.fingerprint
+    assert summary["timing"]["segments_per_s"] > 0
+
+
+def test_outputs_equal_direct_tempo_ops(full_run, tiny_models, corpus):
+    from tempo_ops import video
+    from tempo_ops.store import CacheReader
+    from tempo_ops.svlm.compressor import Compressor
+
+    cache, _ = full_run
+    reader = CacheReader(str(cache))
+    compressor = Compressor.from_pretrained(tiny_models["svlm"], memory_tokens=tiny_models["tempo"])
+    segments = list(video.iter_segments(str(corpus.parent / "short.mp4"), video.SamplingConfig()))
+    direct = compressor.compress(segments, ["Count the blocks."])
+    entry = reader.entry("short/clip", "q1")
+    assert entry.n_segments == len(segments)
+    np.testing.assert_allclose(entry.read_all().astype(np.float32), direct.candidates[0], rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(entry.relevance(), direct.relevance[0], atol=1e-5)
+    meta = reader.video_meta("short/clip")
+    assert meta["timestamp_texts"] == [s.timestamp_text for s in segments]
+
+
+def test_plain_zarr_sees_complete_markers(full_run):
+    cache, _ = full_run
+    root = zarr.open_group(str(cache), mode="r")
+    assert root.attrs["layout_version"] >= 1
+
+
+def test_rerun_skips_complete_pairs(full_run, tiny_models, corpus):
+    cache, _ = full_run
+    rc = tempo(_compress_args(corpus, cache, tiny_models))
+    assert rc == 1  # the bad videos fail again, and only they
+    summary = _summary(cache)
+    assert summary["counts"]["queries_skipped_complete"] == 4
+    assert summary["counts"].get("segments_compressed", 0) == 0
+    assert summary["counts"].get("queries_completed", 0) == 0
+    assert len(_dead_letters(cache)) == 3
+
+
+def test_limit_then_resume_and_force(tiny_models, tmp_path):
+    manifest = _write_corpus(tmp_path / "c", bad=False)
+    cache = tmp_path / "cache.zarr"
+    assert tempo(_compress_args(manifest, cache, tiny_models, "--limit", "1")) == 0
+    from tempo_ops.store import CacheReader
+
+    assert sorted(CacheReader(str(cache)).entries()) == [("long", "q1"), ("long", "q2")]
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 0
+    s = _summary(cache)
+    assert s["counts"]["queries_skipped_complete"] == 2
+    assert s["counts"]["queries_completed"] == 2
+    assert tempo(_compress_args(manifest, cache, tiny_models, "--force", "--limit", "2")) == 0
+    s = _summary(cache)
+    assert s["counts"].get("queries_skipped_complete", 0) == 0
+    assert s["counts"]["queries_completed"] == 3
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tiny_models, corpus, tmp_path, capsys):
+    cache = tmp_path / "cache.zarr"
+    assert tempo(_compress_args(corpus, cache, tiny_models, "--dry-run")) == 0
+    out = capsys.readouterr()
+    assert "long" in out.out and "video_not_found" in out.out
+    plan = json.loads(out.err.strip().splitlines()[-1])["dry_run"]
+    assert plan["segments"] >= LONG_SEGMENTS + 1
+    assert plan["units"] == 2 + 1 + 1
+    assert plan["failed"] == 3
+    assert not cache.exists()
+
+
+def test_manifest_errors_fail_before_any_work(tiny_models, tmp_path, capsys):
+    manifest = tmp_path / "bad.jsonl"
+    manifest.write_text('{"video_id": "a", "uri": "a.mp4"}\n{"video_id": "a", "uri": ""}\nnot json\n')
+    cache = tmp_path / "cache.zarr"
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 2
+    err = capsys.readouterr().err
+    assert "manifest_invalid" in err and "line 2" in err and "line 3" in err
+    assert not cache.exists()
+
+
+def test_unwritable_cache_location(tiny_models, corpus, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    rc = tempo(_compress_args(corpus, blocker / "cache.zarr", tiny_models))
+    assert rc == 2
+    assert "error [cache_" in capsys.readouterr().err
+
+
+def test_fingerprint_mismatch_refused(full_run, tiny_models, corpus, capsys):
+    cache, _ = full_run
+    rc = tempo(_compress_args(corpus, cache, tiny_models, "--max-frames", "64"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "fingerprint_mismatch" in err and "max_frames" in err
+
+
+def _cache_files(cache: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+
+
+def _strip_times(doc: bytes) -> dict:
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not k.endswith("_at")}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    return strip(json.loads(doc))
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
+    manifest = _write_corpus(tmp_path / "c", bad=False)
+    reference = tmp_path / "reference.zarr"
+    assert tempo(_compress_args(manifest, reference, tiny_models)) == 0
+
+    cache = tmp_path / "cache.zarr"
+    cmd = [sys.executable, "-m", "pipelines.cli", *_compress_args(manifest, cache, tiny_models)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TEMPO_PROGRESS_INTERVAL_S="0")
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    try:
+        for line in proc.stderr:
+            # Blocks land unit by unit, all queries of a unit in a row: after 2 blocks at least
+            # one unit has landed for every query (2 of the corpus's 6 blocks).
+            if "blocks=2 " in line:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, "the job ended before it could be killed part-way"
+
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 0
+    summary = _summary(cache)
+    assert summary["counts"]["units_skipped_landed"] >= 1  # landed work was not recomputed
+    assert summary["counts"]["units_planned"] + summary["counts"]["units_skipped_landed"] == 4
+    assert summary["counts"]["queries_completed"] == 4
+
+    ref_files, got_files = _cache_files(reference), _cache_files(cache)
+    assert sorted(ref_files) == sorted(got_files)
+    for name, data in ref_files.items():
+        if name.endswith("zarr.json"):
+            assert _strip_times(data) == _strip_times(got_files[name]), name
+        else:
+            assert data == got_files[name], name  # array data byte-identical
+
+
+def test_pipeline_constructs_for_remote_runners(tiny_models, corpus, tmp_path):
+    """Dataflow / Spark / Flink: the graph builds with each runner's options (no cluster here)."""
+    import apache_beam as beam
+
+    from pipelines.beam_support import pipeline_options_from_args
+    from pipelines.compress import CompressJob, ModelSpec, build_pipeline
+    from tempo_ops.video import SamplingConfig
+
+    job = CompressJob(
+        manifest=str(corpus),
+        cache="gs://bucket/cache.zarr",
+        sampling=SamplingConfig(),
+        model=ModelSpec("gs://bucket/svlm", None, 0, None, None, 16384, None),
+        config={"compressor": {}, "sampling": {}, "stored_dtype": "float16"},
+        unit_segments=32,
+    )
+    runner_args = {
+        "DataflowRunner": [
+            "--runner=DataflowRunner",
+            "--project=p",
+            "--region=us-central1",
+            "--temp_location=gs://bucket/tmp",
+            f"--setup_file={REPO / 'setup.py'}",
+            "--machine_type=g2-standard-8",
+            "--dataflow_service_options=worker_accelerator=type:nvidia-l4;count:1;install-nvidia-driver",
+        ],
+        "FlinkRunner": ["--runner=FlinkRunner", "--flink_master=localhost:8081", "--environment_type=DOCKER"],
+        "SparkRunner": ["--runner=SparkRunner", "--spark_master_url=spark://localhost:7077", "--environment_type=DOCKER"],
+        "PortableRunner": ["--runner=PortableRunner", "--job_endpoint=localhost:8099", "--environment_type=DOCKER"],
+    }
+    for name, args in runner_args.items():
+        options = pipeline_options_from_args(args, job_name="tempo-compress")
+        pipeline = beam.Pipeline(runner=beam.runners.DirectRunner(), options=options)  # never submitted
+        build_pipeline(pipeline, job)
+        labels = {t.full_label for t in pipeline.transforms_stack[0].parts}
+        assert {"ReadManifest", "PlanVideo", "SpreadUnits", "CompressUnit", "WriteBlock", "FinalizeEntry"} <= labels, name
+        proto = pipeline.to_runner_api()
+        assert proto.components.transforms, name
+
+
+def test_sdist_contains_everything_workers_import(tmp_path):
+    subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=REPO, check=True, capture_output=True)
+    import tarfile
+
+    (sdist,) = tmp_path.glob("*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    expected = {str(p.relative_to(REPO)) for d in ("tempo_ops", "pipelines", "schemas") for p in (REPO / d).rglob("*.py")}
+    assert expected <= names, sorted(expected - names)
+    assert "schemas/CACHE_LAYOUT.md" in names
+    assert "constraints.txt" in names

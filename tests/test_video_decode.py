@@ -1,0 +1,316 @@
+"""Decoding with tempo_ops.video on generated videos whose frames carry their own number."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tempo_ops.errors import (
+    ConfigError,
+    CorruptVideo,
+    EmptyVideoFile,
+    NoVideoStream,
+    UnsupportedCodec,
+    VideoNotFound,
+    VideoTooShort,
+)
+from tempo_ops.synthetic import make_frame, read_frame_number, vfr_times, write_audio_only, write_test_video
+from tempo_ops.video import SamplingConfig, count_decoded_frames, iter_segments, plan_video, probe_video
+from tests.gcs_emulator import gcs_server  # noqa: F401 - module-scoped fixture
+
+
+def _numbers(segments, rotation=0):
+    """Frame numbers of all frames of ``segments`` (undoing a clockwise display rotation)."""
+    out = []
+    for seg in segments:
+        for frame in seg.frames:
+            out.append(read_frame_number(np.rot90(frame, k=rotation // 90) if rotation else frame))
+    return out
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("videos")
+    return {
+        "h264": write_test_video(d / "h264.mp4", n_frames=120, fps=10, width=64, height=48, codec="h264", gop=10),
+        "mpeg4": write_test_video(d / "mpeg4.mp4", n_frames=120, fps=10, width=64, height=48, codec="mpeg4", gop=10),
+        "h264_bframes": write_test_video(d / "h264_b.mp4", n_frames=90, fps=15, width=64, height=48, codec="h264"),
+        "vfr": write_test_video(d / "vfr.mp4", n_frames=100, fps=10, width=64, height=48, vfr=True, gop=8),
+        "sparse": write_test_video(d / "sparse.mp4", n_frames=400, fps=10, width=64, height=48, gop=10, pattern="blocks"),
+    }
+
+
+def test_synthetic_frame_roundtrip():
+    for n in (0, 1, 37, 65535):
+        assert read_frame_number(make_frame(n, 80, 64)) == n
+    frame = make_frame(5, 80, 64)
+    assert read_frame_number(frame[:, ::-1]) is None  # mirrored: markers do not match
+    assert read_frame_number(frame[::-1]) is None
+    with pytest.raises(ValueError):
+        make_frame(65536, 8, 8)
+
+
+@pytest.mark.parametrize("name", ["h264", "mpeg4", "h264_bframes"])
+def test_cfr_decoding_picks_exact_frames(videos, name):
+    info = probe_video(videos[name])
+    assert info.codec == ("mpeg4" if name == "mpeg4" else "h264")
+    assert (info.width, info.height, info.rotation) == (64, 48, 0)
+    assert not info.variable_frame_rate
+    plan = plan_video(info)
+    segs = list(iter_segments(videos[name], plan=plan))
+    assert [s.index for s in segs] == list(range(plan.n_segments))
+    assert _numbers(segs) == plan.frame_indices
+    for seg in segs:
+        start, end = plan.bounds[seg.index]
+        assert seg.frames.dtype == np.uint8 and seg.frames.shape == (end - start, 48, 64, 3)
+        assert seg.frame_indices == plan.frame_indices[start:end]
+        assert seg.start_position == start
+        assert seg.timestamp == plan.timestamps[seg.index] and seg.timestamp_text == plan.timestamp_texts[seg.index]
+        assert seg.real_fps == plan.real_fps
+
+
+def test_h264_probe_and_plan_values(videos):
+    info = probe_video(videos["h264"])
+    assert info.frame_count == 120 and info.fps == 10.0 and info.duration_s == pytest.approx(12.0)
+    plan = plan_video(info)
+    assert len(plan.frame_indices) == 24 and plan.real_fps == pytest.approx(2.0)
+    assert plan.frame_indices[:4] == [0, 5, 10, 15]  # floor(linspace(0, 119, 24)) = 0, 5.17, 10.35, 15.52
+    assert plan.timestamp_texts == ["<2.0 seconds>", "<6.0 seconds>", "<10.0 seconds>"]
+
+
+def test_variable_frame_rate_samples_by_presentation_time(videos):
+    info = probe_video(videos["vfr"])
+    assert info.variable_frame_rate
+    plan = plan_video(info, SamplingConfig(target_fps=3.0))
+    times = vfr_times(100, 10)
+    tol = 0.125 / info.fps
+    expected = []
+    for i in plan.frame_indices:
+        target = info.start_s + i / info.fps
+        expected.append(max(k for k, t in enumerate(times) if t <= target + tol))
+    assert _numbers(iter_segments(videos["vfr"], plan=plan)) == expected
+    assert expected != plan.frame_indices  # the time rule really differs from plain indices here
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+@pytest.mark.parametrize("name", ["sparse", "h264_bframes", "vfr", "mpeg4"])
+def test_seek_and_sequential_paths_give_identical_frames(videos, name, mode):
+    cfg = SamplingConfig(target_fps=0.5, min_frames=4)
+    plan = plan_video(videos[name], cfg)
+    auto = list(iter_segments(videos[name], plan=plan))
+    forced = list(iter_segments(videos[name], plan=plan, seek_mode=mode))
+    assert len(auto) == len(forced)
+    for a, b in zip(auto, forced):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        assert a.frame_indices == b.frame_indices
+
+
+def test_sparse_sampling_seeks_instead_of_decoding_everything(videos):
+    plan = plan_video(videos["sparse"], SamplingConfig(target_fps=0.2, min_frames=4))  # every 5 s, GOP 1 s
+    assert _numbers(iter_segments(videos["sparse"], plan=plan)) == plan.frame_indices
+    never = count_decoded_frames(videos["sparse"], plan, "never")
+    auto = count_decoded_frames(videos["sparse"], plan, "auto")
+    assert never == {"decoded": 400, "seeks": 0}
+    assert auto["seeks"] >= len(plan.frame_indices) - 2
+    assert auto["decoded"] <= len(plan.frame_indices) * 10  # at most one GOP per sample
+
+
+def test_sub_range_equals_full_iteration(videos):
+    plan = plan_video(videos["h264"], SamplingConfig(target_fps=4))  # 48 frames, 6 segments
+    full = list(iter_segments(videos["h264"], plan=plan))
+    part = list(iter_segments(videos["h264"], plan=plan, segments=range(2, 5)))
+    assert [s.index for s in part] == [2, 3, 4]
+    for a, b in zip(full[2:5], part):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        assert (a.frame_indices, a.start_position, a.timestamp) == (b.frame_indices, b.start_position, b.timestamp)
+    assert list(iter_segments(videos["h264"], plan=plan, segments=range(3, 3))) == []
+    with pytest.raises(ConfigError):
+        list(iter_segments(videos["h264"], plan=plan, segments=range(4, 7)))
+    with pytest.raises(ConfigError):
+        list(iter_segments(videos["h264"], plan=plan, segments=range(4, 1, -1)))
+    with pytest.raises(ConfigError):
+        list(iter_segments(videos["h264"], plan=plan, seek_mode="sometimes"))
+
+
+@pytest.mark.parametrize("rotation", [90, 180, 270])
+def test_rotation_is_reported_and_frames_are_upright(tmp_path, rotation):
+    path = write_test_video(tmp_path / "rot.mp4", n_frames=20, fps=10, width=80, height=48, rotation=rotation)
+    info = probe_video(path)
+    assert info.rotation == rotation
+    assert (info.width, info.height) == (80, 48)
+    upright = (48, 80) if rotation in (90, 270) else (80, 48)
+    assert (info.display_width, info.display_height) == upright
+    plan = plan_video(info)
+    assert (plan.frame_width, plan.frame_height) == upright
+    segs = list(iter_segments(path, plan=plan))
+    assert segs[0].frames.shape[1:] == (upright[1], upright[0], 3)
+    assert _numbers(segs, rotation) == plan.frame_indices
+
+
+def test_odd_and_tiny_sizes(tmp_path):
+    one = write_test_video(tmp_path / "1x1.mp4", n_frames=4, fps=2, width=1, height=1)
+    info = probe_video(one)
+    assert (info.width, info.height) == (1, 1)
+    seg = next(iter_segments(one))
+    assert seg.frames.shape == (8, 16, 16, 3)  # 4 frames / 2 fps = 2 s -> clamped to 8; 1x1 -> 16x16
+    two = write_test_video(tmp_path / "2x2.mp4", n_frames=4, fps=2, width=2, height=2, codec="mpeg4")
+    assert next(iter_segments(two)).frames.shape == (8, 16, 16, 3)
+    odd = write_test_video(tmp_path / "odd.mp4", n_frames=10, fps=5, width=75, height=41)
+    seg = next(iter_segments(odd))
+    # 75/16 = 4.7 -> 80 > 75, so 64; 41/16 = 2.6 -> 48 > 41, so 32
+    assert seg.frames.shape == (8, 32, 64, 3)
+    assert _numbers([seg]) == plan_video(odd).frame_indices
+
+
+def test_very_elongated_frames(tmp_path):
+    tall = write_test_video(tmp_path / "tall.mp4", n_frames=3, fps=1, width=16, height=4000, pattern="blocks")
+    plan = plan_video(tall)
+    assert (plan.frame_width, plan.frame_height) == (16, 512)
+    segs = list(iter_segments(tall, plan=plan))
+    assert segs[0].frames.shape == (8, 512, 16, 3)
+    assert _numbers(segs) == [0, 0, 0, 0, 1, 1, 1, 2]  # N=3 < n=8: indices repeat
+    wide = write_test_video(tmp_path / "wide.mp4", n_frames=2, fps=1, width=4000, height=16, pattern="blocks")
+    assert next(iter_segments(wide)).frames.shape == (8, 16, 512, 3)
+
+
+def test_one_frame_video_is_padded_to_two(tmp_path):
+    path = write_test_video(tmp_path / "one.mp4", n_frames=1, fps=25, width=32, height=32)
+    plan = plan_video(path)
+    assert plan.frame_indices == [0] and plan.bounds == [(0, 1)]
+    (seg,) = list(iter_segments(path, plan=plan))
+    assert seg.frames.shape == (2, 32, 32, 3) and seg.frame_indices == [0, 0]
+    np.testing.assert_array_equal(seg.frames[0], seg.frames[1])
+    assert read_frame_number(seg.frames[0]) == 0
+
+
+def test_trailing_single_frame_window_is_padded(tmp_path):
+    path = write_test_video(tmp_path / "tail.mp4", n_frames=33, fps=2, width=32, height=32, gop=4)  # 33 samples
+    segs = list(iter_segments(path))
+    assert [len(s.frames) for s in segs] == [8, 8, 8, 8, 2]
+    assert segs[-1].frame_indices == [32, 32] and segs[-1].start_position == 32
+    assert _numbers(segs[-1:]) == [32, 32]
+
+
+def test_resized_frames_are_pil_bicubic(tmp_path):
+    from PIL import Image
+
+    path = write_test_video(tmp_path / "big.mp4", n_frames=8, fps=4, width=640, height=360, gop=4)
+    seg = next(iter_segments(path, SamplingConfig(target_fps=4.0)))
+    assert seg.frames.shape[1:] == (288, 512, 3)
+    assert _numbers([seg]) == [0, 1, 2, 3, 4, 5, 6, 7]
+    import av
+
+    with av.open(path) as container:
+        first = next(container.decode(video=0)).to_ndarray(format="rgb24")
+    expected = np.asarray(Image.fromarray(first).resize((512, 288), Image.Resampling.BICUBIC))
+    np.testing.assert_array_equal(seg.frames[0], expected)
+
+
+def test_memory_url(tmp_path):
+    url = write_test_video("memory://tempo-test-video/clip.mp4", n_frames=30, fps=10, width=48, height=32, gop=5)
+    info = probe_video(url)
+    assert info.uri == url and info.frame_count == 30
+    segs = list(iter_segments(url, SamplingConfig(target_fps=5)))
+    assert _numbers(segs) == plan_video(url, SamplingConfig(target_fps=5)).frame_indices
+
+
+# --------------------------------------------------------------------------- bad inputs
+def _expect(exc_type, uri, match=None):
+    with pytest.raises(exc_type) as err:
+        probe_video(uri)
+    assert str(uri) in str(err.value)  # every error names the uri
+    if match:
+        assert match in str(err.value)
+    return err.value
+
+
+def test_missing_and_empty_files(tmp_path):
+    _expect(VideoNotFound, tmp_path / "missing.mp4")
+    _expect(VideoNotFound, "memory://tempo-test-video/nope.mp4")
+    _expect(VideoNotFound, tmp_path, "directory")
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    _expect(EmptyVideoFile, tmp_path / "empty.mp4")
+
+
+def test_text_file_renamed_mp4_is_corrupt(tmp_path):
+    path = tmp_path / "notes.mp4"
+    path.write_text("this is not a video\n" * 20)
+    err = _expect(CorruptVideo, path)
+    assert err.code == "corrupt_container"
+
+
+def test_truncated_and_garbage_files_are_corrupt(tmp_path, videos):
+    data = open(videos["h264"], "rb").read()
+    (tmp_path / "trunc.mp4").write_bytes(data[: len(data) // 2])
+    _expect(CorruptVideo, tmp_path / "trunc.mp4")
+    body = bytearray(data)
+    start = data.find(b"mdat") + 40
+    body[start : start + 2000] = np.random.default_rng(0).integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    (tmp_path / "garbage.mp4").write_bytes(bytes(body))
+    with pytest.raises(CorruptVideo, match="garbage.mp4"):
+        probe_video(tmp_path / "garbage.mp4")
+        list(iter_segments(tmp_path / "garbage.mp4"))
+
+
+def test_audio_only_has_no_video_stream(tmp_path):
+    path = write_audio_only(tmp_path / "audio.mp4", duration_s=0.5)
+    err = _expect(NoVideoStream, path, "audio")
+    assert err.code == "no_video_stream"
+    with pytest.raises(NoVideoStream):
+        list(iter_segments(path))
+
+
+def test_unknown_codec_is_unsupported(tmp_path, videos):
+    data = open(videos["h264"], "rb").read()
+    assert data.count(b"avc1") >= 1
+    (tmp_path / "alien.mp4").write_bytes(data.replace(b"avc1", b"zq91"))
+    err = _expect(UnsupportedCodec, tmp_path / "alien.mp4")
+    assert err.code == "unsupported_codec"
+
+
+def test_no_decodable_frame_is_too_short(tmp_path):
+    import av
+
+    path = tmp_path / "nokey.mp4"
+    with av.open(str(path), "w") as container:  # only P-frames: nothing can be decoded
+        stream = container.add_stream("libx264", rate=10)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.options = {"x264-params": "keyint=100:bframes=0"}
+        for i in range(6):
+            frame = av.VideoFrame.from_ndarray(make_frame(i, 32, 32), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame) + ([] if i < 5 else stream.encode()):
+                if not packet.is_keyframe:
+                    container.mux(packet)
+    _expect(VideoTooShort, path, "no decodable")
+
+
+def test_stream_cut_short_is_corrupt(tmp_path):
+    # Index first (faststart), data cut: the container opens, but frames run out early.
+    path = write_test_video(tmp_path / "fs.mp4", n_frames=200, fps=10, width=64, height=48, gop=10, faststart=True)
+    data = open(path, "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    cut = str(tmp_path / "cut.mp4")
+    info = probe_video(cut)
+    assert info.frame_count == 200  # the index still promises every frame
+    with pytest.raises(CorruptVideo, match="cut.mp4") as err:
+        list(iter_segments(cut, plan=plan_video(info)))
+    assert err.value.code == "corrupt_container"
+
+
+def test_gs_url_through_gcs_emulator(gcs_server, videos):  # noqa: F811 - fixture
+    import fsspec
+
+    gcs_server.create_bucket("tempo-videos")
+    opts = gcs_server.storage_options
+    url = "gs://tempo-videos/clips/h264.mp4"
+    with fsspec.open(url, "wb", **opts) as fh, open(videos["h264"], "rb") as src:
+        fh.write(src.read())
+    info = probe_video(url, storage_options=opts)
+    assert info.uri == url and info.frame_count == 120
+    plan = plan_video(info, SamplingConfig(target_fps=0.5, min_frames=4))
+    segs = list(iter_segments(url, plan=plan, storage_options=opts))
+    assert _numbers(segs) == plan.frame_indices
+    with pytest.raises(VideoNotFound, match="gs://tempo-videos/clips/missing.mp4"):
+        probe_video("gs://tempo-videos/clips/missing.mp4", storage_options=opts)

@@ -1,0 +1,253 @@
+"""Pure sampling / resize / segment rules of tempo_ops.video (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tempo_ops.errors import AbsurdDimensions, ConfigError, VideoTooShort
+from tempo_ops.video import (
+    ASSUMED_FPS,
+    SamplingConfig,
+    VideoInfo,
+    check_dimensions,
+    format_timestamp,
+    plan_video,
+    resize_shape,
+    sample_frame_indices,
+    segment_bounds,
+    segment_timestamp,
+)
+
+
+# --------------------------------------------------------------------------- frame sampling
+def test_indices_hand_computed():
+    # 100 frames at 25 fps = 4 s -> n = 8; linspace(0, 99, 8) = 0, 14.14, 28.29, ... 99
+    assert sample_frame_indices(100, 25.0) == [0, 14, 28, 42, 56, 70, 84, 99]
+    # 10 s at 1 fps target -> 10 frames, step 11 exactly
+    assert sample_frame_indices(100, 10.0, target_fps=1.0) == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
+
+
+def test_one_frame_video_gives_last_index():
+    assert sample_frame_indices(1, 30.0) == [0]
+    assert sample_frame_indices(1, None) == [0]
+
+
+def test_fewer_source_frames_than_samples_repeat_indices():
+    # 3 frames at 1 fps: n = round(6) -> clamped to 8; floor(linspace(0, 2, 8))
+    assert sample_frame_indices(3, 1.0) == [0, 0, 0, 0, 1, 1, 1, 2]
+
+
+def test_clamp_to_min_and_max():
+    short = sample_frame_indices(20, 10.0)  # 2 s -> 4 -> clamped up to 8
+    assert len(short) == 8 and short[0] == 0 and short[-1] == 19
+    long = sample_frame_indices(54000, 30.0)  # 1800 s -> 3600 -> clamped to 1024
+    assert len(long) == 1024
+    assert long[0] == 0 and long[1] == 52 and long[-1] == 53999  # 53999 / 1023 = 52.78
+    assert len(sample_frame_indices(54000, 30.0, max_frames=2048)) == 2048
+
+
+def test_round_is_python_round_half_to_even():
+    assert len(sample_frame_indices(41, 4.0)) == 20  # 10.25 s * 2 = 20.5 -> 20
+    assert len(sample_frame_indices(43, 4.0)) == 22  # 10.75 s * 2 = 21.5 -> 22
+
+
+@pytest.mark.parametrize("fps", [None, 0, -5.0, float("nan"), float("inf")])
+def test_unknown_fps_assumes_30(fps):
+    assert ASSUMED_FPS == 30.0
+    assert len(sample_frame_indices(300, fps)) == 20  # 300 / 30 = 10 s -> 20 frames
+
+
+@pytest.mark.parametrize("total", [0, -1])
+def test_no_frames_is_too_short(total):
+    with pytest.raises(VideoTooShort, match="total_frames"):
+        sample_frame_indices(total, 30.0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    total=st.integers(1, 200_000),
+    fps=st.floats(0.5, 240.0),
+    target=st.floats(0.05, 8.0),
+    min_frames=st.integers(1, 64),
+    extra=st.integers(0, 2048),
+)
+def test_indices_properties(total, fps, target, min_frames, extra):
+    max_frames = min_frames + extra
+    idx = sample_frame_indices(total, fps, target, min_frames, max_frames)
+    assert idx == sorted(idx)
+    assert all(0 <= i < total for i in idx)
+    if total == 1:
+        assert idx == [0]
+        return
+    n = min(max(round(total / fps * target), min_frames), max_frames)
+    assert len(idx) == n
+    assert idx[0] == 0
+    if n >= 2:
+        assert idx[-1] == total - 1
+    if total >= n:
+        assert len(set(idx)) == n  # no repeats when there are enough source frames
+
+
+# --------------------------------------------------------------------------- resize
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((640, 360), (512, 288)),
+        ((1280, 720), (512, 288)),
+        ((1920, 1080), (512, 288)),
+        ((720, 480), (512, 336)),  # 341.3 -> 21.3 multiples -> 336
+        ((360, 640), (288, 512)),
+        ((512, 512), (512, 512)),
+        ((511, 511), (496, 496)),  # rounding up to 512 would enlarge
+        ((320, 240), (320, 240)),
+        ((100, 50), (96, 48)),
+        ((100, 56), (96, 48)),  # 3.5 -> 4 -> 64 > 56, so 48
+        ((24, 24), (16, 16)),
+        ((1, 1), (16, 16)),  # the 16-px minimum wins over "never enlarge"
+        ((4000, 16), (512, 16)),
+        ((16, 4000), (16, 512)),
+        ((360, 202), (352, 192)),
+    ],
+)
+def test_resize_shape_hand_computed(size, expected):
+    assert resize_shape(*size) == expected
+
+
+def test_resize_shape_other_limits():
+    assert resize_shape(640, 360, max_edge=256, multiple=32) == (256, 128)  # 144 / 32 = 4.5 -> 4
+    assert resize_shape(1000, 1000, max_edge=500, multiple=16) == (496, 496)  # never above max_edge
+
+
+@pytest.mark.parametrize("size", [(0, 10), (10, 0), (-1, 5)])
+def test_resize_shape_rejects_non_positive(size):
+    with pytest.raises(AbsurdDimensions):
+        resize_shape(*size)
+
+
+@settings(max_examples=300, deadline=None)
+@given(w=st.integers(1, 16384), h=st.integers(1, 16384))
+def test_resize_shape_properties(w, h):
+    rw, rh = resize_shape(w, h)
+    for out, src in ((rw, w), (rh, h)):
+        assert out % 16 == 0 and 16 <= out <= 512
+        assert out <= max(16, src)  # never enlarged beyond the 16-px minimum
+    if max(w, h) <= 512:  # not scaled: each side is the source rounded to a multiple, never up past it
+        for out, src in ((rw, w), (rh, h)):
+            assert out == 16 if src < 16 else src - 15 <= out <= src
+    else:
+        assert max(rw, rh) == 512
+
+
+def test_check_dimensions_limits():
+    check_dimensions("v", 4000, 16)  # aspect 250: fine
+    check_dimensions("v", 16384, 4096)  # 64 Mpx exactly: fine
+    check_dimensions("v", 1, 1)
+    for w, h in [(0, 10), (16385, 16), (16384, 4097), (8193, 16), (20000, 20000)]:
+        with pytest.raises(AbsurdDimensions, match="^v: "):
+            check_dimensions("v", w, h)
+
+
+# --------------------------------------------------------------------------- segments
+@pytest.mark.parametrize(
+    ("n", "bounds"),
+    [
+        (0, []),
+        (1, [(0, 1)]),
+        (8, [(0, 8)]),
+        (9, [(0, 8), (8, 9)]),
+        (10, [(0, 8), (8, 10)]),
+        (17, [(0, 8), (8, 16), (16, 17)]),
+        (23, [(0, 8), (8, 16), (16, 23)]),
+    ],
+)
+def test_segment_bounds_hand_computed(n, bounds):
+    assert segment_bounds(n) == bounds
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 5000), window=st.integers(1, 64))
+def test_segment_bounds_properties(n, window):
+    bounds = segment_bounds(n, window)
+    assert len(bounds) == math.ceil(n / window)
+    pos = 0
+    for i, (s, e) in enumerate(bounds):
+        assert s == pos == i * window  # contiguous, stride = window
+        assert 1 <= e - s <= window
+        if i < len(bounds) - 1:
+            assert e - s == window  # only the tail may be short
+        pos = e
+    assert pos == n  # covers everything
+
+
+def test_segment_bounds_rejects_bad_input():
+    with pytest.raises(ConfigError):
+        segment_bounds(-1)
+    with pytest.raises(ConfigError):
+        segment_bounds(8, 0)
+
+
+def test_timestamps():
+    assert segment_timestamp(0, 2.0) == 2.0
+    assert segment_timestamp(3, 2.0) == 14.0
+    assert segment_timestamp(1, 1.6) == pytest.approx(7.5)
+    assert format_timestamp(14.0) == "<14.0 seconds>"
+    assert format_timestamp(12.96) == "<13.0 seconds>"
+    assert format_timestamp(0.04) == "<0.0 seconds>"
+
+
+# --------------------------------------------------------------------------- config and plan
+def test_sampling_config_validation_and_dict():
+    cfg = SamplingConfig()
+    assert cfg.to_dict() == {"target_fps": 2.0, "min_frames": 8, "max_frames": 1024, "max_edge": 512, "multiple": 16, "window": 8}
+    for bad in [dict(target_fps=0), dict(target_fps=float("nan")), dict(min_frames=0), dict(min_frames=9, max_frames=8), dict(window=0), dict(max_edge=8), dict(max_frames=1.5)]:
+        with pytest.raises(ConfigError):
+            SamplingConfig(**bad)
+
+
+def _info(frames, fps, w=640, h=360, rotation=0):
+    dw, dh = (h, w) if rotation in (90, 270) else (w, h)
+    return VideoInfo("mem.mp4", frames / fps, fps, frames, w, h, rotation, "h264", dw, dh)
+
+
+def test_plan_from_info():
+    plan = plan_video(_info(750, 25.0))  # 30 s -> 60 frames -> 8 segments (last has 4)
+    assert len(plan.frame_indices) == 60
+    assert plan.real_fps == pytest.approx(2.0)
+    assert plan.n_segments == 8 and plan.bounds[-1] == (56, 60)
+    assert plan.timestamps[:3] == pytest.approx([2.0, 6.0, 10.0])
+    assert plan.timestamp_texts[-1] == "<30.0 seconds>"
+    assert (plan.frame_width, plan.frame_height) == (512, 288)
+    d = plan.to_dict()
+    assert d["n_segments"] == 8 and d["info"]["frame_count"] == 750 and d["config"]["window"] == 8
+
+
+def test_plan_clamped_real_fps_and_rotation():
+    plan = plan_video(_info(30 * 3600, 30.0, rotation=90))  # one hour -> 1024 frames
+    assert len(plan.frame_indices) == 1024
+    assert plan.real_fps == pytest.approx(1024 / 3600)
+    assert plan.timestamps[1] == pytest.approx(12 / (1024 / 3600))
+    assert (plan.frame_width, plan.frame_height) == (288, 512)
+
+
+def test_plan_one_frame_and_tail_of_one():
+    plan = plan_video(_info(1, 10.0))
+    assert plan.frame_indices == [0] and plan.bounds == [(0, 1)]
+    assert plan.real_fps == pytest.approx(10.0)
+    plan = plan_video(_info(90, 2.0))  # 45 s at 2 fps: 90 samples -> 11 full windows + (88, 90)
+    assert plan.bounds[-1] == (88, 90)
+    plan = plan_video(_info(34, 2.0))  # 17 s -> 34 samples -> tail (32, 34)
+    assert plan.bounds[-1] == (32, 34)
+    plan = plan_video(_info(33, 2.0))  # 16.5 s -> 33 samples -> tail of exactly one
+    assert plan.bounds[-1] == (32, 33)
+
+
+def test_plan_pickles_for_beam():
+    import pickle
+
+    plan = plan_video(_info(300, 30.0), SamplingConfig(target_fps=1.0))
+    again = pickle.loads(pickle.dumps(plan))  # noqa: S301 - round-trip of our own object
+    assert again == plan and again.n_segments == plan.n_segments == 2
