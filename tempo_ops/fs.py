@@ -71,6 +71,18 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def _retry_delay(exc: Exception, attempt: int, policy: RetryPolicy, what: str) -> float:
+    """Seconds to wait before the next attempt after ``exc``; re-raises what must not be retried.
+
+    Non-transient errors propagate unchanged; the last transient failure becomes CacheWriteError.
+    """
+    if not is_transient(exc):
+        raise exc
+    if attempt + 1 == policy.max_attempts:
+        raise CacheWriteError(f"gave up after {policy.max_attempts} attempts: {type(exc).__name__}: {exc}", item=what) from exc
+    return policy.delay(attempt)
+
+
 def retry_call(
     fn: Callable[..., T],
     *args: Any,
@@ -86,14 +98,8 @@ def retry_call(
     for attempt in range(policy.max_attempts):
         try:
             return fn(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc):
-                raise
-            if attempt + 1 == policy.max_attempts:
-                raise CacheWriteError(
-                    f"gave up after {policy.max_attempts} attempts: {type(exc).__name__}: {exc}", item=what
-                ) from exc
-            time.sleep(policy.delay(attempt))
+        except Exception as exc:  # noqa: BLE001 - classified by _retry_delay
+            time.sleep(_retry_delay(exc, attempt, policy, what))
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -104,14 +110,8 @@ async def retry_async(
     for attempt in range(policy.max_attempts):
         try:
             return await make()
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if not is_transient(exc):
-                raise
-            if attempt + 1 == policy.max_attempts:
-                raise CacheWriteError(
-                    f"gave up after {policy.max_attempts} attempts: {type(exc).__name__}: {exc}", item=what
-                ) from exc
-            await asyncio.sleep(policy.delay(attempt))
+        except Exception as exc:  # noqa: BLE001 - classified by _retry_delay
+            await asyncio.sleep(_retry_delay(exc, attempt, policy, what))
     raise AssertionError("unreachable")  # pragma: no cover
 
 

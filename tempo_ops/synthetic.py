@@ -125,6 +125,18 @@ def vfr_times(n_frames: int, fps: float) -> list[float]:
     return times
 
 
+def _sink(url: str) -> io.BytesIO | str:
+    """Where PyAV writes: the path itself when local, else a buffer flushed by ``_flush_sink``."""
+    return url if "://" not in url else io.BytesIO()
+
+
+def _flush_sink(url: str, sink: io.BytesIO | str) -> None:
+    """Upload a buffered video to its fsspec URL (no-op for local paths)."""
+    if isinstance(sink, io.BytesIO):
+        with fsspec.open(url, "wb") as fh:
+            fh.write(sink.getvalue())
+
+
 def write_test_video(
     path: str | os.PathLike,
     *,
@@ -183,7 +195,7 @@ def write_test_video(
 
     url = os.fspath(path)
     local = "://" not in url
-    sink: io.BytesIO | str = url if local else io.BytesIO()
+    sink = _sink(url)
     rate = Fraction(fps).limit_denominator(1001)
     if faststart and not local:
         raise ValueError("faststart needs a local path")
@@ -226,9 +238,7 @@ def write_test_video(
             container.mux(packet)
     finally:
         container.close()
-    if not local:
-        with fsspec.open(url, "wb") as fh:
-            fh.write(sink.getvalue())
+    _flush_sink(url, sink)
     return url
 
 
@@ -237,8 +247,7 @@ def write_audio_only(path: str | os.PathLike, *, duration_s: float = 1.0, sample
     import av
 
     url = os.fspath(path)
-    local = "://" not in url
-    sink: io.BytesIO | str = url if local else io.BytesIO()
+    sink = _sink(url)
     container = av.open(sink, "w", format="mp4")
     try:
         stream = container.add_stream("aac", rate=sample_rate)
@@ -257,9 +266,7 @@ def write_audio_only(path: str | os.PathLike, *, duration_s: float = 1.0, sample
             container.mux(packet)
     finally:
         container.close()
-    if not local:
-        with fsspec.open(url, "wb") as fh:
-            fh.write(sink.getvalue())
+    _flush_sink(url, sink)
     return url
 
 

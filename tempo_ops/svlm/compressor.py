@@ -370,6 +370,15 @@ class Compressor:
         deepstack = [torch.cat(f, dim=0).to(embeds.dtype) for f in vision.deepstack_features]
         return embeds, mask, deepstack
 
+    def _read_outputs(self, hidden: torch.Tensor, lens: Sequence[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Candidates ``(R, K, D)`` at the memory positions right after each row's last real token
+        (``lens[r] - 1``) and relevance ``(R,)`` from that last real token's hidden state."""
+        rows_idx = torch.arange(hidden.shape[0], device=self.device)
+        last = torch.tensor([n - 1 for n in lens], device=self.device)
+        relevance = self._relevance(hidden[rows_idx, last])
+        candidates = hidden[rows_idx[:, None], last[:, None] + 1 + torch.arange(k, device=self.device)]
+        return candidates.float().cpu(), relevance.cpu()
+
     def _relevance(self, h: torch.Tensor) -> torch.Tensor:
         """``sigmoid((w_Yes − w_No) · h)`` in float32; ``h`` ``(R, D)`` → ``(R,)``."""
         return torch.sigmoid(h.float() @ self._relevance_direction)
@@ -435,13 +444,7 @@ class Compressor:
             past_key_values=cache,
             use_cache=True,
         )
-        hidden = out.last_hidden_state
-        rows_idx = torch.arange(r, device=self.device)
-        last = torch.tensor([n - 1 for n in lens], device=self.device)
-        relevance = self._relevance(hidden[rows_idx, last])
-        mem_idx = last[:, None] + 1 + torch.arange(k, device=self.device)
-        candidates = hidden[rows_idx[:, None], mem_idx]
-        return candidates.float().cpu(), relevance.cpu()
+        return self._read_outputs(out.last_hidden_state, lens, k)
 
     # ------------------------------------------------------------------ batching
     def _prefix_batches(self, prepared: list[_Prepared]) -> list[list[int]]:
@@ -568,12 +571,7 @@ class Compressor:
             visual_pos_masks=visual_mask,
             deepstack_visual_embeds=deepstack,
         )
-        hidden = out.last_hidden_state
-        rows_idx = torch.arange(r, device=self.device)
-        last = torch.tensor([n - 1 for n in lens], device=self.device)
-        relevance = self._relevance(hidden[rows_idx, last])
-        candidates = hidden[rows_idx[:, None], last[:, None] + 1 + torch.arange(k, device=self.device)]
-        return candidates.float().cpu(), relevance.cpu()
+        return self._read_outputs(out.last_hidden_state, lens, k)
 
     @staticmethod
     def _check_outputs(candidates: np.ndarray, relevance: np.ndarray) -> None:
