@@ -2,7 +2,10 @@
 
 Each contender runs as its own process over the same generated corpus into a fresh cache,
 and is timed as a whole (interpreter start, imports, model load, decode, compress, write):
-- ``loop``: plan → decode → compress (shared prefix) → write → finalize, video by video;
+- ``loop``: plan → decode → compress (shared prefix) → write → finalize, video by video,
+  torch using every core (intra-op threads);
+- ``loop_1thread``: the same loop with one torch thread — what one worker process of a
+  multi-worker run gets on this machine, so ``pipeline_w2 / loop_1thread`` shows worker scaling;
 - ``pipeline_w1``: ``tempo compress`` on the local FnApiRunner, one in-process worker;
 - ``pipeline_w2``: the same with ``--local_workers 2`` (two SDK worker processes).
 Figures: wall seconds, segments/s, ratios to the loop, and the loop's time split by stage.
@@ -23,7 +26,7 @@ from pathlib import Path
 from bench.common import write_result
 
 WORK = Path(os.environ.get("TEMPO_BENCH_DIR", "/tmp/tempo_bench_compress"))
-N_VIDEOS = 6
+N_VIDEOS = 24
 SEGMENTS_PER_VIDEO = 16
 QUERIES = ["What happens?", "Is there a red object?"]
 REPEAT = 2
@@ -37,7 +40,10 @@ def build_corpus(root: Path) -> Path:
     for i in range(N_VIDEOS):
         path = root / f"v{i}.mp4"
         if not path.exists():
-            write_test_video(path, n_frames=SEGMENTS_PER_VIDEO * 8, fps=2, width=96, height=64, gop=16)
+            # Like real footage: 30 fps 640x360 H.264 with 2 s GOPs, sampled at 2 fps, so decoding
+            # (one core, ~15 decoded frames per sampled frame) is a real share of the work.
+            write_test_video(path, n_frames=SEGMENTS_PER_VIDEO * 8 * 15, fps=30, width=640, height=360, gop=60,
+                             preset="ultrafast")
         queries = [{"query_id": f"q{j}", "text": q} for j, q in enumerate(QUERIES)]
         lines.append(json.dumps({"video_id": f"v{i}", "uri": str(path), "queries": queries}))
     manifest = root / "manifest.jsonl"
@@ -45,9 +51,13 @@ def build_corpus(root: Path) -> Path:
     return manifest
 
 
-def run_loop(manifest: str, cache: str, svlm: str, tempo: str) -> dict:
+def run_loop(manifest: str, cache: str, svlm: str, tempo: str, threads: str = "0") -> dict:
     """The baseline: the same work as the job, as a plain Python loop in one process."""
     t_start = time.perf_counter()
+    if int(threads) > 0:
+        import torch
+
+        torch.set_num_threads(int(threads))
     from pipelines.compress import cache_config, unit_ranges, video_meta
     from schemas.manifest import iter_manifest
     from tempo_ops import video
@@ -104,12 +114,14 @@ def main() -> None:
 
     WORK.mkdir(parents=True, exist_ok=True)
     models = make_tiny_models(WORK / "models", seed=0)
-    manifest = build_corpus(WORK / "corpus")
+    manifest = build_corpus(WORK / "corpus_640x360_30fps")
     total_segments = N_VIDEOS * SEGMENTS_PER_VIDEO
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     py = sys.executable
     contenders = {
         "loop": lambda cache: [py, "-m", "bench.bench_compress", "loop", str(manifest), cache, models["svlm"], models["tempo"]],
+        "loop_1thread": lambda cache: [py, "-m", "bench.bench_compress", "loop", str(manifest), cache, models["svlm"],
+                                       models["tempo"], "1"],
         "pipeline_w1": lambda cache: [py, "-m", "pipelines.cli", "compress", "--manifest", str(manifest), "--cache", cache,
                                       "--svlm", models["svlm"], "--compressor", models["tempo"], "--local_workers", "1"],
         "pipeline_w2": lambda cache: [py, "-m", "pipelines.cli", "compress", "--manifest", str(manifest), "--cache", cache,
@@ -124,8 +136,9 @@ def main() -> None:
             shutil.rmtree(cache, ignore_errors=True)
             wall, out = _timed(cmd(str(cache)), env)
             walls[name].append(wall)
-            if name == "loop":
-                loop_stages.append(json.loads(out.strip().splitlines()[-1]))
+            if name.startswith("loop"):
+                if name == "loop":
+                    loop_stages.append(json.loads(out.strip().splitlines()[-1]))
             else:
                 summaries[name] = json.loads(Path(str(cache) + ".summary.json").read_text())
             print(f"rep {rep} {name}: {wall:.1f}s", flush=True)
@@ -133,12 +146,14 @@ def main() -> None:
     stage_med = {k: statistics.median(s[k] for s in loop_stages) for k in loop_stages[0]}
     figures = {
         "corpus": {"videos": N_VIDEOS, "segments": total_segments, "queries_per_video": len(QUERIES),
-                   "frames": "8 per segment, 96x64 source, reference geometry", "model": "tiny Qwen3-VL (make_tiny_models seed 0)"},
+                   "source": "640x360 30 fps H.264 (x264 ultrafast, GOP 2 s), sampled at 2 fps; 8 frames per segment, reference geometry",
+                   "model": "tiny Qwen3-VL (make_tiny_models seed 0)"},
         "repeats": REPEAT,
         "wall_s_median": med,
         "wall_s_all": walls,
         "segments_per_s": {name: total_segments / w for name, w in med.items()},
         "ratio_to_loop": {name: med["loop"] / w for name, w in med.items()},
+        "worker_scaling_w2_vs_loop_1thread": med["loop_1thread"] / med["pipeline_w2"],
         "loop_stage_split_s": stage_med,
         "pipeline_summaries_timing": {name: s["timing"] for name, s in summaries.items()},
         "note": "whole-process wall times: interpreter start, imports, model load(s), decode, compress, write",
@@ -150,6 +165,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "loop":
-        print(json.dumps(run_loop(*sys.argv[2:6])))
+        print(json.dumps(run_loop(*sys.argv[2:7])))
     else:
         main()

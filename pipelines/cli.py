@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from tempo_ops.errors import TempoError
@@ -37,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party() -> None:
+    """Jobs print their own progress; hub/transformers progress bars would only interleave with it."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")  # read by transformers at import
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -49,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     module_name, help_text, accepts_extra = SUBCOMMANDS[name]
+    _quiet_third_party()
     module = importlib.import_module(module_name)
     sub_parser = argparse.ArgumentParser(prog=f"tempo {name}", description=help_text)
     module.add_arguments(sub_parser)

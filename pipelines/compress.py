@@ -32,7 +32,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import apache_beam as beam
@@ -337,6 +337,9 @@ class CompressJob:
     unit_segments: int
     force: bool = False
     only_video_ids: frozenset[str] | None = None
+    # Handle through which workers share one model per process; the driver of a local
+    # in-process run pre-fills it with the model it loaded for the fingerprint.
+    model_handle: shared.Shared = field(default_factory=shared.Shared, compare=False)
 
     @property
     def dead_letter_path(self) -> str:
@@ -367,7 +370,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
         | "DecodeUnit" >> beam.ParDo(DecodeUnitFn(job.sampling)).with_outputs(DEAD_LETTER, "unit_status", main="segments")
     )
     compressed = decoded.segments | "CompressUnit" >> beam.ParDo(
-        CompressUnitFn(job.model, shared.Shared())
+        CompressUnitFn(job.model, job.model_handle)
     ).with_outputs(DEAD_LETTER, "unit_status", main="blocks")
     written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config)).with_outputs(
         DEAD_LETTER, main="status"
@@ -419,16 +422,20 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
     spec = ModelSpec(args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads)
     print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr)
-    fingerprint = load_compressor(spec).fingerprint()
-    config = cache_config(fingerprint, sampling)
+    model_handle = shared.Shared()
+    # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
+    driver_model = model_handle.acquire(lambda: _SharedModel(load_compressor(spec)))
+    config = cache_config(driver_model.model.fingerprint(), sampling)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
     unit_segments = args.unit_segments or writer.segments_per_shard
     if unit_segments % writer.segments_per_shard:
         raise ConfigError(
             f"--unit-segments {unit_segments} must be a multiple of the cache shard ({writer.segments_per_shard} segments)"
         )
-    job = CompressJob(args.manifest, args.cache, sampling, spec, config, unit_segments, args.force, only)
+    job = CompressJob(args.manifest, args.cache, sampling, spec, config, unit_segments, args.force, only, model_handle)
     options = pipeline_options_from_args(extra_args, job_name="tempo-compress", local_workers=args.local_workers)
+    if not (is_local_runner(options) and args.local_workers == 1):
+        del driver_model  # workers are other processes: free the driver's copy
     started = time.time()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     print(

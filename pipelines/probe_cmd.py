@@ -17,7 +17,7 @@ import sys
 from typing import Any
 
 from tempo_ops.errors import ConfigError, TempoError
-from tempo_ops.video import SamplingConfig, plan_video
+from tempo_ops.video import FRAME_ACCURACIES, SamplingConfig, plan_video
 
 _DEFAULTS = SamplingConfig()
 
@@ -31,6 +31,13 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-edge", type=int, default=_DEFAULTS.max_edge, help="longest frame side after resize, px (default %(default)s)")
     group.add_argument("--frame-multiple", type=int, default=_DEFAULTS.multiple, help="frame sides are multiples of this, px (default %(default)s)")
     group.add_argument("--window", type=int, default=_DEFAULTS.window, help="sampled frames per segment (default %(default)s)")
+    group.add_argument(
+        "--frame-accuracy",
+        choices=FRAME_ACCURACIES,
+        default=_DEFAULTS.frame_accuracy,
+        help="exact: the reference frames; keyframe: the last key frame at or before each sampled frame, "
+        "decoding key frames only (much faster on long videos, frames up to one GOP early) (default %(default)s)",
+    )
 
 
 def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
@@ -42,6 +49,7 @@ def sampling_config_from_args(args: argparse.Namespace) -> SamplingConfig:
         max_edge=args.max_edge,
         multiple=args.frame_multiple,
         window=args.window,
+        frame_accuracy=getattr(args, "frame_accuracy", _DEFAULTS.frame_accuracy),  # namespaces built by hand may lack it
     )
 
 

@@ -15,7 +15,7 @@ from tempo_ops.errors import (
     VideoTooShort,
 )
 from tempo_ops.synthetic import make_frame, read_frame_number, vfr_times, write_audio_only, write_test_video
-from tempo_ops.video import SamplingConfig, count_decoded_frames, iter_segments, plan_video, probe_video
+from tempo_ops.video import SamplingConfig, VideoPlan, count_decoded_frames, iter_segments, plan_video, probe_video
 from tests.gcs_emulator import gcs_server  # noqa: F401 - module-scoped fixture
 
 
@@ -212,6 +212,136 @@ def test_memory_url(tmp_path):
     assert info.uri == url and info.frame_count == 30
     segs = list(iter_segments(url, SamplingConfig(target_fps=5)))
     assert _numbers(segs) == plan_video(url, SamplingConfig(target_fps=5)).frame_indices
+
+
+# --------------------------------------------------------------------------- frame accuracy "keyframe"
+KEY = SamplingConfig(frame_accuracy="keyframe")
+
+
+@pytest.mark.parametrize("gop", [7, 10])
+def test_keyframe_mode_returns_last_key_frame_at_or_before_each_sample(tmp_path, gop):
+    path = write_test_video(tmp_path / f"gop{gop}.mp4", n_frames=200, fps=10, width=64, height=48, gop=gop)
+    cfg = SamplingConfig(target_fps=1.3, frame_accuracy="keyframe")  # 26 samples, rarely on a key frame
+    plan = plan_video(path, cfg)
+    exact_plan = plan_video(path, SamplingConfig(target_fps=1.3))
+    assert plan.frame_indices == exact_plan.frame_indices  # the plan stays nominal
+    segs = list(iter_segments(path, plan=plan))
+    got = _numbers(segs)
+    expected = [(i // gop) * gop for i in plan.frame_indices]
+    assert got == expected
+    assert all(n % gop == 0 and n <= i for n, i in zip(got, plan.frame_indices))
+    assert got != plan.frame_indices  # the approximation really differs here
+    assert [i for s in segs for i in s.frame_indices] == got  # reported indices are the returned frames'
+    assert [(s.timestamp, s.timestamp_text, s.start_position) for s in segs] == [
+        (exact_plan.timestamps[k], exact_plan.timestamp_texts[k], exact_plan.bounds[k][0]) for k in range(len(segs))
+    ]
+    # Only key frames are decoded: sequentially that is each key frame once.
+    assert count_decoded_frames(path, plan, "never") == {"decoded": -(-200 // gop), "seeks": 0}
+    assert count_decoded_frames(path, exact_plan, "never") == {"decoded": 200, "seeks": 0}
+
+
+def test_keyframe_mode_on_all_intra_video_equals_exact_mode(tmp_path):
+    path = write_test_video(tmp_path / "intra.mp4", n_frames=60, fps=10, width=64, height=48, gop=1)
+    cfg = SamplingConfig(target_fps=3.0)
+    exact = list(iter_segments(path, cfg))
+    keyframe = list(iter_segments(path, SamplingConfig(target_fps=3.0, frame_accuracy="keyframe")))
+    assert len(exact) == len(keyframe) == 3
+    for a, b in zip(exact, keyframe):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        assert a.frame_indices == b.frame_indices
+    assert _numbers(keyframe) == plan_video(path, cfg).frame_indices
+
+
+def test_keyframe_mode_equals_exact_mode_on_key_frame_aligned_samples(videos):
+    info = probe_video(videos["sparse"])  # 400 frames, GOP 10
+    plan = plan_video(info, SamplingConfig(target_fps=0.1, min_frames=4))  # one segment of 4 samples
+    aligned = [k * 130 for k in range(4)]  # replace the samples by key frames 0, 130, 260, 390
+    exact = VideoPlan(**{**_plan_fields(plan), "frame_indices": aligned})
+    keyframe = VideoPlan(**{**_plan_fields(plan), "frame_indices": aligned, "config": KEY})
+    a, b = list(iter_segments(videos["sparse"], plan=exact)), list(iter_segments(videos["sparse"], plan=keyframe))
+    np.testing.assert_array_equal(a[0].frames, b[0].frames)
+    assert a[0].frame_indices == b[0].frame_indices == aligned
+
+
+def _plan_fields(plan):
+    return {k: getattr(plan, k) for k in ("info", "config", "frame_indices", "real_fps", "bounds", "timestamps", "timestamp_texts", "frame_width", "frame_height")}
+
+
+@pytest.mark.parametrize("mode", ["never", "always"])
+@pytest.mark.parametrize("name", ["sparse", "h264", "h264_bframes", "mpeg4", "vfr"])
+def test_keyframe_mode_seek_and_sequential_paths_agree(videos, name, mode):
+    for target_fps in (0.5, 3.0):  # sparse (seeks) and dense (several samples per GOP)
+        plan = plan_video(videos[name], SamplingConfig(target_fps=target_fps, min_frames=4, frame_accuracy="keyframe"))
+        auto = list(iter_segments(videos[name], plan=plan))
+        forced = list(iter_segments(videos[name], plan=plan, seek_mode=mode))
+        assert len(auto) == len(forced) == plan.n_segments
+        for a, b in zip(auto, forced):
+            np.testing.assert_array_equal(a.frames, b.frames)
+            assert a.frame_indices == b.frame_indices
+
+
+def test_keyframe_mode_sparse_sampling_decodes_one_key_frame_per_sample(videos):
+    plan = plan_video(videos["sparse"], SamplingConfig(target_fps=0.2, min_frames=4, frame_accuracy="keyframe"))
+    got = _numbers(iter_segments(videos["sparse"], plan=plan))
+    assert got == [(i // 10) * 10 for i in plan.frame_indices]
+    auto = count_decoded_frames(videos["sparse"], plan, "auto")
+    assert auto["seeks"] >= len(plan.frame_indices) - 2
+    assert auto["decoded"] <= 2 * len(plan.frame_indices)  # the wanted key frame and the next one
+    assert count_decoded_frames(videos["sparse"], plan, "never")["decoded"] == 40  # every key frame
+
+
+def test_keyframe_mode_variable_frame_rate_picks_by_time(videos):
+    info = probe_video(videos["vfr"])  # GOP 8 frames, irregular times
+    plan = plan_video(info, SamplingConfig(target_fps=3.0, frame_accuracy="keyframe"))
+    times = vfr_times(100, 10)
+    tol = 0.125 / info.fps
+    expected = []
+    for i in plan.frame_indices:
+        target = info.start_s + i / info.fps
+        expected.append(max(k for k, t in enumerate(times) if t <= target + tol and k % 8 == 0))
+    segs = list(iter_segments(videos["vfr"], plan=plan))
+    assert _numbers(segs) == expected
+    # Reported index: round((t_key - start) * fps), so frame k at time times[k].
+    assert [i for s in segs for i in s.frame_indices] == [round(times[k] * info.fps) for k in expected]
+
+
+def test_keyframe_mode_sub_range_and_padding(tmp_path):
+    path = write_test_video(tmp_path / "tail.mp4", n_frames=33, fps=2, width=32, height=32, gop=4)  # 33 samples
+    plan = plan_video(path, KEY)
+    full = list(iter_segments(path, plan=plan))
+    assert [len(s.frames) for s in full] == [8, 8, 8, 8, 2]
+    assert full[-1].frame_indices == [32, 32] and _numbers(full[-1:]) == [32, 32]
+    assert full[1].frame_indices == [8, 8, 8, 8, 12, 12, 12, 12]
+    part = list(iter_segments(path, plan=plan, segments=range(1, 3)))
+    for a, b in zip(full[1:3], part):
+        np.testing.assert_array_equal(a.frames, b.frames)
+        assert a.frame_indices == b.frame_indices
+
+
+def test_keyframe_mode_stream_cut_short_is_corrupt(tmp_path):
+    path = write_test_video(tmp_path / "fs.mp4", n_frames=200, fps=10, width=64, height=48, gop=10, faststart=True)
+    data = open(path, "rb").read()
+    (tmp_path / "cut.mp4").write_bytes(data[: int(len(data) * 0.6)])
+    cut = str(tmp_path / "cut.mp4")
+    with pytest.raises(CorruptVideo, match="cut.mp4"):
+        list(iter_segments(cut, plan=plan_video(cut, KEY)))
+    # The intact file ends ~1 GOP after its last key frame: that is not a shortfall.
+    assert len(list(iter_segments(path, plan=plan_video(path, KEY)))) == 5
+
+
+# --------------------------------------------------------------------------- decode threading
+@pytest.mark.parametrize("accuracy", ["exact", "keyframe"])
+def test_threaded_decoding_returns_identical_frames(tmp_path, videos, accuracy):
+    big = write_test_video(tmp_path / "big.mp4", n_frames=150, fps=15, width=320, height=176, pattern="texture")
+    for path in (big, videos["h264_bframes"], videos["sparse"]):
+        plan = plan_video(path, SamplingConfig(target_fps=4.0, frame_accuracy=accuracy))
+        for mode in ("auto", "never"):
+            threaded = list(iter_segments(path, plan=plan, seek_mode=mode, threaded=True))
+            single = list(iter_segments(path, plan=plan, seek_mode=mode))  # default: no frame threads
+            assert len(threaded) == len(single) == plan.n_segments
+            for a, b in zip(threaded, single):
+                np.testing.assert_array_equal(a.frames, b.frames)
+                assert a.frame_indices == b.frame_indices
 
 
 # --------------------------------------------------------------------------- bad inputs

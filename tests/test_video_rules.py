@@ -202,7 +202,15 @@ def test_timestamps():
 # --------------------------------------------------------------------------- config and plan
 def test_sampling_config_validation_and_dict():
     cfg = SamplingConfig()
-    assert cfg.to_dict() == {"target_fps": 2.0, "min_frames": 8, "max_frames": 1024, "max_edge": 512, "multiple": 16, "window": 8}
+    assert cfg.to_dict() == {
+        "target_fps": 2.0,
+        "min_frames": 8,
+        "max_frames": 1024,
+        "max_edge": 512,
+        "multiple": 16,
+        "window": 8,
+        "frame_accuracy": "exact",
+    }
     for bad in [dict(target_fps=0), dict(target_fps=float("nan")), dict(min_frames=0), dict(min_frames=9, max_frames=8), dict(window=0), dict(max_edge=8), dict(max_frames=1.5)]:
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)
@@ -251,3 +259,39 @@ def test_plan_pickles_for_beam():
     plan = plan_video(_info(300, 30.0), SamplingConfig(target_fps=1.0))
     again = pickle.loads(pickle.dumps(plan))  # noqa: S301 - round-trip of our own object
     assert again == plan and again.n_segments == plan.n_segments == 2
+
+
+# --------------------------------------------------------------------------- frame accuracy
+def test_frame_accuracy_is_validated_and_part_of_the_fingerprint():
+    exact, keyframe = SamplingConfig(), SamplingConfig(frame_accuracy="keyframe")
+    assert exact.frame_accuracy == "exact"
+    assert keyframe.to_dict()["frame_accuracy"] == "keyframe"
+    assert exact.to_dict() != keyframe.to_dict()
+    assert set(exact.to_dict()) == set(keyframe.to_dict())  # same keys, one differing value
+    assert {k for k in exact.to_dict() if exact.to_dict()[k] != keyframe.to_dict()[k]} == {"frame_accuracy"}
+    for bad in ("Keyframe", "fast", "", None, 1, True):
+        with pytest.raises(ConfigError, match="frame_accuracy"):
+            SamplingConfig(frame_accuracy=bad)
+
+
+def test_plan_keeps_nominal_indices_and_timestamps_in_keyframe_mode():
+    exact = plan_video(_info(750, 25.0))
+    keyframe = plan_video(_info(750, 25.0), SamplingConfig(frame_accuracy="keyframe"))
+    assert keyframe.frame_indices == exact.frame_indices
+    assert keyframe.timestamps == exact.timestamps and keyframe.bounds == exact.bounds
+    assert keyframe.to_dict()["config"]["frame_accuracy"] == "keyframe"
+
+
+def test_cli_frame_accuracy_flag():
+    import argparse
+
+    from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    assert sampling_config_from_args(parser.parse_args([])).frame_accuracy == "exact"
+    cfg = sampling_config_from_args(parser.parse_args(["--frame-accuracy", "keyframe", "--max-frames", "64"]))
+    assert (cfg.frame_accuracy, cfg.max_frames) == ("keyframe", 64)
+    assert sampling_config_from_args(parser.parse_args(["--frame-accuracy", "exact"])) == SamplingConfig()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--frame-accuracy", "fast"])
