@@ -177,8 +177,10 @@ class PlanVideoFn(_CacheDoFn):
         self.skipped.inc(len(queries) - len(pending))
         if not pending:
             return
+        stage = "probe"
         try:
             plan = video.plan_video(entry.uri, self.sampling)
+            stage = "write"  # from here on a failure is the cache's, not the video's
             self.writer.write_video(entry.video_id, video_meta(entry, plan))
             ranges = unit_ranges(plan.n_segments, self.unit_segments)
             landed = set(range(len(ranges)))
@@ -188,7 +190,7 @@ class PlanVideoFn(_CacheDoFn):
                 landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid))
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
             self.videos_failed.inc()
-            yield _dead(exc, video_id=entry.video_id, query_id=None, stage="probe", uri=entry.uri)
+            yield _dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
             return
         self.videos.inc()
         self.pending.inc(len(pending))

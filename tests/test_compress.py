@@ -298,3 +298,49 @@ def test_sdist_contains_everything_workers_import(tmp_path):
     assert expected <= names, sorted(expected - names)
     assert "schemas/CACHE_LAYOUT.md" in names
     assert "constraints.txt" in names
+
+
+def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatch):
+    """A model error of one query and a write error of one video become one dead letter each."""
+    import pipelines.compress as compress_job
+    from tempo_ops.errors import CacheWriteError, InferenceError
+    from tempo_ops.store import CacheReader, CacheWriter
+
+    real_load = compress_job.load_compressor
+
+    class FailingOnQuery:
+        """The real compressor, except that it fails on the short clip's query."""
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def fingerprint(self):
+            return self.inner.fingerprint()
+
+        def compress(self, segments, queries):
+            if "Count the blocks." in queries:
+                raise InferenceError("out of memory (injected)", item="segment 0")
+            return self.inner.compress(segments, queries)
+
+    monkeypatch.setattr(compress_job, "load_compressor", lambda spec: FailingOnQuery(real_load(spec)))
+    real_write = CacheWriter.write_block
+
+    def write_block(self, video_id, query_id, *args, **kwargs):
+        if video_id == "noquery":
+            raise CacheWriteError("gave up after 5 attempts: 503 (injected)", item=f"{video_id}/{query_id}")
+        return real_write(self, video_id, query_id, *args, **kwargs)
+
+    monkeypatch.setattr(CacheWriter, "write_block", write_block)
+    manifest = _write_corpus(tmp_path / "c", bad=False)
+    cache = tmp_path / "cache.zarr"
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 1
+    letters = {(d["video_id"], d["query_id"]): d for d in _dead_letters(cache)}
+    assert set(letters) == {("short/clip", "q1"), ("noquery", "_generic")}
+    assert letters[("short/clip", "q1")]["stage"] == "model"
+    assert letters[("short/clip", "q1")]["code"] == "inference_error"
+    assert letters[("noquery", "_generic")]["stage"] == "write"
+    assert letters[("noquery", "_generic")]["code"] == "cache_write_error"
+    assert sorted(CacheReader(str(cache)).entries()) == [("long", "q1"), ("long", "q2")]
+    summary = _summary(cache)
+    assert summary["failures"] == {"items": 2, "by_code": {"cache_write_error": 1, "inference_error": 1}}
+    assert summary["counts"]["queries_failed"] == 2
