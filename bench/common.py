@@ -55,8 +55,22 @@ def median_time(fn: Callable[[], Any], repeat: int = 5, warmup: int = 1) -> dict
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process so far, in MiB.
+
+    Linux: ``VmHWM`` of /proc/self/status — the high-water mark of this address space, reset
+    by exec. (``ru_maxrss`` is not: a child started from a big parent inherits the parent's
+    peak, which made worker subprocesses under ``make bench`` report the parent's 1.4 GB.)
+    Elsewhere ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / (1024.0 * 1024.0) if sys.platform == "darwin" else maxrss / 1024.0
 
 
 def write_result(name: str, figures: dict[str, Any], command: str) -> Path:
