@@ -130,6 +130,15 @@ def _sink(url: str) -> io.BytesIO | str:
     return url if "://" not in url else io.BytesIO()
 
 
+def _encode_all(container, stream, frames) -> None:
+    """Encode every frame of ``frames`` into ``stream``, flush the encoder, and mux all packets."""
+    for frame in frames:
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+
+
 def _flush_sink(url: str, sink: io.BytesIO | str) -> None:
     """Upload a buffered video to its fsspec URL (no-op for local paths)."""
     if isinstance(sink, io.BytesIO):
@@ -228,14 +237,14 @@ def write_test_video(
         else:
             tb = 1 / rate
             pts_list = list(range(n_frames))
-        for i in range(n_frames):
-            frame = av.VideoFrame.from_ndarray(make_frame(i, width, height, pattern), format="rgb24")
-            frame.pts = pts_list[i]
-            frame.time_base = tb
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+        def frames():
+            for i in range(n_frames):
+                frame = av.VideoFrame.from_ndarray(make_frame(i, width, height, pattern), format="rgb24")
+                frame.pts = pts_list[i]
+                frame.time_base = tb
+                yield frame
+
+        _encode_all(container, stream, frames())
     finally:
         container.close()
     _flush_sink(url, sink)
@@ -254,16 +263,17 @@ def write_audio_only(path: str | os.PathLike, *, duration_s: float = 1.0, sample
         stream.layout = "mono"
         chunk = 1024
         total = max(chunk, int(duration_s * sample_rate))
-        for start in range(0, total, chunk):
-            t = (np.arange(start, start + chunk) / sample_rate).astype(np.float32)
-            samples = (0.2 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)[None, :]
-            frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
-            frame.sample_rate = sample_rate
-            frame.pts = start
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+
+        def frames():
+            for start in range(0, total, chunk):
+                t = (np.arange(start, start + chunk) / sample_rate).astype(np.float32)
+                samples = (0.2 * np.sin(2 * math.pi * 440 * t)).astype(np.float32)[None, :]
+                frame = av.AudioFrame.from_ndarray(samples, format="fltp", layout="mono")
+                frame.sample_rate = sample_rate
+                frame.pts = start
+                yield frame
+
+        _encode_all(container, stream, frames())
     finally:
         container.close()
     _flush_sink(url, sink)
