@@ -151,6 +151,30 @@ class WriteDeadLetters(beam.PTransform):
         )
 
 
+def dead_letter_counts(path: str) -> dict[str, int]:
+    """Failed items by error code in a dead-letter JSON Lines file (empty when there is none)."""
+    import fsspec
+
+    counts: dict[str, int] = {}
+    try:
+        with fsspec.open(path, "rt", encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    code = json.loads(line)["code"]
+                    counts[code] = counts.get(code, 0) + 1
+    except FileNotFoundError:
+        pass
+    return counts
+
+
+def write_json(url: str, doc: dict[str, Any]) -> None:
+    """Write a run summary (or any JSON document) to a local path or fsspec URL."""
+    import fsspec
+
+    with fsspec.open(url, "wt", encoding="utf-8") as fh:
+        fh.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
 # --------------------------------------------------------------------------- metrics / progress
 def counter_values(result, namespace: str) -> dict[str, float]:
     """Committed (or attempted, where the runner commits none) counter and distribution sums by name."""

@@ -22,7 +22,6 @@ written, 1 when some were dead-lettered (the rest is written), 2 on a configurat
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +36,9 @@ from pipelines.beam_support import (
     DeadLetter,
     WriteDeadLetters,
     add_runner_arguments,
+    dead_letter_counts,
     pipeline_options_from_args,
+    write_json,
 )
 from schemas import manifest as manifest_schema
 from schemas.shard_sample import sample_key, shard_set_name
@@ -320,14 +321,6 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     return _report(out, plans, skipped_sets, counts, dead_path, wall, [p.set_name for p in todo])
 
 
-def _count_lines(url: str) -> int:
-    try:
-        with fsspec.open(url, "rt", encoding="utf-8") as fh:
-            return sum(1 for line in fh if line.strip())
-    except FileNotFoundError:
-        return 0
-
-
 def _report(out: str, plans: list[ShardSetPlan], skipped: list[str], counts: dict, dead_path: str, wall: float, ran: list[str]) -> int:
     sets = {}
     written_bytes = 0
@@ -359,19 +352,20 @@ def _report(out: str, plans: list[ShardSetPlan], skipped: list[str], counts: dic
             f"{100 * st.get('mean_budget_share', 0.0):.1f}% of budget used"
             + (" (already complete, skipped)" if p.set_name in skipped else "")
         )
-    failures = _count_lines(dead_path) if ran or counts else 0
+    by_code = dead_letter_counts(dead_path) if ran or counts else {}
+    failures = sum(by_code.values())
     summary = {
         "out": out,
         "counts": counts,
         "sets": sets,
         "incomplete_sets": incomplete,
         "failures": failures,
+        "failures_by_code": by_code,
         "dead_letters": dead_path,
         "wall_s": wall,
         "bytes_written": written_bytes,
         "mb_per_s": written_bytes / 1e6 / wall if wall > 0 else 0.0,
     }
-    with fsspec.open(f"{out}.summary.json", "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=2, sort_keys=True)
+    write_json(f"{out}.summary.json", summary)
     print(f"{len(plans)} shard sets, {failures} failed items, {wall:.1f} s; summary: {out}.summary.json")
     return 0 if failures == 0 and not incomplete else 1

@@ -46,9 +46,11 @@ from pipelines.beam_support import (
     WriteDeadLetters,
     add_runner_arguments,
     counter_values,
+    dead_letter_counts,
     is_local_runner,
     pipeline_options_from_args,
     runner_name,
+    write_json,
 )
 from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
 from schemas import manifest as manifest_schema
@@ -414,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     sampling = sampling_config_from_args(args)
-    n_valid = validate_manifest_or_raise(args.manifest)
+    validate_manifest_or_raise(args.manifest)
     only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
     if args.dry_run:
         return dry_run(args, sampling, only)
@@ -441,7 +443,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     started = time.time()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     print(
-        f"[compress] run {run_id}: {n_valid} manifest entries"
+        f"[compress] run {run_id}: manifest {args.manifest} valid"
         + (f" (limit {args.limit})" if only is not None else "")
         + f", runner {runner_name(options)}",
         file=sys.stderr,
@@ -458,12 +460,11 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     return 0 if summary["failures"]["items"] == 0 else 1
 
 
-def validate_manifest_or_raise(url: str) -> int:
-    """Stream-validate the manifest; raise ManifestError listing every problem. Returns the entry count."""
+def validate_manifest_or_raise(url: str) -> None:
+    """Stream-validate the manifest (one pass); raise ManifestError listing every problem."""
     problems = manifest_schema.validate_manifest(url)
     if problems:
         raise manifest_schema.manifest_error(url, problems)
-    return sum(1 for _ in manifest_schema.iter_manifest(url))
 
 
 def first_video_ids(url: str, limit: int) -> frozenset[str]:
@@ -479,18 +480,9 @@ def first_video_ids(url: str, limit: int) -> frozenset[str]:
 
 def write_summary(job: CompressJob, result, *, run_id: str, started: float, runner: str, fingerprint: str) -> dict:
     """Gather metrics + dead letters into the run summary and write it next to the cache."""
-    import fsspec
-
     wall = time.time() - started
     metrics = counter_values(result, METRICS_NAMESPACE)
-    failures: dict[str, int] = {}
-    n_items = 0
-    with fsspec.open(job.dead_letter_path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                n_items += 1
-                code = json.loads(line)["code"]
-                failures[code] = failures.get(code, 0) + 1
+    failures = dead_letter_counts(job.dead_letter_path)
     segments = int(metrics.get("segments_decoded", 0))
     summary = {
         "job": "compress",
@@ -502,7 +494,7 @@ def write_summary(job: CompressJob, result, *, run_id: str, started: float, runn
         "fingerprint": fingerprint,
         "config": job.config,
         "counts": {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")},
-        "failures": {"items": n_items, "by_code": failures},
+        "failures": {"items": sum(failures.values()), "by_code": failures},
         "timing": {
             "wall_s": round(wall, 3),
             "decode_s": round(metrics.get("decode_ms", 0) / 1000, 3),
@@ -510,8 +502,7 @@ def write_summary(job: CompressJob, result, *, run_id: str, started: float, runn
             "segments_per_s": round(segments / wall, 3) if wall > 0 else None,
         },
     }
-    with fsspec.open(job.summary_path, "wt", encoding="utf-8") as fh:
-        fh.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_json(job.summary_path, summary)
     return summary
 
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from tempo_ops.errors import PackingError
+from tempo_ops.video import format_timestamp  # the one renderer of "<t seconds>"
 
 PACK_MODES: tuple[str, ...] = ("head", "tail")
 
@@ -46,11 +47,6 @@ class Packed:
     offsets: np.ndarray
     timestamp_texts: list[str]
     allocation: np.ndarray
-
-
-def format_timestamp(t: float) -> str:
-    """The reference's timestamp text for ``t`` seconds: ``"<{t:.1f} seconds>"``."""
-    return f"<{t:.1f} seconds>"
 
 
 def token_ranges(allocation: np.ndarray, K: int, mode: str = "head") -> list[tuple[int, int]]:

@@ -43,6 +43,7 @@ from schemas.shard_sample import (
     decode_sample,
     shard_name,
 )
+from tempo_ops.chunking import consecutive_chunks
 from tempo_ops.errors import ShardError, ShardFormatError
 
 FIXED_MTIME = 1_577_836_800  # 2020-01-01T00:00:00Z: fixed so that tar bytes are reproducible
@@ -66,19 +67,8 @@ def assign_shards(sizes: dict[str, int], shard_size_bytes: int) -> list[list[str
     """
     if shard_size_bytes <= 0:
         raise ShardError(f"shard size must be positive, got {shard_size_bytes} bytes", item="shard_size")
-    shards: list[list[str]] = []
-    current: list[str] = []
-    used = 0
-    for key in sorted(sizes):
-        size = int(sizes[key])
-        if current and used + size > shard_size_bytes:
-            shards.append(current)
-            current, used = [], 0
-        current.append(key)
-        used += size
-    if current:
-        shards.append(current)
-    return shards
+    keys = sorted(sizes)
+    return [[keys[i] for i in chunk] for chunk in consecutive_chunks([int(sizes[k]) for k in keys], shard_size_bytes)]
 
 
 def keys_digest(keys: Sequence[str]) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tempo_ops.chunking import consecutive_chunks
 from tempo_ops.errors import (
     CheckpointFormatError,
     InferenceError,
@@ -461,18 +462,7 @@ class Compressor:
 
     def _cost_chunks(self, costs: list[int]) -> list[list[int]]:
         """Consecutive index chunks whose Σcost ≤ max_batch_tokens (at least one index each)."""
-        chunks: list[list[int]] = []
-        current: list[int] = []
-        total = 0
-        for i, c in enumerate(costs):
-            if current and total + c > self.max_batch_tokens:
-                chunks.append(current)
-                current, total = [], 0
-            current.append(i)
-            total += c
-        if current:
-            chunks.append(current)
-        return chunks
+        return consecutive_chunks(costs, self.max_batch_tokens)
 
     # ------------------------------------------------------------------ public API
     def compress(self, segments: Sequence[Any], queries: Sequence[str]) -> CompressionResult:
