@@ -65,17 +65,16 @@ def pipeline_options_from_args(extra_args: list[str], *, job_name: str, local_wo
             std.runner,
             LOCAL_RUNNER,
         )
-    options.view_as(beam.options.pipeline_options.GoogleCloudOptions).job_name = (
-        options.view_as(beam.options.pipeline_options.GoogleCloudOptions).job_name or job_name
-    )
+    gcp = options.view_as(beam.options.pipeline_options.GoogleCloudOptions)
+    gcp.job_name = gcp.job_name or job_name
     # Workers import our package, not the driver's __main__.
     options.view_as(beam.options.pipeline_options.SetupOptions).save_main_session = False
     return options
 
 
 def runner_name(options: PipelineOptions) -> str:
-    runner = options.view_as(StandardOptions).runner or LOCAL_RUNNER
-    return runner if isinstance(runner, str) and "." not in runner else str(runner).rsplit(".", 1)[-1]
+    """The runner's short class name (``DataflowRunner``, ``FnApiRunner``...)."""
+    return str(options.view_as(StandardOptions).runner or LOCAL_RUNNER).rsplit(".", 1)[-1]
 
 
 def is_local_runner(options: PipelineOptions) -> bool:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -111,6 +110,3 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         print(f"  {label:<17} {os.path.relpath(path)}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(run(argparse.Namespace(out="demo_out", budgets="256,1024"), []))
