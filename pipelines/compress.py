@@ -225,8 +225,9 @@ def video_meta(entry, plan) -> dict:
 class DecodeUnitFn(beam.DoFn):
     """WorkUnit → (WorkUnit, [Segment]) — the CPU stage."""
 
-    def __init__(self, sampling: video.SamplingConfig) -> None:
+    def __init__(self, sampling: video.SamplingConfig, convert_threads: int | None = None) -> None:
         self.sampling = sampling
+        self.convert_threads = convert_threads
         self.decode_ms = Metrics.distribution(METRICS_NAMESPACE, "decode_ms")
         self.decoded = Metrics.counter(METRICS_NAMESPACE, "segments_decoded")
 
@@ -234,7 +235,13 @@ class DecodeUnitFn(beam.DoFn):
         t0 = time.perf_counter()
         try:
             segments = list(
-                video.iter_segments(unit.uri, self.sampling, plan=unit.plan, segments=range(unit.seg_start, unit.seg_stop))
+                video.iter_segments(
+                    unit.uri,
+                    self.sampling,
+                    plan=unit.plan,
+                    segments=range(unit.seg_start, unit.seg_stop),
+                    convert_threads=self.convert_threads,
+                )
             )
         except Exception as exc:  # noqa: BLE001
             yield _dead(exc, video_id=unit.video_id, query_id=None, stage="decode", unit=unit.unit_index)
@@ -341,6 +348,7 @@ class CompressJob:
     unit_segments: int
     force: bool = False
     only_video_ids: frozenset[str] | None = None
+    convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
     # Handle through which workers share one model per process; the driver of a local
     # in-process run pre-fills it with the model it loaded for the fingerprint.
     model_handle: shared.Shared = field(default_factory=shared.Shared, compare=False)
@@ -371,7 +379,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     decoded = (
         planned.units
         | "SpreadUnits" >> beam.Reshuffle()
-        | "DecodeUnit" >> beam.ParDo(DecodeUnitFn(job.sampling)).with_outputs(DEAD_LETTER, "unit_status", main="segments")
+        | "DecodeUnit" >> beam.ParDo(DecodeUnitFn(job.sampling, job.convert_threads)).with_outputs(DEAD_LETTER, "unit_status", main="segments")
     )
     compressed = decoded.segments | "CompressUnit" >> beam.ParDo(
         CompressUnitFn(job.model, job.model_handle)
@@ -406,6 +414,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
     parser.add_argument("--unit-segments", type=int, default=None, help="segments per work unit (multiple of the cache shard)")
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model forward pass")
+    parser.add_argument(
+        "--convert-threads",
+        type=int,
+        default=None,
+        help="threads per worker converting and resizing decoded frames, 0: inline (default: usable CPUs "
+        "up to 4, divided among --local_workers)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
@@ -416,6 +431,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     sampling = sampling_config_from_args(args)
+    convert_threads = args.convert_threads
+    if convert_threads is not None and convert_threads < 0:
+        raise ConfigError(f"--convert-threads must be 0 (inline) or more, got {convert_threads}")
+    if convert_threads is None and args.local_workers > 1:  # local worker processes share this machine's CPUs
+        convert_threads = max(1, video.default_convert_threads() // args.local_workers)
     validate_manifest_or_raise(args.manifest)
     only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
     if args.dry_run:
@@ -436,7 +456,18 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         raise ConfigError(
             f"--unit-segments {unit_segments} must be a multiple of the cache shard ({writer.segments_per_shard} segments)"
         )
-    job = CompressJob(args.manifest, args.cache, sampling, spec, config, unit_segments, args.force, only, model_handle)
+    job = CompressJob(
+        args.manifest,
+        args.cache,
+        sampling,
+        spec,
+        config,
+        unit_segments,
+        force=args.force,
+        only_video_ids=only,
+        convert_threads=convert_threads,
+        model_handle=model_handle,
+    )
     options = pipeline_options_from_args(extra_args, job_name="tempo-compress", local_workers=args.local_workers)
     if not (is_local_runner(options) and args.local_workers == 1):
         del driver_model  # workers are other processes: free the driver's copy

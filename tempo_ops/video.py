@@ -31,22 +31,38 @@ present; otherwise ``round(duration * fps)``; otherwise the video packets are co
 ``duration_s = frame_count / fps`` (the reference's ``len / avg_fps``), falling back to the
 stream's or container's duration.
 
-Decoding streams through fsspec (local paths, ``memory://``, ``gs://``...) and keeps only
-the current segment's frames. Sparse samples do not decode every frame: before each wanted
-frame, if the container's index shows a key frame after the current decode position and
-at or before the wanted time by more than :data:`SEEK_MIN_SKIP_S`, we seek to it
-(``backward=True, any_frame=False``) and decode forward; without an index we seek when the
-gap exceeds ``max(SEEK_GAP_S, observed key-frame interval)``. If a seek lands after the
-wanted time it is retried further back, so both paths give identical frames.
+Decoding streams through fsspec (local paths, ``memory://``, ``gs://``...) and keeps at
+most two segments' frames (the one yielded and the next, being decoded). Sparse samples do
+not decode every frame:
+
+- Seeking: before each wanted frame, if the container's index shows a key frame after the
+  current decode position and at or before the wanted time by more than
+  :data:`SEEK_MIN_SKIP_S`, we seek to it (``backward=True, any_frame=False``) and decode
+  forward; without an index we seek when the gap exceeds ``max(SEEK_GAP_S, observed
+  key-frame interval)``. If a seek lands after the wanted time it is retried further back.
+- Skipping non-reference pictures (exact mode, H.264/HEVC, constant frame rate): a packet
+  whose presentation time is not within one frame period before or two after a wanted time
+  is decoded with ``skip_frame="NONREF"``: if it holds a picture no other picture references
+  (most B-frames of a typical x264 encode), that picture is never decoded, as no sample can
+  show it; reference pictures are still decoded, so every later frame is exact. A pick that
+  lands more than two periods before its wanted time (a timestamp gap a skipped picture
+  might have filled) is redone from its key frame with nothing skipped.
+
+Both give the frames of a sequential decode of every frame (``seek_mode="never"``), which
+the tests check. Decoded frames are converted (colour conversion, rotation, bicubic resize)
+on :func:`default_convert_threads` threads while the next ones decode (``convert_threads=0``:
+inline); the output is identical.
 
 Frame accuracy (``SamplingConfig.frame_accuracy``):
 
 - ``"exact"`` (default): the reference rule above, frame for frame. Sparse samples still
-  decode from the preceding key frame up to each wanted frame (with 1024 samples from a
-  30-minute video and 5-s GOPs that is ~85% of all frames), so on long videos decoding
-  dominates. Frame-level decode threading (``threaded=True``: ``thread_type="AUTO"``)
-  returns byte-identical frames but is off by default: on the 2-core benchmark machine it
-  gained nothing (1.00x exact sampler, 1.04x full decode; ``bench/results/video.json``).
+  decode every reference picture from the preceding key frame up to each wanted frame:
+  with 1024 samples from a 30-minute video and 5-s GOPs that is 50% of all frames of an
+  x264 default-preset encode (non-reference B-pictures skipped) and 85% of an all-P one,
+  so on long videos decoding dominates (``bench/results/video.json``: 1.5x and 1.0x faster
+  than decoding everything). Frame-level decode threading (``threaded=True``:
+  ``thread_type="AUTO"``) returns byte-identical frames but is off by default: it turns
+  off non-reference skipping and was slower on the 2-core benchmark machine.
 - ``"keyframe"`` (opt-in, approximate): each wanted frame ``i`` is replaced by the last
   *key* frame displayed at or before frame ``i``'s time (if there is none, the first key
   frame), and the decoder runs with ``skip_frame="NONKEY"`` so non-key frames are never
@@ -84,7 +100,9 @@ from __future__ import annotations
 import bisect
 import math
 import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -399,12 +417,26 @@ def _frame_time(frame: Any) -> float | None:
     return float(t) if t is not None else None
 
 
-def _decode_iter(container: Any, stream: Any, uri: str) -> Iterator[Any]:
-    """Decoded frames of ``stream`` from the current position; errors mapped to typed ones."""
+def _decode_iter(container: Any, stream: Any, uri: str, needed: Any = None) -> Iterator[Any]:
+    """Decoded frames of ``stream`` from the current position; errors mapped to typed ones.
+
+    ``needed(packet) -> bool``: when given, packets it rejects are decoded with
+    ``skip_frame="NONREF"`` (a non-reference picture in them is discarded unread; reference
+    pictures are still decoded, so every later frame stays exact).
+    """
     import av
 
     try:
-        yield from container.decode(stream)
+        if needed is None:
+            yield from container.decode(stream)
+            return
+        ctx = stream.codec_context
+        mode = ctx.skip_frame
+        for packet in container.demux(stream):
+            want = "DEFAULT" if needed(packet) else "NONREF"
+            if want != mode:
+                ctx.skip_frame = mode = want
+            yield from packet.decode()
     except av.error.PyAVCallbackError as exc:
         raise VideoReadError(f"read failed while decoding: {exc}", item=uri) from None
     except av.error.FFmpegError as exc:
@@ -513,9 +545,25 @@ class _FramePicker:
     With ``keyframes_only`` the decoder must be set to ``skip_frame="NONKEY"``; frames
     without the key flag are dropped, so each pick is the last *key* frame at or before the
     target (or the first key frame).
+
+    With ``targets`` (every target time the run will ask for, ascending; exact mode only),
+    packets whose presentation time is not within one frame period before or two after some
+    target are decoded with ``skip_frame="NONREF"``: a non-reference picture there can never
+    be the frame displayed at a target, so it is not decoded at all. Should a pick still land
+    more than two periods before its target (a gap in the stream, which a skipped picture
+    might have filled), that pick is redone from the preceding key frame with nothing
+    skipped, so the frames are exactly those of a full decode.
     """
 
-    def __init__(self, container: Any, stream: Any, info: VideoInfo, seek_mode: str, keyframes_only: bool = False) -> None:
+    def __init__(
+        self,
+        container: Any,
+        stream: Any,
+        info: VideoInfo,
+        seek_mode: str,
+        keyframes_only: bool = False,
+        targets: list[float] | None = None,
+    ) -> None:
         self.container, self.stream, self.info, self.uri = container, stream, info, info.uri
         self.seek_mode = seek_mode
         self.keyframes_only = keyframes_only
@@ -523,14 +571,28 @@ class _FramePicker:
         self.tol = self.period / 8
         self.tb = float(stream.time_base) if stream.time_base else None
         self.keyframes = self._index_keyframes()
+        self.targets = sorted(targets) if targets and self.tb is not None and seek_mode != "never" else []
+        self.skipping = bool(self.targets)
         self.gop_s = 0.0  # largest key-frame interval seen while decoding
         self._last_key: float | None = None
-        self.frames = _decode_iter(container, stream, self.uri)
+        self.frames = self._decode()
         self.prev: Any = None
         self.pending: Any = None
         self.last_time: float | None = None
         self.seeks = 0
         self.decoded = 0
+        self.redone = 0
+
+    def _decode(self) -> Iterator[Any]:
+        return _decode_iter(self.container, self.stream, self.uri, self._packet_needed if self.targets else None)
+
+    def _packet_needed(self, packet: Any) -> bool:
+        """False only for a packet no target can show (see the class docstring)."""
+        if not self.skipping or packet.pts is None:
+            return True
+        t = packet.pts * self.tb
+        k = bisect.bisect_left(self.targets, t - self.period - self.tol)
+        return k < len(self.targets) and self.targets[k] < t + 2 * self.period
 
     def _index_keyframes(self) -> list[float]:
         """Approximate key-frame times (s) from the container index (empty if none)."""
@@ -600,7 +662,7 @@ class _FramePicker:
             except av.error.FFmpegError as exc:
                 raise CorruptVideo(f"seek failed ({_ff_reason(exc)})", item=self.uri) from None
             self.seeks += 1
-            self.frames = _decode_iter(self.container, self.stream, self.uri)
+            self.frames = self._decode()
             self.prev, self.last_time = None, None
             first = self._next_frame()
             if pos <= 0 or (first is not None and first[1] <= target + self.tol):
@@ -624,6 +686,21 @@ class _FramePicker:
         """``(frame, time_s)`` displayed at ``target`` s (the previous pick is no longer valid)."""
         if self._should_seek(target):
             self._seek(target)
+        frame, t = self._advance(target)
+        if self.skipping and t < target - 2 * self.period + self.tol:
+            # A skipped non-reference picture may lie between the pick and the target:
+            # decode that stretch again from its key frame, skipping nothing.
+            self.skipping = False
+            try:
+                self.redone += 1
+                self._seek(target)
+                frame, t = self._advance(target)
+            finally:
+                self.skipping = True
+        return frame, t
+
+    def _advance(self, target: float) -> tuple[Any, float]:
+        """Decode forward to the last frame at or before ``target`` and return it."""
         while True:
             if self.pending is not None:
                 item, self.pending = self.pending, None
@@ -634,9 +711,11 @@ class _FramePicker:
                     raise VideoTooShort("no decodable frame at or before the wanted time", item=self.uri)
                 # A constant-rate stream that ends well before a wanted frame lost data; a
                 # variable-rate one may legitimately show its last frame for a long time.
+                # (While skipping, the true last frame may have been skipped: pick() redoes
+                # such a pick with nothing skipped and judges then.)
                 shortfall = self._shortfall(target, self.prev[1])
                 limit = max(2 * self.period, 0.02 * self.info.duration_s)
-                if not self.info.variable_frame_rate and shortfall is not None and shortfall > limit:
+                if not (self.skipping or self.info.variable_frame_rate) and shortfall is not None and shortfall > limit:
                     raise CorruptVideo(
                         f"stream ends at {self.prev[1]:.3f} s, before the frame wanted at {target:.3f} s (truncated?)",
                         item=self.uri,
@@ -665,25 +744,102 @@ def _to_output(frame: Any, rotation: int, width: int, height: int) -> np.ndarray
     return np.ascontiguousarray(rgb)
 
 
-def _configure_decoder(stream: Any, frame_accuracy: str, threaded: bool) -> None:
-    """Set the (not yet opened) decoder's threading and frame skipping.
+# Decoders whose ``skip_frame="NONREF"`` discards exactly the pictures no other picture
+# references (H.264 nal_ref_idc 0, HEVC sub-layer non-reference pictures).
+NONREF_SKIP_CODECS = frozenset({"h264", "hevc"})
 
-    Exact mode with ``threaded``: frame + slice threads (``thread_type="AUTO"``; FFmpeg's
-    frame threads return the same frames in the same order). Otherwise PyAV's default
-    (slice threads). Key-frame mode always keeps the default: with nearly every packet
-    discarded, frame threads only add hand-off cost.
+
+def _target_time(info: VideoInfo, index: int) -> float:
+    """Presentation time (s) at which source frame ``index`` is wanted."""
+    return info.start_s + index / (info.fps or ASSUMED_FPS)
+
+
+def _open_picker(
+    container: Any, stream: Any, plan: VideoPlan, seek_mode: str, threaded: bool, positions: list[int]
+) -> _FramePicker:
+    """Set up the (not yet opened) decoder and a picker for the sampled ``positions`` of ``plan``.
+
+    Key-frame mode: ``skip_frame="NONKEY"`` and PyAV's default threads (with nearly every
+    packet discarded, frame threads only add hand-off cost). Exact mode with ``threaded``:
+    frame + slice threads (``thread_type="AUTO"``; FFmpeg's frame threads return the same
+    frames in the same order). Exact mode otherwise: non-reference pictures no target can
+    show are skipped (:class:`_FramePicker`) for codecs in :data:`NONREF_SKIP_CODECS` at a
+    constant frame rate, unless ``seek_mode="never"`` (decode every frame).
     """
+    info = plan.info
+    accuracy = plan.config.frame_accuracy
     ctx = stream.codec_context
-    if frame_accuracy == "keyframe":
+    targets = None
+    if accuracy == "keyframe":
         ctx.skip_frame = "NONKEY"  # non-key frames are dropped before decoding
     elif threaded:
         ctx.thread_type = "AUTO"
+    elif info.codec in NONREF_SKIP_CODECS and info.fps and not info.variable_frame_rate:
+        targets = [_target_time(info, plan.frame_indices[p]) for p in positions]
+    return _FramePicker(container, stream, info, seek_mode, keyframes_only=accuracy == "keyframe", targets=targets)
 
 
 def _returned_index(t: float, info: VideoInfo) -> int:
     """Source frame index of a frame presented at ``t`` s: ``round((t - start_s) * fps)``, in [0, N-1]."""
     fps = info.fps or ASSUMED_FPS
     return min(max(int(round((t - info.start_s) * fps)), 0), max(info.frame_count - 1, 0))
+
+
+def default_convert_threads() -> int:
+    """Conversion threads by default: the usable CPUs, at most 4 (one decoder feeds them)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+class _Done:
+    """An already computed result with the ``Future.result()`` interface."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def result(self) -> Any:
+        return self.value
+
+
+@contextmanager
+def _frame_converter(threads: int):
+    """Yield ``convert(frame, rotation, width, height) -> future of _to_output(...)``.
+
+    With ``threads`` >= 1 conversions run on a pool of that many threads (swscale and PIL
+    release the GIL), overlapping decoding; with 0, inline.
+    """
+    if threads <= 0:
+        yield lambda *args: _Done(_to_output(*args))
+        return
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="tempo-convert")
+    try:
+        yield lambda *args: pool.submit(_to_output, *args)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _make_segment(plan: VideoPlan, seg: int, outputs: list[Any], returned: list[int]) -> Segment:
+    """Segment ``seg`` from its converted frames (futures) and the returned frames' indices."""
+    start, end = plan.bounds[seg]
+    frames = [out.result() for out in outputs]
+    idx = returned if plan.config.frame_accuracy == "keyframe" else list(plan.frame_indices[start:end])
+    if len(idx) == 1:  # a one-frame tail is padded (the video processor needs >= 2)
+        frames.append(frames[0])
+        idx = idx * 2
+    return Segment(
+        index=seg,
+        frames=np.stack(frames),
+        frame_indices=list(idx),
+        start_position=start,
+        timestamp=plan.timestamps[seg],
+        timestamp_text=plan.timestamp_texts[seg],
+        real_fps=plan.real_fps,
+    )
 
 
 def iter_segments(
@@ -695,12 +851,15 @@ def iter_segments(
     seek_mode: str = "auto",
     storage_options: dict[str, Any] | None = None,
     threaded: bool = False,
+    convert_threads: int | None = None,
 ) -> Iterator[Segment]:
     """Decode and yield the video's segments one at a time (bounded memory).
 
     The frame accuracy is the plan's ``config.frame_accuracy`` (see the module docstring):
     in ``"keyframe"`` mode ``Segment.frame_indices`` are the returned key frames' indices,
-    while ``plan.frame_indices`` and the timestamps stay nominal.
+    while ``plan.frame_indices`` and the timestamps stay nominal. At most two segments'
+    frames are held at a time (the one being yielded and, with conversion threads, the
+    next one being decoded).
 
     Args:
         uri: local path or fsspec URL.
@@ -708,17 +867,24 @@ def iter_segments(
         plan: a plan from :func:`plan_video` (avoids probing again).
         segments: only these segment indices (ascending range), e.g. a work unit;
             only the frames they need are decoded.
-        seek_mode: ``"auto"`` (seek past key frames when it saves decoding), ``"never"``
-            (decode sequentially) or ``"always"`` (seek for every gap; for tests).
+        seek_mode: ``"auto"`` (seek past key frames and skip non-reference pictures when
+            that saves decoding), ``"never"`` (decode every frame sequentially) or
+            ``"always"`` (seek for every gap; for tests). All give identical frames.
         storage_options: fsspec options for ``uri`` (credentials, endpoint).
         threaded: exact mode: decode with FFmpeg frame threads too (byte-identical frames;
             off by default, as it was not faster on 2 cores -- try it on many-core workers).
+        convert_threads: threads converting decoded frames (colour conversion, rotation,
+            bicubic resize) while decoding goes on; None: :func:`default_convert_threads`;
+            0: convert inline, in the decoding thread. The frames are identical either way.
     """
     uri = _uri_str(uri)
     if plan is None:
         plan = plan_video(uri, config or SamplingConfig(), storage_options=storage_options)
     if seek_mode not in ("auto", "never", "always"):
         raise ConfigError(f"seek_mode must be auto, never or always, got {seek_mode!r}", item=uri)
+    threads = default_convert_threads() if convert_threads is None else convert_threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
+        raise ConfigError(f"convert_threads must be an integer >= 0, got {convert_threads!r}", item=uri)
     wanted = range(plan.n_segments) if segments is None else segments
     if not isinstance(wanted, range) or wanted.step < 1:
         raise ConfigError(f"segments must be an ascending range, got {wanted!r}", item=uri)
@@ -727,40 +893,29 @@ def iter_segments(
     if not len(wanted):
         return
     info = plan.info
-    fps = info.fps or ASSUMED_FPS
-    accuracy = plan.config.frame_accuracy
-    with _open_container(uri, storage_options) as (container, stream):
-        _configure_decoder(stream, accuracy, threaded)
-        picker = _FramePicker(container, stream, info, seek_mode, keyframes_only=accuracy == "keyframe")
+    lookahead = 1 if threads > 0 else 0  # segments decoded ahead while earlier ones convert
+    with _open_container(uri, storage_options) as (container, stream), _frame_converter(threads) as convert:
+        positions = [p for seg in wanted for p in range(*plan.bounds[seg])]
+        picker = _open_picker(container, stream, plan, seek_mode, threaded, positions)
+        queued: deque[tuple[int, list[Any], list[int]]] = deque()
         last_frame: Any = None
-        last_out = np.empty(0, np.uint8)
+        last_out: Any = None
         try:
             for seg in wanted:
                 start, end = plan.bounds[seg]
-                idx = plan.frame_indices[start:end]
-                frames = []
-                returned = []
-                for i in idx:
-                    frame, t = picker.pick(info.start_s + i / fps)
+                outputs, returned = [], []
+                for i in plan.frame_indices[start:end]:
+                    frame, t = picker.pick(_target_time(info, i))
                     if frame is not last_frame:  # the same frame picked again is converted once
                         last_frame = frame
-                        last_out = _to_output(frame, info.rotation, plan.frame_width, plan.frame_height)
-                    frames.append(last_out)
+                        last_out = convert(frame, info.rotation, plan.frame_width, plan.frame_height)
+                    outputs.append(last_out)
                     returned.append(_returned_index(t, info))
-                if accuracy == "keyframe":
-                    idx = returned
-                if len(idx) == 1:  # a one-frame tail is padded (the video processor needs >= 2)
-                    frames.append(frames[0])
-                    idx = idx * 2
-                yield Segment(
-                    index=seg,
-                    frames=np.stack(frames),
-                    frame_indices=list(idx),
-                    start_position=start,
-                    timestamp=plan.timestamps[seg],
-                    timestamp_text=plan.timestamp_texts[seg],
-                    real_fps=plan.real_fps,
-                )
+                queued.append((seg, outputs, returned))
+                if len(queued) > lookahead:
+                    yield _make_segment(plan, *queued.popleft())
+            while queued:
+                yield _make_segment(plan, *queued.popleft())
         except TempoError:
             raise
         except (MemoryError, KeyboardInterrupt):
@@ -772,18 +927,17 @@ def iter_segments(
 def count_decoded_frames(
     uri: str | os.PathLike, plan: VideoPlan, seek_mode: str = "auto", *, threaded: bool = False
 ) -> dict[str, int]:
-    """Decode a plan's frames without converting them; return ``{"decoded", "seeks"}`` counts.
+    """Decode a plan's frames without converting them; return ``{"decoded", "seeks", "redone"}``.
 
     Diagnostics for benchmarks and tests: how many frames the decoder produced (with the
-    plan's ``frame_accuracy``; in ``"keyframe"`` mode skipped non-key frames do not count).
+    plan's ``frame_accuracy``; skipped non-key / non-reference pictures do not count), how
+    many seeks it took, and how many picks were redone with nothing skipped.
     """
     uri = _uri_str(uri)
     info = plan.info
-    fps = info.fps or ASSUMED_FPS
-    accuracy = plan.config.frame_accuracy
     with _open_container(uri) as (container, stream):
-        _configure_decoder(stream, accuracy, threaded)
-        picker = _FramePicker(container, stream, info, seek_mode, keyframes_only=accuracy == "keyframe")
+        positions = list(range(len(plan.frame_indices)))
+        picker = _open_picker(container, stream, plan, seek_mode, threaded, positions)
         for i in plan.frame_indices:
-            picker.pick(info.start_s + i / fps)
-        return {"decoded": picker.decoded, "seeks": picker.seeks}
+            picker.pick(_target_time(info, i))
+        return {"decoded": picker.decoded, "seeks": picker.seeks, "redone": picker.redone}

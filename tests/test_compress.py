@@ -189,6 +189,14 @@ def test_unwritable_cache_location(tiny_models, corpus, tmp_path, capsys):
     assert "error [cache_" in capsys.readouterr().err
 
 
+def test_bad_convert_threads_refused_before_any_work(tiny_models, corpus, tmp_path, capsys):
+    cache = tmp_path / "cache.zarr"
+    rc = tempo(_compress_args(corpus, cache, tiny_models, "--convert-threads", "-1"))
+    assert rc == 2
+    assert "--convert-threads must be 0 (inline) or more" in capsys.readouterr().err
+    assert not cache.exists()
+
+
 def test_fingerprint_mismatch_refused(full_run, tiny_models, corpus, capsys):
     cache, _ = full_run
     rc = tempo(_compress_args(corpus, cache, tiny_models, "--max-frames", "64"))

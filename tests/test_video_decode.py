@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -15,7 +17,15 @@ from tempo_ops.errors import (
     VideoTooShort,
 )
 from tempo_ops.synthetic import make_frame, read_frame_number, vfr_times, write_audio_only, write_test_video
-from tempo_ops.video import SamplingConfig, VideoPlan, count_decoded_frames, iter_segments, plan_video, probe_video
+from tempo_ops.video import (
+    SamplingConfig,
+    VideoPlan,
+    count_decoded_frames,
+    default_convert_threads,
+    iter_segments,
+    plan_video,
+    probe_video,
+)
 from tests.gcs_emulator import gcs_server  # noqa: F401 - module-scoped fixture
 
 
@@ -110,7 +120,7 @@ def test_sparse_sampling_seeks_instead_of_decoding_everything(videos):
     assert _numbers(iter_segments(videos["sparse"], plan=plan)) == plan.frame_indices
     never = count_decoded_frames(videos["sparse"], plan, "never")
     auto = count_decoded_frames(videos["sparse"], plan, "auto")
-    assert never == {"decoded": 400, "seeks": 0}
+    assert never == {"decoded": 400, "seeks": 0, "redone": 0}
     assert auto["seeks"] >= len(plan.frame_indices) - 2
     assert auto["decoded"] <= len(plan.frame_indices) * 10  # at most one GOP per sample
 
@@ -236,8 +246,8 @@ def test_keyframe_mode_returns_last_key_frame_at_or_before_each_sample(tmp_path,
         (exact_plan.timestamps[k], exact_plan.timestamp_texts[k], exact_plan.bounds[k][0]) for k in range(len(segs))
     ]
     # Only key frames are decoded: sequentially that is each key frame once.
-    assert count_decoded_frames(path, plan, "never") == {"decoded": -(-200 // gop), "seeks": 0}
-    assert count_decoded_frames(path, exact_plan, "never") == {"decoded": 200, "seeks": 0}
+    assert count_decoded_frames(path, plan, "never") == {"decoded": -(-200 // gop), "seeks": 0, "redone": 0}
+    assert count_decoded_frames(path, exact_plan, "never") == {"decoded": 200, "seeks": 0, "redone": 0}
 
 
 def test_keyframe_mode_on_all_intra_video_equals_exact_mode(tmp_path):
@@ -342,6 +352,77 @@ def test_threaded_decoding_returns_identical_frames(tmp_path, videos, accuracy):
             for a, b in zip(threaded, single):
                 np.testing.assert_array_equal(a.frames, b.frames)
                 assert a.frame_indices == b.frame_indices
+
+
+# --------------------------------------------------------------------------- non-reference skipping
+@pytest.fixture(scope="module")
+def bframe_videos(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bframes")
+    return {  # x264's default preset: B-frames, most of them non-reference pictures
+        "cfr": write_test_video(d / "cfr.mp4", n_frames=600, fps=15, width=64, height=48, gop=60),
+        "vfr": write_test_video(d / "vfr.mp4", n_frames=300, fps=10, width=64, height=48, vfr=True, gop=30),
+    }
+
+
+@pytest.mark.parametrize("target_fps", [0.3, 1.0, 2.0, 5.0, 15.0])
+def test_non_reference_skipping_keeps_exact_frames_and_decodes_less(bframe_videos, target_fps):
+    path = bframe_videos["cfr"]  # 40 s, key frame every 4 s
+    plan = plan_video(path, SamplingConfig(target_fps=target_fps, min_frames=4))
+    full = count_decoded_frames(path, plan, "never")
+    auto = count_decoded_frames(path, plan, "auto")
+    assert full == {"decoded": 600, "seeks": 0, "redone": 0}
+    assert _numbers(iter_segments(path, plan=plan)) == plan.frame_indices
+    if target_fps <= 2.0:  # samples far enough apart that whole runs of B-pictures go unshown
+        assert auto["decoded"] < 0.75 * full["decoded"]
+    assert auto["redone"] == 0  # constant frame rate: no pick ever needs redoing
+    part = range(1, min(3, plan.n_segments))  # a work unit: skipping plans for its targets only
+    expected = [i for s in part for i in plan.frame_indices[slice(*plan.bounds[s])]]
+    assert _numbers(iter_segments(path, plan=plan, segments=part)) == expected
+
+
+@pytest.mark.parametrize("target_fps", [0.5, 2.0, 5.0])
+def test_skipped_picture_in_a_timestamp_gap_is_redone_exactly(bframe_videos, target_fps):
+    # Skipping assumes a frame every period; force it onto irregular timestamps: picks that
+    # land more than two periods early are redone with nothing skipped, so frames still match.
+    path = bframe_videos["vfr"]
+    plan = plan_video(path, SamplingConfig(target_fps=target_fps, min_frames=4))
+    assert plan.info.variable_frame_rate
+    forced = dataclasses.replace(plan, info=dataclasses.replace(plan.info, variable_frame_rate=False))
+    reference = list(iter_segments(path, plan=plan, seek_mode="never"))
+    skipped = list(iter_segments(path, plan=forced))
+    assert _numbers(skipped) == _numbers(reference)
+    for a, b in zip(skipped, reference):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    counts = count_decoded_frames(path, forced, "auto")
+    assert counts["redone"] >= 1
+    # The real (variable-rate) plan never skips: a full decode unless it seeks.
+    assert count_decoded_frames(path, plan, "auto")["redone"] == 0
+
+
+# --------------------------------------------------------------------------- conversion threads
+@pytest.mark.parametrize("accuracy", ["exact", "keyframe"])
+def test_conversion_threads_return_identical_segments(tmp_path, videos, accuracy):
+    rotated = write_test_video(tmp_path / "rot.mp4", n_frames=90, fps=15, width=96, height=64, rotation=90)
+    for path in (rotated, videos["h264_bframes"], videos["sparse"]):
+        plan = plan_video(path, SamplingConfig(target_fps=4.0, frame_accuracy=accuracy))
+        inline = list(iter_segments(path, plan=plan, convert_threads=0))
+        for threads in (1, 3, None):
+            pooled = list(iter_segments(path, plan=plan, convert_threads=threads))
+            assert [s.index for s in pooled] == [s.index for s in inline] == list(range(plan.n_segments))
+            for a, b in zip(pooled, inline):
+                np.testing.assert_array_equal(a.frames, b.frames)
+                assert a.frame_indices == b.frame_indices and a.timestamp_text == b.timestamp_text
+
+
+def test_conversion_threads_stop_cleanly_when_the_consumer_stops(videos):
+    plan = plan_video(videos["sparse"], SamplingConfig(target_fps=4.0))
+    gen = iter_segments(videos["sparse"], plan=plan, convert_threads=3)
+    first = next(gen)
+    gen.close()  # pending conversions are cancelled, the container closed
+    assert first.index == 0 and _numbers([first]) == plan.frame_indices[:8]
+    with pytest.raises(ConfigError, match="convert_threads"):
+        next(iter_segments(videos["sparse"], plan=plan, convert_threads=-1))
+    assert 1 <= default_convert_threads() <= 4
 
 
 # --------------------------------------------------------------------------- bad inputs
