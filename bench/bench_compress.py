@@ -7,7 +7,12 @@ and is timed as a whole (interpreter start, imports, model load, decode, compres
 - ``loop_1thread``: the same loop with one torch thread — what one worker process of a
   multi-worker run gets on this machine, so ``pipeline_w2 / loop_1thread`` shows worker scaling;
 - ``pipeline_w1``: ``tempo compress`` on the local FnApiRunner, one in-process worker;
-- ``pipeline_w2``: the same with ``--local_workers 2`` (two SDK worker processes).
+- ``pipeline_w2``: the same with ``--local_workers 2`` (default ``--local_mode threads``: two
+  worker threads in one process sharing one model, one torch thread each);
+- ``pipeline_w2_processes``: ``--local_workers 2 --local_mode processes`` (two SDK worker
+  subprocesses, each importing torch and loading the model).
+The loop and every pipeline decode with the library's default conversion threads
+(``video.default_convert_threads()``, split among local workers).
 Figures: wall seconds, segments/s, ratios to the loop, and the loop's time split by stage.
 ``python -m bench.bench_compress`` (or ``make bench``) writes bench/results/compress.json.
 """
@@ -29,7 +34,7 @@ WORK = Path(os.environ.get("TEMPO_BENCH_DIR", "/tmp/tempo_bench_compress"))
 N_VIDEOS = 24
 SEGMENTS_PER_VIDEO = 16
 QUERIES = ["What happens?", "Is there a red object?"]
-REPEAT = 2
+REPEAT = 3
 
 
 def build_corpus(root: Path) -> Path:
@@ -126,6 +131,9 @@ def main() -> None:
                                       "--svlm", models["svlm"], "--compressor", models["tempo"], "--local_workers", "1"],
         "pipeline_w2": lambda cache: [py, "-m", "pipelines.cli", "compress", "--manifest", str(manifest), "--cache", cache,
                                       "--svlm", models["svlm"], "--compressor", models["tempo"], "--local_workers", "2"],
+        "pipeline_w2_processes": lambda cache: [py, "-m", "pipelines.cli", "compress", "--manifest", str(manifest),
+                                                "--cache", cache, "--svlm", models["svlm"], "--compressor",
+                                                models["tempo"], "--local_workers", "2", "--local_mode", "processes"],
     }
     walls: dict[str, list[float]] = {name: [] for name in contenders}
     loop_stages: list[dict] = []

@@ -221,8 +221,7 @@ def _ratios(res: dict[str, dict]) -> dict[str, float]:
     if "sampler_inline" in t:
         out["speedup_inline"] = t["decode_all_inline"] / t["sampler_inline"]
         out["keyframe_speedup_inline"] = t["decode_all_inline"] / t["keyframe_inline"]
-        # Each against the previous shipped path (exact, inline conversion, no skipping
-        # of non-reference pictures = decode_all_inline minus seeking, at best).
+        # What the conversion threads add to each path (> 1: the threads are faster).
         out["convert_thread_gain_sampler"] = t["sampler_inline"] / t["sampler"]
         out["convert_thread_gain_decode_all"] = t["decode_all_inline"] / t["decode_all"]
         out["convert_thread_gain_keyframe"] = t["keyframe_inline"] / t["keyframe"]

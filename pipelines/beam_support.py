@@ -4,9 +4,11 @@ Local runner choice (measured; see README "Runners"): Beam's default runner and
 ``DirectRunner`` first try to *download* the Prism runner binary, which must never happen
 offline, so when no ``--runner`` is given we pick the portable ``FnApiRunner`` by its full
 name. With one local worker it runs in-process (``in_memory``: no extra torch import, the
-model is shared through ``apache_beam.utils.shared``); with ``--local_workers N > 1`` it runs
-N SDK-harness subprocesses (``multi_processing``), each paying the torch import and model
-load once.
+model is shared through ``apache_beam.utils.shared``). With ``--local_workers N > 1``:
+``--local_mode threads`` runs N worker threads in this process (``multi_threading``: one
+model in memory, shared by all; decoding and torch release the GIL), ``--local_mode
+processes`` runs N SDK-harness subprocesses (``multi_processing``), each paying the torch
+import and model load once (for pure-Python work that holds the GIL).
 """
 
 from __future__ import annotations
@@ -33,31 +35,46 @@ _PRISM_FIRST = {"DirectRunner", "SwitchingDirectRunner", "PrismRunner"}
 logger = logging.getLogger(__name__)
 
 
-def add_runner_arguments(parser) -> None:
+LOCAL_MODES = {"threads": "multi_threading", "processes": "multi_processing"}
+
+
+def add_runner_arguments(parser, *, default_mode: str = "threads") -> None:
     """Options of ours that shape the local run (Beam's own options pass through untouched)."""
     parser.add_argument(
         "--local_workers",
         type=int,
         default=1,
-        help="worker processes for the local FnApiRunner (1 = in-process; >1 = subprocesses). Ignored on clusters.",
+        help="workers for the local FnApiRunner (1 = in-process). Ignored on clusters.",
+    )
+    parser.add_argument(
+        "--local_mode",
+        choices=sorted(LOCAL_MODES),
+        default=default_mode,
+        help="with --local_workers > 1: worker threads in this process (one shared model) or worker "
+        "subprocesses (default %(default)s). Ignored on clusters.",
     )
 
 
-def pipeline_options_from_args(extra_args: list[str], *, job_name: str, local_workers: int = 1) -> PipelineOptions:
+def pipeline_options_from_args(
+    extra_args: list[str], *, job_name: str, local_workers: int = 1, local_mode: str = "threads"
+) -> PipelineOptions:
     """Build PipelineOptions from pass-through Beam arguments, defaulting to an offline local runner.
 
     ``extra_args`` are Beam's own flags (``--runner=DataflowRunner --project=...``). Without
-    ``--runner`` the job runs locally on ``FnApiRunner`` with ``local_workers`` workers.
+    ``--runner`` the job runs locally on ``FnApiRunner`` with ``local_workers`` workers, as
+    threads or subprocesses (``local_mode``, see :data:`LOCAL_MODES`).
     """
     if local_workers < 1:
         raise ConfigError(f"--local_workers must be >= 1, got {local_workers}")
+    if local_mode not in LOCAL_MODES:
+        raise ConfigError(f"--local_mode must be one of {', '.join(sorted(LOCAL_MODES))}, got {local_mode!r}")
     options = PipelineOptions(list(extra_args))
     std = options.view_as(StandardOptions)
     if std.runner is None:
         std.runner = LOCAL_RUNNER
         direct = options.view_as(DirectOptions)
         direct.direct_num_workers = local_workers
-        direct.direct_running_mode = "in_memory" if local_workers == 1 else "multi_processing"
+        direct.direct_running_mode = "in_memory" if local_workers == 1 else LOCAL_MODES[local_mode]
     elif runner_name(options) in _PRISM_FIRST:
         logger.warning(
             "--runner=%s tries to download the Prism runner first; offline, prefer omitting --runner "

@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-min", type=int, default=4, help="minimum tokens per segment (policy floor)")
     parser.add_argument("--k-max", type=int, default=None, help="maximum tokens per segment (default: the cache's K)")
     parser.add_argument("--force", action="store_true", help="rewrite complete shards and shard sets")
-    add_runner_arguments(parser)
+    add_runner_arguments(parser, default_mode="processes")  # tar writing is pure Python (GIL-bound)
 
 
 def parse_list(text: str, *, what: str) -> list[str]:
@@ -294,7 +294,9 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     tasks = [t for p in todo for t in p.tasks]
     dead_path = f"{out}.deadletter.jsonl"
     if tasks or dead:
-        options = pipeline_options_from_args(extra_args, job_name="tempo-shards", local_workers=args.local_workers)
+        options = pipeline_options_from_args(
+            extra_args, job_name="tempo-shards", local_workers=args.local_workers, local_mode=args.local_mode
+        )
         with beam.Pipeline(options=options) as pipeline:
             letters = [pipeline | "PlanDeadLetters" >> beam.Create(dead)]
             if tasks:

@@ -426,7 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
     parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
     parser.add_argument("--force", action="store_true", help="recompute (video, query) pairs that are already complete")
-    add_runner_arguments(parser)
+    add_runner_arguments(parser, default_mode="threads")  # threads share one model
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
@@ -434,7 +434,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     convert_threads = args.convert_threads
     if convert_threads is not None and convert_threads < 0:
         raise ConfigError(f"--convert-threads must be 0 (inline) or more, got {convert_threads}")
-    if convert_threads is None and args.local_workers > 1:  # local worker processes share this machine's CPUs
+    if convert_threads is None and args.local_workers > 1:  # local workers share this machine's CPUs
         convert_threads = max(1, video.default_convert_threads() // args.local_workers)
     validate_manifest_or_raise(args.manifest)
     only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
@@ -468,8 +468,10 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         convert_threads=convert_threads,
         model_handle=model_handle,
     )
-    options = pipeline_options_from_args(extra_args, job_name="tempo-compress", local_workers=args.local_workers)
-    if not (is_local_runner(options) and args.local_workers == 1):
+    options = pipeline_options_from_args(
+        extra_args, job_name="tempo-compress", local_workers=args.local_workers, local_mode=args.local_mode
+    )
+    if not (is_local_runner(options) and (args.local_workers == 1 or args.local_mode == "threads")):
         del driver_model  # workers are other processes: free the driver's copy
     started = time.time()
     run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"

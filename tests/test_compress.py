@@ -125,6 +125,47 @@ def test_outputs_equal_direct_tempo_ops(full_run, tiny_models, corpus):
     assert meta["timestamp_texts"] == [s.timestamp_text for s in segments]
 
 
+@pytest.mark.parametrize("mode", ["threads", "processes"])
+def test_two_local_workers_give_the_single_worker_results(full_run, tiny_models, corpus, tmp_path, mode):
+    from tempo_ops.store import CacheReader
+
+    reference, _ = full_run
+    cache = tmp_path / "cache.zarr"
+    rc = tempo(_compress_args(corpus, cache, tiny_models, "--local_workers", "2", "--local_mode", mode))
+    assert rc == 1  # the same bad inputs fail, the rest completes
+    assert sorted(d["video_id"] for d in _dead_letters(cache)) == ["missing", "text", "truncated"]
+    ref, got = CacheReader(str(reference)), CacheReader(str(cache))
+    assert sorted(got.entries()) == sorted(ref.entries())
+    for video_id, query_id in ref.entries():
+        a, b = ref.entry(video_id, query_id), got.entry(video_id, query_id)
+        # Each worker runs torch on fewer threads: float sums may round differently.
+        np.testing.assert_allclose(b.read_all().astype(np.float32), a.read_all().astype(np.float32), rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(b.relevance(), a.relevance(), atol=1e-5)
+    summary = _summary(cache)
+    assert summary["counts"]["queries_completed"] == 4 and summary["failures"]["items"] == 3
+
+
+def test_compressor_is_safe_to_share_between_threads(tiny_models, corpus):
+    """--local_mode threads shares one model between worker threads: concurrent calls must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tempo_ops import video
+    from tempo_ops.svlm.compressor import Compressor
+
+    compressor = Compressor.from_pretrained(tiny_models["svlm"], memory_tokens=tiny_models["tempo"])
+    jobs = [
+        (list(video.iter_segments(str(corpus.parent / "short.mp4"))), ["Count the blocks."]),
+        (list(video.iter_segments(str(corpus.parent / "long.mp4"), segments=range(0, 6))), ["What is shown?", "Is there a person?"]),
+        (list(video.iter_segments(str(corpus.parent / "noquery.mp4"))), ["Describe it."]),
+    ] * 2
+    alone = [compressor.compress(segments, queries) for segments, queries in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda job: compressor.compress(*job), jobs))
+    for a, b in zip(alone, together):
+        np.testing.assert_allclose(b.candidates, a.candidates, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.relevance, a.relevance, rtol=1e-5, atol=1e-7)
+
+
 def test_plain_zarr_sees_complete_markers(full_run):
     cache, _ = full_run
     root = zarr.open_group(str(cache), mode="r")

@@ -360,17 +360,19 @@ def bframe_videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("bframes")
     return {  # x264's default preset: B-frames, most of them non-reference pictures
         "cfr": write_test_video(d / "cfr.mp4", n_frames=600, fps=15, width=64, height=48, gop=60),
+        "hevc": write_test_video(d / "hevc.mp4", n_frames=300, fps=15, width=64, height=48, codec="hevc", gop=30),
         "vfr": write_test_video(d / "vfr.mp4", n_frames=300, fps=10, width=64, height=48, vfr=True, gop=30),
     }
 
 
 @pytest.mark.parametrize("target_fps", [0.3, 1.0, 2.0, 5.0, 15.0])
-def test_non_reference_skipping_keeps_exact_frames_and_decodes_less(bframe_videos, target_fps):
-    path = bframe_videos["cfr"]  # 40 s, key frame every 4 s
+@pytest.mark.parametrize("name", ["cfr", "hevc"])
+def test_non_reference_skipping_keeps_exact_frames_and_decodes_less(bframe_videos, name, target_fps):
+    path = bframe_videos[name]  # 40 s / 20 s, a key frame every 4 s / 2 s
     plan = plan_video(path, SamplingConfig(target_fps=target_fps, min_frames=4))
     full = count_decoded_frames(path, plan, "never")
     auto = count_decoded_frames(path, plan, "auto")
-    assert full == {"decoded": 600, "seeks": 0, "redone": 0}
+    assert full == {"decoded": plan.info.frame_count, "seeks": 0, "redone": 0}
     assert _numbers(iter_segments(path, plan=plan)) == plan.frame_indices
     if target_fps <= 2.0:  # samples far enough apart that whole runs of B-pictures go unshown
         assert auto["decoded"] < 0.75 * full["decoded"]
