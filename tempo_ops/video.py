@@ -871,8 +871,9 @@ def iter_segments(
             that saves decoding), ``"never"`` (decode every frame sequentially) or
             ``"always"`` (seek for every gap; for tests). All give identical frames.
         storage_options: fsspec options for ``uri`` (credentials, endpoint).
-        threaded: exact mode: decode with FFmpeg frame threads too (byte-identical frames;
-            off by default, as it was not faster on 2 cores -- try it on many-core workers).
+        threaded: exact mode: decode with FFmpeg frame threads too (byte-identical frames,
+            but no non-reference skipping; off by default, as it was slower on 2 cores --
+            try it on many-core workers).
         convert_threads: threads converting decoded frames (colour conversion, rotation,
             bicubic resize) while decoding goes on; None: :func:`default_convert_threads`;
             0: convert inline, in the decoding thread. The frames are identical either way.
