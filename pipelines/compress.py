@@ -435,7 +435,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     if convert_threads is not None and convert_threads < 0:
         raise ConfigError(f"--convert-threads must be 0 (inline) or more, got {convert_threads}")
     if convert_threads is None and args.local_workers > 1:  # local workers share this machine's CPUs
-        convert_threads = max(1, video.default_convert_threads() // args.local_workers)
+        convert_threads = video.default_convert_threads() // args.local_workers  # 0: inline
     validate_manifest_or_raise(args.manifest)
     only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
     if args.dry_run:

@@ -786,12 +786,13 @@ def _returned_index(t: float, info: VideoInfo) -> int:
 
 
 def default_convert_threads() -> int:
-    """Conversion threads by default: the usable CPUs, at most 4 (one decoder feeds them)."""
+    """Conversion threads by default: the usable CPUs, at most 4 (one decoder feeds them);
+    0 (inline) with a single CPU, where a pool thread could only add hand-offs."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
+    return min(4, cpus) if cpus > 1 else 0
 
 
 class _Done:
