@@ -12,8 +12,12 @@ Zarr v3 hierarchy (keys relative to the cache root; ``vkey = sanitize_key(video_
     videos/{vkey}/zarr.json                     video group; attrs: VIDEO_* (+ "meta")
     videos/{vkey}/queries/zarr.json             group (no attrs)
     videos/{vkey}/queries/{qkey}/zarr.json      entry group; attrs: ENTRY_* ; marker "complete": true
-    videos/{vkey}/queries/{qkey}/candidates     (S, K, D) float16, shards (P, K, D), chunks (1, C, D)
-    videos/{vkey}/queries/{qkey}/relevance      (S,) float32, chunks (P,), fill NaN
+    v2: videos/{vkey}/queries/{qkey}/{version}/  version group (attrs: ENTRY_INPUTS ...), holding
+        candidates (S, K, D) {float16 | bfloat16 bits as uint16 | int8}, shards (P, K, D), chunks (1, C, D)
+        scales     (S, K) float32 (int8 form only), shards (P, K), chunks (1, K)
+        relevance  (S,) float32, chunks (P,)
+        every chunk and shard index ends in a crc32c; float fill values are NaN
+    v1: videos/{vkey}/queries/{qkey}/candidates (S, K, D) float16 and .../relevance, no per-chunk crc32c
 """
 
 from __future__ import annotations
@@ -29,22 +33,33 @@ import numpy as np
 from tempo_ops.errors import CacheLayoutError, ConfigError, InvalidCacheBlock
 from tempo_ops.keys import sanitize_key
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # what new caches are written as
+READABLE_VERSIONS = (1, 2)  # v1 caches are read (and shard-able) without conversion; `tempo migrate` converts
 CACHE_KIND = "tempo_token_cache"
-STORED_DTYPE = "float16"
+STORED_DTYPE = "float16"  # v1's only form
+STORAGE_FORMS = ("bfloat16", "float16", "int8")  # v2: config["stored_dtype"]
 FLOAT16_MAX = 65504.0
+BF16_NAN_BITS = 0x7FC0  # fill value of bfloat16 candidates (stored as uint16 bit patterns)
+INT8_MISSING = -128  # fill value of int8 candidates (quantised values lie in [-127, 127])
+TEMPO_DTYPE_ATTR = "tempo_dtype"  # array attribute: what the stored numbers mean ("bfloat16", "int8_scaled")
+CRC_NBYTES = 4  # crc32c appended to every v2 chunk and every shard index
 
 DEFAULT_SEGMENTS_PER_SHARD = 32  # P: one shard = one unit of writing (one writer per shard)
-DEFAULT_TOKEN_CHUNK = 8  # C: inner chunk along the token axis (plain-zarr read granularity)
+# C: inner chunk along the token axis = read and checksum granularity. v2 reads whole chunks
+# (to verify their crc32c), so C=2 keeps a budget read within ~1.1x of the selected bytes.
+DEFAULT_TOKEN_CHUNK = 2
+V1_DEFAULT_TOKEN_CHUNK = 8
 
 # ---------------------------------------------------------------- node names
 VIDEOS = "videos"
 QUERIES = "queries"
 CANDIDATES = "candidates"
 RELEVANCE = "relevance"
+SCALES = "scales"
 METADATA_FILE = "zarr.json"
 CANDIDATES_DIMS = ("segment", "token", "channel")
 RELEVANCE_DIMS = ("segment",)
+SCALES_DIMS = ("segment", "token")
 
 # ---------------------------------------------------------------- root attributes
 ROOT_KIND = "kind"  # == CACHE_KIND
@@ -57,6 +72,7 @@ ROOT_SEGMENTS_PER_SHARD = "segments_per_shard"  # P
 ROOT_TOKEN_CHUNK = "token_chunk"  # C
 ROOT_K = "num_memory_tokens"  # K (== config.compressor.num_memory_tokens)
 ROOT_D = "hidden_size"  # D (== config.compressor.hidden_size)
+ROOT_STORAGE_FORM = "storage_form"  # v2: one of STORAGE_FORMS (== config.stored_dtype)
 
 # ---------------------------------------------------------------- video attributes
 VIDEO_KIND = "tempo_video"
@@ -80,6 +96,12 @@ ENTRY_STARTED_AT = "started_at"
 ENTRY_COMPLETE = "complete"  # the completion marker: True, written last by finalize_entry
 ENTRY_COMPLETED_AT = "completed_at"
 ENTRY_PACKAGE_VERSION = "tempo_ops_version"
+# v2 only
+ENTRY_VERSION = "version"  # the pointer: name of the complete version subgroup readers use
+ENTRY_PENDING = "pending_version"  # the version subgroup being written (resume / unit writers)
+ENTRY_INPUTS = "inputs"  # what the entry was computed from (see entry_inputs)
+ENTRY_INPUTS_SHA256 = "inputs_sha256"  # sha256 of canonical_json(inputs)
+VERSION_KIND = "tempo_entry_version"
 
 # ---------------------------------------------------------------- config / fingerprint
 REQUIRED_COMPRESSOR_FIELDS = (
@@ -110,12 +132,22 @@ def entry_path(video_id: str, query_id: str) -> str:
     return f"{queries_path(video_id)}/{sanitize_key(query_id)}"
 
 
-def candidates_path(video_id: str, query_id: str) -> str:
-    return f"{entry_path(video_id, query_id)}/{CANDIDATES}"
+def data_path(video_id: str, query_id: str, version: str | None = None) -> str:
+    """Group holding an entry's arrays: the version subgroup (v2) or the entry group itself (v1: None)."""
+    base = entry_path(video_id, query_id)
+    return f"{base}/{version}" if version else base
 
 
-def relevance_path(video_id: str, query_id: str) -> str:
-    return f"{entry_path(video_id, query_id)}/{RELEVANCE}"
+def candidates_path(video_id: str, query_id: str, version: str | None = None) -> str:
+    return f"{data_path(video_id, query_id, version)}/{CANDIDATES}"
+
+
+def relevance_path(video_id: str, query_id: str, version: str | None = None) -> str:
+    return f"{data_path(video_id, query_id, version)}/{RELEVANCE}"
+
+
+def scales_path(video_id: str, query_id: str, version: str | None = None) -> str:
+    return f"{data_path(video_id, query_id, version)}/{SCALES}"
 
 
 def metadata_key(node_path: str) -> str:
@@ -123,13 +155,42 @@ def metadata_key(node_path: str) -> str:
     return f"{node_path}/{METADATA_FILE}" if node_path else METADATA_FILE
 
 
-def candidates_shard_key(video_id: str, query_id: str, shard_index: int) -> str:
+def candidates_shard_key(video_id: str, query_id: str, shard_index: int, version: str | None = None) -> str:
     """Store key of candidates shard ``shard_index`` (default chunk-key encoding, '/' separator)."""
-    return f"{candidates_path(video_id, query_id)}/c/{shard_index}/0/0"
+    return f"{candidates_path(video_id, query_id, version)}/c/{shard_index}/0/0"
 
 
-def relevance_chunk_key(video_id: str, query_id: str, chunk_index: int) -> str:
-    return f"{relevance_path(video_id, query_id)}/c/{chunk_index}"
+def scales_shard_key(video_id: str, query_id: str, shard_index: int, version: str | None = None) -> str:
+    return f"{scales_path(video_id, query_id, version)}/c/{shard_index}/0"
+
+
+def relevance_chunk_key(video_id: str, query_id: str, chunk_index: int, version: str | None = None) -> str:
+    return f"{relevance_path(video_id, query_id, version)}/c/{chunk_index}"
+
+
+def stored_itemsize(form: str) -> int:
+    """Bytes per stored candidate value of a storage form."""
+    return 1 if form == "int8" else 2
+
+
+def entry_inputs(
+    query_text: str, prompt_template: str, video_identity: Mapping[str, Any] | None, fingerprint: str, n_segments: int
+) -> dict[str, Any]:
+    """An entry's identity record: what its tokens were computed from (compared on every re-run)."""
+    return to_jsonable(
+        {
+            "query_text": query_text,
+            "prompt_template": prompt_template,
+            "video": dict(video_identity) if video_identity is not None else None,
+            "fingerprint": fingerprint,
+            "n_segments": int(n_segments),
+        },
+        item="inputs",
+    )
+
+
+def inputs_digest(inputs: Mapping[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(inputs).encode("ascii")).hexdigest()
 
 
 def shard_index_nbytes(segments_per_shard: int, num_tokens: int, token_chunk: int) -> int:
@@ -193,8 +254,8 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
         missing = [f for f in fields if f not in sub]
         if missing:
             raise ConfigError(f"missing field(s) {', '.join(section + '.' + m for m in missing)}", item="config")
-    if out.get("stored_dtype") != STORED_DTYPE:
-        raise ConfigError(f"stored_dtype must be {STORED_DTYPE!r}, got {out.get('stored_dtype')!r}", item="config")
+    if out.get("stored_dtype") not in STORAGE_FORMS:
+        raise ConfigError(f"stored_dtype must be one of {list(STORAGE_FORMS)}, got {out.get('stored_dtype')!r}", item="config")
     for name in ("num_memory_tokens", "hidden_size"):
         v = out["compressor"][name]
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -225,26 +286,38 @@ def check_layout(root_attrs: Mapping[str, Any] | None, item: str) -> dict[str, A
     """Validate a cache root's attributes; return them. The ONE layout-version check.
 
     Raises CacheLayoutError when the root is not a Tempo cache, or its ``layout_version``
-    is missing or not ``LAYOUT_VERSION``.
+    is missing or not one of ``READABLE_VERSIONS``.
     """
     if root_attrs is None:
         raise CacheLayoutError("no Tempo token cache here (root zarr.json missing or unreadable)", item=item)
+    if not isinstance(root_attrs, Mapping):
+        raise CacheLayoutError("root zarr.json is damaged (attributes are not an object)", item=item)
     if root_attrs.get(ROOT_KIND) != CACHE_KIND:
         raise CacheLayoutError(f"not a Tempo token cache (root attribute {ROOT_KIND!r} is not {CACHE_KIND!r})", item=item)
     version = root_attrs.get(ROOT_LAYOUT_VERSION)
     if version is None:
         raise CacheLayoutError("root attribute 'layout_version' is missing", item=item)
-    if version != LAYOUT_VERSION:
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CacheLayoutError(
-            f"layout_version {version!r} is not supported (this code reads {LAYOUT_VERSION})",
+            f"layout_version {version!r} is not supported (this code reads {list(READABLE_VERSIONS)})",
             item=item,
             found=version,
             expected=LAYOUT_VERSION,
         )
-    for name in (ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_SHARD, ROOT_TOKEN_CHUNK, ROOT_K, ROOT_D):
+    names = [ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_SHARD, ROOT_TOKEN_CHUNK, ROOT_K, ROOT_D]
+    if version >= 2:
+        names.append(ROOT_STORAGE_FORM)
+    for name in names:
         if name not in root_attrs:
             raise CacheLayoutError(f"root attribute {name!r} is missing", item=item)
+    if version >= 2 and root_attrs[ROOT_STORAGE_FORM] not in STORAGE_FORMS:
+        raise CacheLayoutError(f"unknown storage form {root_attrs[ROOT_STORAGE_FORM]!r}", item=item)
     return dict(root_attrs)
+
+
+def storage_form(root_attrs: Mapping[str, Any]) -> str:
+    """The storage form of a checked root (v1: always float16)."""
+    return str(root_attrs.get(ROOT_STORAGE_FORM, STORED_DTYPE)) if root_attrs.get(ROOT_LAYOUT_VERSION) != 1 else STORED_DTYPE
 
 
 def validate_video_meta(video_id: str, meta: Mapping[str, Any]) -> dict[str, Any]:

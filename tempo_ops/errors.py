@@ -215,6 +215,22 @@ class EntryIncomplete(CacheError):
     code = "entry_incomplete"
 
 
+class CacheCorrupt(EntryIncomplete):
+    """Stored bytes of a cache entry fail their checksum, are missing, truncated or out of range.
+
+    ``item`` names the entry (``video/query``); ``chunk`` the object or chunk (store key, and
+    segment/token chunk where known). Recompute with ``tempo compress --repair``.
+    """
+
+    code = "cache_corrupt"
+
+
+class EntryInputsMismatch(CacheError):
+    """A cache entry was computed from other inputs (query text, template, video) than asked for."""
+
+    code = "entry_inputs_mismatch"
+
+
 # --------------------------------------------------------------------------- allocation / shards
 class AllocationError(TempoError):
     """Invalid input to a token allocation policy."""
@@ -242,3 +258,9 @@ class ShardFormatError(ShardError):
     """A shard, sample or shard-set index is not in a format version this code reads."""
 
     code = "shard_format"
+
+
+class ShardCorrupt(ShardError):
+    """A shard tar's bytes do not match the sha256 (or size) recorded when it was written."""
+
+    code = "shard_corrupt"

@@ -6,14 +6,18 @@ Write protocol (compression job)::
 
     w = CacheWriter.open(url, config)              # driver, once: creates root / checks fingerprint
     w.write_video(video_id, meta)                  # one worker per video
-    if w.begin_entry(video_id, query_id, text, S): # False: already complete, skip
-        w.write_block(video_id, query_id, seg_start, cand (n, K, D), rel (n,))  # units in parallel,
-        ...                                        #   seg_start % w.segments_per_shard == 0
-        w.finalize_entry(video_id, query_id)       # one worker: verify all blocks, marker last
+    if w.begin_entry(video_id, query_id, text, S, prompt_template=t, video_identity=ident):
+        v = w.pending_version(video_id, query_id)  # False above: complete from the same inputs, skip
+        w.write_block(video_id, query_id, seg_start, cand (n, K, D), rel (n,), version=v)  # units in
+        ...                                        #   parallel, seg_start % w.segments_per_shard == 0
+        w.finalize_entry(video_id, query_id, version=v)  # one worker: verify, then switch the pointer
 
 Every write is a whole-object put (retried on transient errors, so idempotent); each
-candidates shard and relevance chunk belongs to exactly one work unit; an entry without its
-completion marker is invisible to readers and is recreated from scratch by ``begin_entry``.
+candidates shard and relevance chunk belongs to exactly one work unit. Layout v2 writes each
+computation into its own version subgroup and makes it current with one put of the entry's
+``zarr.json`` (which records that version's inputs): readers see the old complete version or
+the new one, never a mix and never neither. Every read verifies crc32c checksums and raises
+``CacheCorrupt`` naming the entry and the chunk. Layout v1 caches are read as before.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import asyncio
 import datetime as _dt
 import functools
 import json
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +38,7 @@ from zarr.core.sync import sync
 import tempo_ops
 from schemas import cache_layout as L
 from tempo_ops.errors import (
+    CacheCorrupt,
     CacheLayoutError,
     CacheNotWritable,
     EntryIncomplete,
@@ -43,7 +49,16 @@ from tempo_ops.errors import (
     InvalidTokenRange,
 )
 from tempo_ops.fs import DEFAULT_RETRY, RangeByteRequest, RetryPolicy, SuffixByteRequest, open_store
-from tempo_ops.store_shard import check_shard, decode_index, encode_shard, merge_pieces, plan_segment
+from tempo_ops.store_shard import EMPTY as L_EMPTY
+from tempo_ops.store_shard import (
+    check_shard,
+    chunk_crc_ok,
+    crc32c_bytes,
+    decode_index,
+    encode_shard,
+    merge_pieces,
+    plan_segment,
+)
 
 _PROTO = default_buffer_prototype()
 _MAX_CONCURRENCY = 64
@@ -117,59 +132,124 @@ def _segment_ranges(mask: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
+_JSON_ABSENT, _JSON_DAMAGED = "absent", "damaged"
+
+
+async def _get_json_status(store: Any, key: str) -> tuple[dict[str, Any] | None, str]:
+    """``(doc, "ok")``, ``(None, "absent")`` or ``(None, "damaged")`` (present but not a JSON object)."""
+    raw = await _get_bytes(store, key)
+    if raw is None:
+        return None, _JSON_ABSENT
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None, _JSON_DAMAGED
+    return (doc, "ok") if isinstance(doc, dict) and isinstance(doc.get("attributes", {}), dict) else (None, _JSON_DAMAGED)
+
+
+def _root_attrs(store: Any, url: str) -> dict[str, Any] | None:
+    """The root's attributes; None when the root is absent; CacheLayoutError when it is damaged."""
+    try:
+        doc, status = sync(_get_json_status(store, L.METADATA_FILE))
+    except FileNotFoundError:  # a local path that does not exist
+        return None
+    if status == _JSON_DAMAGED:
+        raise CacheLayoutError("root zarr.json is damaged (not valid JSON); refusing to use or rewrite it", item=url)
+    return None if doc is None else dict(doc.get("attributes", {}))
+
+
+# Stored dtype (zarr data_type), fill value and tempo_dtype attribute of the candidates per storage form.
+_FORM_DTYPE = {"float16": ("float16", float("nan"), None), "bfloat16": ("uint16", L.BF16_NAN_BITS, "bfloat16"),
+               "int8": ("int8", L.INT8_MISSING, "int8_scaled")}
+_NP_STORED = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
+
+
 @functools.lru_cache(maxsize=64)
-def _array_metadata(n_segments: int, k: int, d: int, p: int, c: int) -> tuple[bytes, bytes]:
-    """``zarr.json`` bytes of the candidates and relevance arrays, as zarr itself writes them.
+def _array_metadata(form: str, n_segments: int, k: int, d: int, p: int, c: int) -> dict[str, bytes]:
+    """``zarr.json`` bytes of an entry's arrays (layout v2), as zarr itself writes them: name → bytes.
 
     Built in a scratch MemoryStore and copied by one put each: letting zarr create the arrays
     in the cache would also make it (re)write parent group metadata when an existence check
-    fails transiently, wiping the entry's attributes.
+    fails transiently, wiping the entry's attributes. Every chunk gets a crc32c (inner codecs
+    ``[bytes, crc32c]``; the shard index codecs too), float fill values are NaN.
     """
+    crc = [zarr.codecs.Crc32cCodec()]
     scratch = zarr.storage.MemoryStore()
+    dtype, fill, tempo_dtype = _FORM_DTYPE[form]
     zarr.create_array(
-        store=scratch,
-        name="candidates",
-        shape=(n_segments, k, d),
-        dtype="float16",
-        shards=(p, k, d),
-        chunks=(1, c, d),
-        compressors=None,
-        filters=None,
-        fill_value=0.0,
-        dimension_names=L.CANDIDATES_DIMS,
+        store=scratch, name=L.CANDIDATES, shape=(n_segments, k, d), dtype=dtype, shards=(p, k, d), chunks=(1, c, d),
+        compressors=crc, filters=None, fill_value=fill, dimension_names=L.CANDIDATES_DIMS,
+        attributes={L.TEMPO_DTYPE_ATTR: tempo_dtype} if tempo_dtype else None,
     )
     zarr.create_array(
-        store=scratch,
-        name="relevance",
-        shape=(n_segments,),
-        dtype="float32",
-        chunks=(p,),
-        compressors=None,
-        filters=None,
-        fill_value=float("nan"),
-        dimension_names=L.RELEVANCE_DIMS,
+        store=scratch, name=L.RELEVANCE, shape=(n_segments,), dtype="float32", chunks=(p,),
+        compressors=crc, filters=None, fill_value=float("nan"), dimension_names=L.RELEVANCE_DIMS,
     )
+    names = [L.CANDIDATES, L.RELEVANCE]
+    if form == "int8":
+        zarr.create_array(
+            store=scratch, name=L.SCALES, shape=(n_segments, k), dtype="float32", shards=(p, k), chunks=(1, k),
+            compressors=crc, filters=None, fill_value=float("nan"), dimension_names=L.SCALES_DIMS,
+        )
+        names.append(L.SCALES)
 
-    async def read() -> tuple[bytes, bytes]:
-        a = await _get_bytes(scratch, L.metadata_key("candidates"))
-        b = await _get_bytes(scratch, L.metadata_key("relevance"))
-        assert a is not None and b is not None
-        return a, b
+    async def read() -> dict[str, bytes]:
+        out = {}
+        for name in names:
+            raw = await _get_bytes(scratch, L.metadata_key(name))
+            assert raw is not None
+            out[name] = raw
+        return out
 
     return sync(read())
 
 
+def to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 values → bfloat16 bit patterns ``<u2`` (round to nearest even; exact for bf16 values)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype("<u2")
+
+
+def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) → float32 (exact)."""
+    return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(..., D)`` float → (int8 values in [-127, 127], float32 scale per token ``(...)``): x ≈ q * scale."""
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.abs(x).max(axis=-1)
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale > 0, scale, np.float32(1.0))
+    q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """int8 ``(..., D)`` and scales ``(...)`` → float32."""
+    return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+
+
 class _Geometry:
-    """Shapes shared by writer and reader: K, D, P (segments per shard), C (token chunk)."""
+    """Shapes shared by writer and reader: K, D, P (segments per shard), C (token chunk), form, checksums."""
 
     def __init__(self, root_attrs: dict[str, Any]) -> None:
         self.K = int(root_attrs[L.ROOT_K])
         self.D = int(root_attrs[L.ROOT_D])
         self.P = int(root_attrs[L.ROOT_SEGMENTS_PER_SHARD])
         self.C = int(root_attrs[L.ROOT_TOKEN_CHUNK])
-        self.token_nbytes = self.D * 2
-        self.chunk_nbytes = self.C * self.token_nbytes
+        self.version = int(root_attrs[L.ROOT_LAYOUT_VERSION])
+        self.form = L.storage_form(root_attrs)
+        self.checksums = self.version >= 2
+        self.crc = L.CRC_NBYTES if self.checksums else 0
+        self.stored = _NP_STORED[self.form]
+        self.token_nbytes = self.D * self.stored.itemsize
+        self.chunk_data_nbytes = self.C * self.token_nbytes
+        self.chunk_nbytes = self.chunk_data_nbytes + self.crc
         self.index_nbytes = L.shard_index_nbytes(self.P, self.K, self.C)
+        self.scale_chunk_nbytes = self.K * 4 + self.crc
+        self.scale_index_nbytes = L.shard_index_nbytes(self.P, 1, 1)
+        self.rel_chunk_nbytes = self.P * 4 + self.crc
 
     def n_shards(self, n_segments: int) -> int:
         return -(-n_segments // self.P)
@@ -178,8 +258,15 @@ class _Geometry:
         return min(self.P, n_segments - shard * self.P)
 
 
+def _decode_relevance_chunk(raw: bytes | None, g: _Geometry) -> np.ndarray | None:
+    """(P,) float32 of one relevance chunk; None when absent, torn or failing its crc32c."""
+    if raw is None or len(raw) != g.rel_chunk_nbytes or (g.checksums and not chunk_crc_ok(raw)):
+        return None
+    return np.frombuffer(raw, dtype="<f4", count=g.P).astype(np.float32)
+
+
 class CacheWriter:
-    """Writes videos and (video, query) entries into a token cache. Picklable (reopens by URL)."""
+    """Writes videos and (video, query) entries into a layout-v2 token cache. Picklable (reopens by URL)."""
 
     def __init__(self, url: str, store: Any, root_attrs: dict[str, Any], storage_options: dict[str, Any] | None):
         self.url = url
@@ -187,7 +274,8 @@ class CacheWriter:
         self.root_attrs = root_attrs
         self.storage_options = storage_options
         self._geo = _Geometry(root_attrs)
-        self._entries: dict[tuple[str, str], int] = {}  # (video_id, query_id) -> n_segments
+        self._entries: dict[tuple[str, str], tuple[int, str]] = {}  # (video_id, query_id) -> (n_segments, version)
+        self._reader: CacheReader | None = None
 
     # ------------------------------------------------------------ opening
     @classmethod
@@ -203,20 +291,29 @@ class CacheWriter:
     ) -> CacheWriter:
         """Open (create if absent) the cache at ``url`` for writing with ``config``.
 
-        A new cache stores ``config``, its fingerprint and the geometry (``segments_per_shard``,
-        ``token_chunk``; an existing cache keeps its own). An existing cache must have the same
-        fingerprint, else FingerprintMismatch names the differing fields.
+        A new cache stores ``config``, its fingerprint, the storage form (``config["stored_dtype"]``)
+        and the geometry (``segments_per_shard``, ``token_chunk``; an existing cache keeps its
+        own). An existing cache must have the same fingerprint, else FingerprintMismatch names
+        the differing fields. A root ``zarr.json`` that is damaged, missing beside existing
+        videos, or of layout v1 (read-only here; ``tempo migrate``) raises CacheLayoutError:
+        a root is never rewritten implicitly.
         """
         cfg = L.validate_config(config)
         fingerprint = L.config_fingerprint(cfg)
         try:
             store = open_store(url, storage_options, policy=retry)
-            root = sync(_get_attrs(store, ""))
+            root = _root_attrs(store, url)
         except OSError as exc:  # permission, a file in the way, read-only filesystem (transient ones were retried)
             raise CacheNotWritable(f"cannot open for writing: {exc}", item=url) from exc
         if root is None:
             root = cls._create_root(url, store, cfg, fingerprint, segments_per_shard, token_chunk)
         root = L.check_layout(root, url)
+        if root[L.ROOT_LAYOUT_VERSION] != L.LAYOUT_VERSION:
+            raise CacheLayoutError(
+                f"layout_version {root[L.ROOT_LAYOUT_VERSION]} caches are read-only for this version "
+                f"(writes need layout {L.LAYOUT_VERSION}); convert with `tempo migrate {url}`",
+                item=url,
+            )
         if root[L.ROOT_FINGERPRINT] != fingerprint:
             fields = L.config_differences(root[L.ROOT_CONFIG], cfg)
             raise FingerprintMismatch(
@@ -238,16 +335,23 @@ class CacheWriter:
                 f"segments_per_shard ({segments_per_shard}) must be >= 1 and token_chunk ({token_chunk}) must divide K={k}",
                 item=url,
             )
-        async def list_root() -> list[str]:
-            return sorted([n async for n in store.list_dir("")])
 
-        try:
-            existing = sync(list_root())
-        except FileNotFoundError:
-            existing = []
-        existing = [n for n in existing if n.rstrip("/") not in (L.VIDEOS, L.METADATA_FILE)]  # a concurrent creator's
+        async def list_dir(prefix: str) -> list[str]:
+            try:
+                return sorted([n.rstrip("/") async for n in store.list_dir(prefix)])
+            except FileNotFoundError:
+                return []
+
+        existing = [n for n in sync(list_dir("")) if n not in (L.VIDEOS, L.METADATA_FILE)]
         if existing:
             raise CacheLayoutError(f"not a Tempo token cache and not empty (holds {existing[:5]})", item=url)
+        videos = [n for n in sync(list_dir(L.VIDEOS)) if n != L.METADATA_FILE]
+        if videos:  # a cache whose root metadata was lost: never recreate it with (maybe) another config
+            raise CacheLayoutError(
+                f"root zarr.json is missing but the cache holds videos ({videos[:3]}...); refusing to recreate "
+                "the root (restore it from a backup, or write to a new cache)",
+                item=url,
+            )
         attrs = {
             L.ROOT_KIND: L.CACHE_KIND,
             L.ROOT_LAYOUT_VERSION: L.LAYOUT_VERSION,
@@ -259,6 +363,7 @@ class CacheWriter:
             L.ROOT_TOKEN_CHUNK: token_chunk,
             L.ROOT_K: k,
             L.ROOT_D: d,
+            L.ROOT_STORAGE_FORM: cfg["stored_dtype"],
         }
 
         async def create() -> None:
@@ -293,12 +398,22 @@ class CacheWriter:
         return self._geo.D
 
     @property
+    def storage_form(self) -> str:
+        return self._geo.form
+
+    @property
     def fingerprint(self) -> str:
         return str(self.root_attrs[L.ROOT_FINGERPRINT])
 
     @property
     def config(self) -> dict[str, Any]:
         return dict(self.root_attrs[L.ROOT_CONFIG])
+
+    def reader(self) -> CacheReader:
+        """A reader on the same store (for status checks before writing)."""
+        if self._reader is None:
+            self._reader = CacheReader(self.url, store=self.store)
+        return self._reader
 
     # ------------------------------------------------------------ videos
     def write_video(self, video_id: str, meta: dict[str, Any]) -> None:
@@ -324,6 +439,53 @@ class CacheWriter:
         sync(put())
 
     # ------------------------------------------------------------ entries
+    def entry_inputs(
+        self, query_text: str, n_segments: int, *, prompt_template: str = "", video_identity: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """The identity record an entry computed now from these inputs would carry."""
+        return L.entry_inputs(query_text, prompt_template, video_identity, self.fingerprint, n_segments)
+
+    def entry_status(
+        self,
+        video_id: str,
+        query_id: str,
+        query_text: str,
+        n_segments: int,
+        *,
+        prompt_template: str = "",
+        video_identity: dict[str, Any] | None = None,
+        check: str = "quick",
+    ) -> tuple[str, str | None]:
+        """What a run with these inputs must do with an entry: ``(status, reason)``.
+
+        status: "absent", "incomplete", "stale" (complete but computed from other inputs),
+        "corrupt" (complete, same inputs, but its data fails ``check``: "quick" = metadata,
+        shard indexes and relevance; "full" = every chunk's crc32c too; "none" = no data
+        read) or "complete" (nothing to do).
+        """
+        attrs = sync(_get_attrs(self.store, L.entry_path(video_id, query_id)))
+        if attrs is None:
+            damaged = sync(_get_json_status(self.store, L.metadata_key(L.entry_path(video_id, query_id))))[1]
+            return ("corrupt", "entry zarr.json is damaged") if damaged == _JSON_DAMAGED else ("absent", None)
+        if attrs.get(L.ENTRY_COMPLETE) is not True:
+            return "incomplete", None
+        inputs = self.entry_inputs(query_text, n_segments, prompt_template=prompt_template, video_identity=video_identity)
+        if attrs.get(L.ENTRY_INPUTS_SHA256) != L.inputs_digest(inputs):
+            old = attrs.get(L.ENTRY_INPUTS) or {}
+            fields = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
+            return "stale", f"inputs differ: {', '.join(fields)}"
+        if check == "none":
+            return "complete", None
+        try:
+            problems = self.reader().entry(video_id, query_id).verify(full=check == "full")
+        except CacheCorrupt as exc:
+            return "corrupt", exc.reason
+        except EntryNotFound as exc:
+            return "corrupt", exc.reason
+        if problems:
+            return "corrupt", "; ".join(p["reason"] for p in problems[:3])
+        return "complete", None
+
     def begin_entry(
         self,
         video_id: str,
@@ -331,24 +493,28 @@ class CacheWriter:
         query_text: str,
         n_segments: int,
         *,
+        prompt_template: str = "",
+        video_identity: dict[str, Any] | None = None,
         force: bool = False,
         resume: bool = False,
     ) -> bool:
-        """Prepare the (video, query) entry for ``n_segments`` segments. False: already complete (skip).
+        """Prepare a new version of the (video, query) entry for ``n_segments`` segments. False: skip.
 
-        An incomplete entry (crashed run) is deleted and recreated empty — or, with
-        ``resume=True`` and the same query text and shape, kept as is so the blocks that
-        landed intact (see ``missing_segments``) need not be rewritten. With ``force`` a
-        complete entry is recreated too (its marker is removed first). A complete entry whose
-        query text or shape differs is recomputed as well.
+        False when the entry is complete and was computed from the same inputs (query text,
+        prompt template, video identity, fingerprint, segment count). Otherwise a fresh version
+        subgroup is created (its name: ``pending_version(video_id, query_id)``) and the entry's
+        current complete version, if any, stays readable until ``finalize_entry`` switches the
+        pointer. With ``resume=True`` an unfinished version with the same inputs is kept so the
+        blocks that landed intact (see ``missing_segments``) need not be rewritten. ``force``
+        recomputes a complete entry even when its inputs match (``--force``, ``--repair``).
         """
-        if not isinstance(query_text, str):
-            raise InvalidCacheBlock("query_text must be a string", item=f"{video_id}/{query_id}")
+        item = f"{video_id}/{query_id}"
+        if not isinstance(query_text, str) or not isinstance(prompt_template, str):
+            raise InvalidCacheBlock("query_text and prompt_template must be strings", item=item)
         if not isinstance(n_segments, (int, np.integer)) or isinstance(n_segments, bool) or n_segments < 1:
-            raise InvalidCacheBlock(f"n_segments must be a positive int, got {n_segments!r}", item=f"{video_id}/{query_id}")
+            raise InvalidCacheBlock(f"n_segments must be a positive int, got {n_segments!r}", item=item)
         n_segments = int(n_segments)
         epath = L.entry_path(video_id, query_id)
-        item = f"{video_id}/{query_id}"
         video = sync(_get_attrs(self.store, L.video_path(video_id)))
         if video is None:
             raise EntryNotFound("video not written yet (call write_video first)", item=video_id)
@@ -356,72 +522,125 @@ class CacheWriter:
             raise InvalidCacheBlock(
                 f"n_segments {n_segments} differs from the video's {video.get(L.VIDEO_N_SEGMENTS)} timestamps", item=item
             )
+        inputs = self.entry_inputs(query_text, n_segments, prompt_template=prompt_template, video_identity=video_identity)
+        digest = L.inputs_digest(inputs)
         current = sync(_get_attrs(self.store, epath))
-        attrs = {
-            L.ROOT_KIND: L.ENTRY_KIND,
+        complete = current is not None and current.get(L.ENTRY_COMPLETE) is True
+        if complete and not force and current.get(L.ENTRY_INPUTS_SHA256) == digest:
+            self._entries[(video_id, query_id)] = (n_segments, str(current[L.ENTRY_VERSION]))
+            return False
+        pending = current.get(L.ENTRY_PENDING) if current is not None else None
+        if resume and not force and isinstance(pending, str) and pending != (current or {}).get(L.ENTRY_VERSION):
+            vattrs = sync(_get_attrs(self.store, L.data_path(video_id, query_id, pending)))
+            if vattrs is not None and vattrs.get(L.ENTRY_INPUTS_SHA256) == digest:
+                self._entries[(video_id, query_id)] = (n_segments, pending)
+                if self._arrays_present(video_id, query_id):
+                    return True
+        version = f"v{uuid.uuid4().hex[:16]}"
+        g = self._geo
+        version_attrs = {
+            L.ROOT_KIND: L.VERSION_KIND,
             L.ENTRY_VIDEO_ID: video_id,
             L.ENTRY_QUERY_ID: query_id,
-            L.ENTRY_QUERY_TEXT: query_text,
+            L.ENTRY_INPUTS: inputs,
+            L.ENTRY_INPUTS_SHA256: digest,
             L.ENTRY_N_SEGMENTS: n_segments,
-            L.ENTRY_K: self._geo.K,
-            L.ENTRY_D: self._geo.D,
+            L.ENTRY_K: g.K,
+            L.ENTRY_D: g.D,
+            L.ENTRY_STARTED_AT: _now(),
+            L.ENTRY_PACKAGE_VERSION: tempo_ops.__version__,
         }
-        if current is not None and current.get(L.ENTRY_COMPLETE) is True and not force:
-            if all(current.get(k) == v for k, v in attrs.items()):
-                self._entries[(video_id, query_id)] = n_segments
-                return False
-        if (
-            resume
-            and not force
-            and current is not None
-            and current.get(L.ENTRY_COMPLETE) is not True
-            and all(current.get(k) == v for k, v in attrs.items())
-            and self._arrays_present(video_id, query_id)
-        ):
-            self._entries[(video_id, query_id)] = n_segments
-            return True
-        attrs[L.ENTRY_STARTED_AT] = _now()
-        attrs[L.ENTRY_PACKAGE_VERSION] = tempo_ops.__version__
+        metas = _array_metadata(g.form, n_segments, g.K, g.D, g.P, g.C)
+        vpath = L.data_path(video_id, query_id, version)
 
-        async def recreate() -> None:
-            if current is not None and current.get(L.ENTRY_COMPLETE) is True:
-                # Remove the marker first: a crash during the rewrite must not leave a "complete" entry.
-                await _put_group(self.store, epath, {k: v for k, v in current.items() if k != L.ENTRY_COMPLETE})
-            await self.store.delete_dir(epath)
-            await _put_group(self.store, epath, attrs)
+        async def create() -> None:
+            if current is None or not complete:
+                # No complete version to keep readable: (re)write the entry group, recording the
+                # version being written for unit writers that were not handed its name.
+                if isinstance(pending, str) and pending != version:
+                    await self.store.delete_dir(L.data_path(video_id, query_id, pending))  # a crashed run's leftovers
+                await _put_group(
+                    self.store,
+                    epath,
+                    {L.ROOT_KIND: L.ENTRY_KIND, L.ENTRY_VIDEO_ID: video_id, L.ENTRY_QUERY_ID: query_id, L.ENTRY_PENDING: version},
+                )
+            await _put_group(self.store, vpath, version_attrs)
+            await _gather_limited([_put_bytes(self.store, L.metadata_key(f"{vpath}/{name}"), raw) for name, raw in metas.items()])
 
-        sync(recreate())
-        g = self._geo
-        cand_meta, rel_meta = _array_metadata(n_segments, g.K, g.D, g.P, g.C)
-
-        async def create_arrays() -> None:
-            await _put_bytes(self.store, L.metadata_key(L.candidates_path(video_id, query_id)), cand_meta)
-            await _put_bytes(self.store, L.metadata_key(L.relevance_path(video_id, query_id)), rel_meta)
-
-        sync(create_arrays())
-        self._entries[(video_id, query_id)] = n_segments
+        sync(create())
+        self._entries[(video_id, query_id)] = (n_segments, version)
         return True
 
-    def _n_segments(self, video_id: str, query_id: str) -> int:
+    def pending_version(self, video_id: str, query_id: str) -> str:
+        """Name of the version this writer began for the entry (hand it to unit writers)."""
+        return self._entry(video_id, query_id, None)[1]
+
+    def _entry(self, video_id: str, query_id: str, version: str | None) -> tuple[int, str]:
+        """(n_segments, version) of the entry being written: ``version`` given, begun here, or recorded as pending."""
         key = (video_id, query_id)
-        if key not in self._entries:
+        if version is None and key in self._entries:
+            return self._entries[key]
+        item = f"{video_id}/{query_id}"
+        if version is None:
             attrs = sync(_get_attrs(self.store, L.entry_path(video_id, query_id)))
-            if attrs is None or L.ENTRY_N_SEGMENTS not in attrs:
-                raise EntryNotFound("entry not begun (call begin_entry first)", item=f"{video_id}/{query_id}")
-            self._entries[key] = int(attrs[L.ENTRY_N_SEGMENTS])
+            version = (attrs or {}).get(L.ENTRY_PENDING)
+            if not isinstance(version, str):
+                raise EntryNotFound("entry not begun (call begin_entry first, or pass version=)", item=item)
+        vattrs = sync(_get_attrs(self.store, L.data_path(video_id, query_id, version)))
+        if vattrs is None or L.ENTRY_N_SEGMENTS not in vattrs:
+            raise EntryNotFound(f"entry version {version} not begun", item=item)
+        self._entries[key] = (int(vattrs[L.ENTRY_N_SEGMENTS]), version)
         return self._entries[key]
 
+    def _encode_candidates(self, cand: np.ndarray, seg_start: int, item: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Candidates ``(n, K, D)`` → stored values (``<f2`` / bf16 bits ``<u2`` / ``i1``) and int8 scales ``(n, K)``."""
+        form = self._geo.form
+        if cand.dtype == np.float16:  # only inf/NaN can be wrong (numpy's float16 max/min are slow)
+            fits = bool(np.isfinite(cand).all())
+        elif form == "float16":  # no temporaries: NaN propagates through max/min and fails the comparison
+            fits = bool(cand.max() <= L.FLOAT16_MAX and cand.min() >= -L.FLOAT16_MAX)
+        else:
+            fits = bool(np.isfinite(cand.max()) and np.isfinite(cand.min()))
+        if not fits:
+            limit = L.FLOAT16_MAX if form == "float16" else np.inf
+            bad_mask = ~np.isfinite(cand) | (np.abs(cand) > limit)
+            s, t, c = (int(v) for v in np.argwhere(bad_mask)[0])
+            what = "do not fit float16 (|x| > 65504, inf or NaN)" if form == "float16" else "are not finite"
+            raise Float16Overflow(
+                f"{int(bad_mask.sum())} candidate value(s) {what}; "
+                f"first at segment {seg_start + s}, token {t}, channel {c}: {cand[s, t, c]!r}",
+                item=item,
+                segment=seg_start + s,
+            )
+        if form == "float16":
+            return cand.astype("<f2", copy=False), None
+        if form == "bfloat16":
+            bits = to_bf16_bits(cand)
+            if np.any((bits & 0x7F80) == 0x7F80):  # rounded up to inf (beyond bf16's max)
+                raise Float16Overflow("candidate values overflow bfloat16", item=item, segment=seg_start)
+            return bits, None
+        return quantize_int8(cand)
+
     def write_block(
-        self, video_id: str, query_id: str, seg_start: int, candidates: np.ndarray, relevance: np.ndarray
+        self,
+        video_id: str,
+        query_id: str,
+        seg_start: int,
+        candidates: np.ndarray,
+        relevance: np.ndarray,
+        *,
+        version: str | None = None,
     ) -> None:
-        """Write segments ``[seg_start, seg_start + n)``: candidates ``(n, K, D)`` float16/32, relevance ``(n,)`` float32.
+        """Write segments ``[seg_start, seg_start + n)``: candidates ``(n, K, D)`` float, relevance ``(n,)`` in [0, 1].
 
         ``seg_start`` must be a multiple of ``segments_per_shard`` and ``n`` a multiple of it
-        unless the block ends the entry. Values that do not fit float16 raise Float16Overflow
-        before anything is written. Rewriting a block is idempotent.
+        unless the block ends the entry. Candidates are converted to the cache's storage form;
+        values that do not fit it (float16: |x| > 65504; any: inf/NaN) raise Float16Overflow
+        before anything is written. ``version``: the version being written (default: the one
+        this writer began, else the entry's recorded pending version). Idempotent.
         """
         g = self._geo
-        n_seg = self._n_segments(video_id, query_id)
+        n_seg, version = self._entry(video_id, query_id, version)
         item = f"{video_id}/{query_id}"
         cand = np.asarray(candidates)
         rel = np.asarray(relevance)
@@ -441,88 +660,84 @@ class CacheWriter:
                 f"block [{seg_start}, {end}) is not whole shards of {g.P} segments inside [0, {n_seg})", item=item
             )
         rel32 = rel.astype(np.float32)
-        if not np.all(np.isfinite(rel32)):
-            bad = int(np.flatnonzero(~np.isfinite(rel32))[0]) + seg_start
-            raise InvalidCacheBlock(f"relevance of segment {bad} is not finite", item=item)
-        if cand.dtype == np.float16:  # only inf/NaN can be wrong (numpy's float16 max/min are slow)
-            fits = bool(np.isfinite(cand).all())
-        else:  # no temporaries: NaN propagates through max/min and fails the comparison
-            fits = bool(cand.max() <= L.FLOAT16_MAX and cand.min() >= -L.FLOAT16_MAX)
-        if not fits:
-            bad_mask = ~np.isfinite(cand) | (np.abs(cand) > L.FLOAT16_MAX)
-            s, t, c = (int(v) for v in np.argwhere(bad_mask)[0])
-            raise Float16Overflow(
-                f"{int(bad_mask.sum())} candidate value(s) do not fit float16 (|x| > 65504, inf or NaN); "
-                f"first at segment {seg_start + s}, token {t}, channel {c}: {cand[s, t, c]!r}",
-                item=item,
-                segment=seg_start + s,
-            )
-        c16 = cand.astype("<f2", copy=False)
+        bad_rel = ~(np.isfinite(rel32) & (rel32 >= 0) & (rel32 <= 1))
+        if bad_rel.any():
+            bad = int(np.flatnonzero(bad_rel)[0])
+            raise InvalidCacheBlock(f"relevance of segment {bad + seg_start} is not in [0, 1]: {rel32[bad]!r}", item=item)
+        stored, scales = self._encode_candidates(cand, seg_start, item)
         store = self.store
 
         async def put() -> None:
-            # Candidates first, relevance last: a relevance chunk present means its block landed.
-            shard_puts = []
+            # Candidates (and scales) first, relevance last: a relevance chunk present means its block landed.
+            puts = []
             for s0 in range(seg_start, end, g.P):
                 shard = s0 // g.P
-                data = encode_shard(c16[s0 - seg_start : s0 - seg_start + g.P], g.P, g.C)
-                shard_puts.append(_put_bytes(store, L.candidates_shard_key(video_id, query_id, shard), data))
-            await _gather_limited(shard_puts)
+                part = slice(s0 - seg_start, s0 - seg_start + g.P)
+                data = encode_shard(stored[part], g.P, g.C, checksum=g.checksums)
+                puts.append(_put_bytes(store, L.candidates_shard_key(video_id, query_id, shard, version), data))
+                if scales is not None:
+                    sdata = encode_shard(scales[part][:, None, :], g.P, 1, checksum=g.checksums)
+                    puts.append(_put_bytes(store, L.scales_shard_key(video_id, query_id, shard, version), sdata))
+            await _gather_limited(puts)
             rel_puts = []
             for s0 in range(seg_start, end, g.P):
                 chunk = np.full(g.P, np.nan, dtype="<f4")
                 part = rel32[s0 - seg_start : s0 - seg_start + g.P]
                 chunk[: len(part)] = part
-                rel_puts.append(_put_bytes(store, L.relevance_chunk_key(video_id, query_id, s0 // g.P), chunk.tobytes()))
+                raw = chunk.tobytes()
+                raw += crc32c_bytes(raw) if g.checksums else b""
+                rel_puts.append(_put_bytes(store, L.relevance_chunk_key(video_id, query_id, s0 // g.P, version), raw))
             await _gather_limited(rel_puts)
 
         sync(put())
 
     def _arrays_present(self, video_id: str, query_id: str) -> bool:
-        """Both array metadata objects exist and are the ones this writer would create."""
-        async def run() -> tuple[Any, Any]:
-            return tuple(
-                await asyncio.gather(
-                    _get_bytes(self.store, L.metadata_key(L.candidates_path(video_id, query_id))),
-                    _get_bytes(self.store, L.metadata_key(L.relevance_path(video_id, query_id))),
-                )
-            )
-
-        n_seg = self._n_segments(video_id, query_id)
+        """The version's array metadata objects exist and are the ones this writer would create."""
+        n_seg, version = self._entry(video_id, query_id, None)
         g = self._geo
-        return sync(run()) == _array_metadata(n_seg, g.K, g.D, g.P, g.C)
+        expected = _array_metadata(g.form, n_seg, g.K, g.D, g.P, g.C)
+        vpath = L.data_path(video_id, query_id, version)
 
-    async def _shard_problems(self, video_id: str, query_id: str, n_seg: int) -> dict[int, EntryIncomplete]:
-        """Shard number → what is wrong with it (missing, torn, bad checksum, absent chunks)."""
+        async def run() -> list[Any]:
+            return await _gather_limited([_get_bytes(self.store, L.metadata_key(f"{vpath}/{n}")) for n in expected])
+
+        return sync(run()) == list(expected.values())
+
+    async def _shard_problems(self, video_id: str, query_id: str, n_seg: int, version: str) -> dict[int, EntryIncomplete]:
+        """Shard number → what is wrong with it (missing, torn, bad index checksum, absent chunks)."""
         g, store, item = self._geo, self.store, f"{video_id}/{query_id}"
+        kinds = [(L.candidates_shard_key, g.index_nbytes, g.K // g.C, g.chunk_nbytes)]
+        if g.form == "int8":
+            kinds.append((L.scales_shard_key, g.scale_index_nbytes, 1, g.scale_chunk_nbytes))
 
         async def check(shard: int) -> EntryIncomplete | None:
-            key = L.candidates_shard_key(video_id, query_id, shard)
-            where = f"{item} shard {shard}"
-            try:
-                size = await store.getsize(key)
-            except FileNotFoundError:
-                return EntryIncomplete(f"candidates shard {shard} is missing", item=item)
-            try:
-                raw = await _get_bytes(store, key, SuffixByteRequest(g.index_nbytes))
-                index = decode_index(raw or b"", g.P, g.K // g.C, item=where)
-                check_shard(index, g.shard_segments(shard, n_seg), g.chunk_nbytes, size - g.index_nbytes, item=where)
-            except EntryIncomplete as exc:
-                return exc
+            for key_of, index_nbytes, chunks, chunk_nbytes in kinds:
+                key = key_of(video_id, query_id, shard, version)
+                where = f"{item} shard {shard} ({key})"
+                try:
+                    size = await store.getsize(key)
+                except FileNotFoundError:
+                    return EntryIncomplete(f"shard {shard} is missing ({key})", item=item)
+                try:
+                    raw = await _get_bytes(store, key, SuffixByteRequest(index_nbytes))
+                    index = decode_index(raw or b"", g.P, chunks, item=where)
+                    check_shard(index, g.shard_segments(shard, n_seg), chunk_nbytes, size - index_nbytes, item=where)
+                except EntryIncomplete as exc:
+                    return exc
             return None
 
         results = await _gather_limited([check(s) for s in range(g.n_shards(n_seg))])
         return {s: r for s, r in enumerate(results) if r is not None}
 
-    def missing_segments(self, video_id: str, query_id: str) -> list[tuple[int, int]]:
-        """Segment ranges whose blocks have not landed intact: relevance still NaN, or shard damaged."""
+    def missing_segments(self, video_id: str, query_id: str, *, version: str | None = None) -> list[tuple[int, int]]:
+        """Segment ranges of the version being written whose blocks have not landed intact."""
         g = self._geo
-        n_seg = self._n_segments(video_id, query_id)
+        n_seg, version = self._entry(video_id, query_id, version)
 
         async def run() -> np.ndarray:
             rel, problems = await asyncio.gather(
-                _read_relevance_raw(self.store, g, video_id, query_id, n_seg),
-                self._shard_problems(video_id, query_id, n_seg),
+                _read_relevance_raw(self.store, g, video_id, query_id, n_seg, version),
+                self._shard_problems(video_id, query_id, n_seg, version),
             )
             missing = np.isnan(rel)
             for shard in problems:
@@ -531,38 +746,66 @@ class CacheWriter:
 
         return _segment_ranges(sync(run()))
 
-    def finalize_entry(self, video_id: str, query_id: str) -> None:
-        """Verify every block landed intact, then write the completion marker (last).
+    def finalize_entry(self, video_id: str, query_id: str, *, version: str | None = None) -> None:
+        """Verify every block of the version landed intact, then switch the entry to it (one put, last).
 
-        Checks: no relevance NaN remains; every candidates shard exists, its index checksum
-        is valid and every in-bounds chunk is present with the raw size. EntryIncomplete
-        (naming the segment ranges / shard) otherwise; the entry then stays incomplete.
+        Checks: no relevance chunk is missing or fails its crc32c; every shard exists, its index
+        checksum is valid and every in-bounds chunk is present with the expected size.
+        EntryIncomplete (naming the segment ranges / shard) otherwise; the entry then keeps its
+        previous complete version, if any. The entry group written records the version's
+        inputs, so recorded inputs and tokens always agree; the superseded version is deleted
+        after the switch.
         """
         g = self._geo
-        n_seg = self._n_segments(video_id, query_id)
+        n_seg, version = self._entry(video_id, query_id, version)
         item = f"{video_id}/{query_id}"
         epath = L.entry_path(video_id, query_id)
         store = self.store
 
-        async def verify() -> dict[str, Any]:
-            rel = await _read_relevance_raw(store, g, video_id, query_id, n_seg)
+        async def verify() -> tuple[dict[str, Any], dict[str, Any] | None]:
+            rel = await _read_relevance_raw(store, g, video_id, query_id, n_seg, version)
             missing = _segment_ranges(np.isnan(rel))
             if missing:
                 raise EntryIncomplete(f"blocks missing for segment ranges {missing[:8]}", item=item, missing=missing)
-            problems = await self._shard_problems(video_id, query_id, n_seg)
+            problems = await self._shard_problems(video_id, query_id, n_seg, version)
             if problems:
                 raise problems[min(problems)]
-            attrs = await _get_attrs(store, epath)
-            if attrs is None:
-                raise EntryNotFound("entry metadata vanished before finalising", item=item)
-            return attrs
+            vattrs, current = await asyncio.gather(
+                _get_attrs(store, L.data_path(video_id, query_id, version)), _get_attrs(store, epath)
+            )
+            if vattrs is None:
+                raise EntryNotFound(f"entry version {version} vanished before finalising", item=item)
+            return vattrs, current
 
-        attrs = sync(verify())
-        attrs.update({L.ENTRY_COMPLETE: True, L.ENTRY_COMPLETED_AT: _now(), L.ENTRY_PACKAGE_VERSION: tempo_ops.__version__})
-        sync(_put_group(store, epath, attrs))
+        vattrs, current = sync(verify())
+        inputs = vattrs[L.ENTRY_INPUTS]
+        attrs = {
+            L.ROOT_KIND: L.ENTRY_KIND,
+            L.ENTRY_VIDEO_ID: video_id,
+            L.ENTRY_QUERY_ID: query_id,
+            L.ENTRY_QUERY_TEXT: inputs["query_text"],
+            L.ENTRY_N_SEGMENTS: n_seg,
+            L.ENTRY_K: g.K,
+            L.ENTRY_D: g.D,
+            L.ENTRY_INPUTS: inputs,
+            L.ENTRY_INPUTS_SHA256: vattrs[L.ENTRY_INPUTS_SHA256],
+            L.ENTRY_VERSION: version,
+            L.ENTRY_STARTED_AT: vattrs.get(L.ENTRY_STARTED_AT),
+            L.ENTRY_COMPLETE: True,
+            L.ENTRY_COMPLETED_AT: _now(),
+            L.ENTRY_PACKAGE_VERSION: tempo_ops.__version__,
+        }
+        previous = (current or {}).get(L.ENTRY_VERSION) if (current or {}).get(L.ENTRY_COMPLETE) is True else None
+
+        async def switch() -> None:
+            await _put_group(store, epath, attrs)  # the switch: readers see the old version or this one
+            if isinstance(previous, str) and previous != version:
+                await store.delete_dir(L.data_path(video_id, query_id, previous))
+
+        sync(switch())
 
     def is_complete(self, video_id: str, query_id: str) -> bool:
-        """True when the entry carries the completion marker."""
+        """True when the entry carries the completion marker (some complete version)."""
         attrs = sync(_get_attrs(self.store, L.entry_path(video_id, query_id)))
         return attrs is not None and attrs.get(L.ENTRY_COMPLETE) is True
 
@@ -571,19 +814,22 @@ def _reopen_writer(url: str, config: dict[str, Any], storage_options: dict[str, 
     return CacheWriter.open(url, config, storage_options=storage_options)
 
 
-async def _read_relevance_raw(store: Any, g: _Geometry, video_id: str, query_id: str, n_seg: int) -> np.ndarray:
-    """(S,) float32 from the relevance chunks; NaN where a chunk is absent."""
-    keys = [L.relevance_chunk_key(video_id, query_id, c) for c in range(g.n_shards(n_seg))]
+async def _read_relevance_raw(
+    store: Any, g: _Geometry, video_id: str, query_id: str, n_seg: int, version: str | None
+) -> np.ndarray:
+    """(S,) float32 from the relevance chunks; NaN where a chunk is absent, torn or fails its crc32c."""
+    keys = [L.relevance_chunk_key(video_id, query_id, c, version) for c in range(g.n_shards(n_seg))]
     raws = await _gather_limited([_get_bytes(store, k) for k in keys])
     out = np.full(g.n_shards(n_seg) * g.P, np.nan, dtype=np.float32)
     for c, raw in enumerate(raws):
-        if raw is not None and len(raw) == g.P * 4:
-            out[c * g.P : (c + 1) * g.P] = np.frombuffer(raw, dtype="<f4")
+        chunk = _decode_relevance_chunk(raw, g)
+        if chunk is not None:
+            out[c * g.P : (c + 1) * g.P] = chunk
     return out[:n_seg]
 
 
 class CacheReader:
-    """Reads a token cache. Checks the layout version on opening (CacheLayoutError)."""
+    """Reads a token cache of layout v1 or v2. Checks the root on opening (CacheLayoutError)."""
 
     def __init__(
         self,
@@ -596,11 +842,7 @@ class CacheReader:
         """``store``: an already-open Zarr store for ``url`` (e.g. a byte-counting wrapper)."""
         self.url = url
         self.store = store if store is not None else open_store(url, storage_options, read_only=True, policy=retry)
-        try:
-            root = sync(_get_attrs(self.store, ""))
-        except FileNotFoundError:  # a local path that does not exist
-            root = None
-        self.root_attrs = L.check_layout(root, url)
+        self.root_attrs = L.check_layout(_root_attrs(self.store, url), url)
         self._geo = _Geometry(self.root_attrs)
 
     @property
@@ -614,6 +856,11 @@ class CacheReader:
     @property
     def layout_version(self) -> int:
         return int(self.root_attrs[L.ROOT_LAYOUT_VERSION])
+
+    @property
+    def storage_form(self) -> str:
+        """"float16" (v1 and v2), "bfloat16" or "int8" (v2)."""
+        return self._geo.form
 
     @property
     def segments_per_shard(self) -> int:
@@ -641,7 +888,8 @@ class CacheReader:
     def scan(self) -> list[dict[str, Any]]:
         """One row per video: ``{"key", "attrs", "entries": [{"key", "attrs" (None if unreadable), "complete"}]}``.
 
-        Reads only group ``zarr.json`` objects (no array data).
+        Reads only group ``zarr.json`` objects (no array data). Entry groups are the children
+        of ``queries/`` (v2 version subgroups lie one level deeper and are not listed).
         """
 
         async def run() -> list[dict[str, Any]]:
@@ -664,7 +912,10 @@ class CacheReader:
         return sync(run())
 
     def entries(self, complete_only: bool = True) -> list[tuple[str, str]]:
-        """(video_id, query_id) pairs, sorted; only complete ones unless ``complete_only=False``."""
+        """(video_id, query_id) pairs, sorted; only complete ones unless ``complete_only=False``.
+
+        Entries whose metadata cannot be read are not in this list: see ``unreadable_entries``.
+        """
         out = []
         for v in self.scan():
             for e in v["entries"]:
@@ -675,50 +926,91 @@ class CacheReader:
                     out.append((a[L.ENTRY_VIDEO_ID], a[L.ENTRY_QUERY_ID]))
         return sorted(out)
 
-    def entry(self, video_id: str, query_id: str) -> EntryReader:
-        """Reader of a complete entry. EntryNotFound when absent or incomplete."""
-        item = f"{video_id}/{query_id}"
+    def unreadable_entries(self, rows: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
+        """Nodes listed in the cache whose metadata is missing or damaged: ``[{"key", "reason"}]``.
 
-        async def load() -> tuple[Any, Any, Any]:
-            return tuple(
+        ``key`` is the store path (``videos/{vkey}`` or ``videos/{vkey}/queries/{qkey}``): the
+        original ids are in that unreadable metadata, so the sanitised keys are all there is.
+        """
+        out = []
+        for v in rows if rows is not None else self.scan():
+            vpath = f"{L.VIDEOS}/{v['key']}"
+            if v["attrs"] is None or L.VIDEO_ID not in v["attrs"]:
+                out.append({"key": vpath, "reason": "video zarr.json is missing or damaged"})
+            for e in v["entries"]:
+                a = e["attrs"]
+                if a is None or L.ENTRY_VIDEO_ID not in a or L.ENTRY_QUERY_ID not in a:
+                    out.append({"key": f"{vpath}/{L.QUERIES}/{e['key']}", "reason": "entry zarr.json is missing or damaged"})
+        return out
+
+    def entry(self, video_id: str, query_id: str) -> EntryReader:
+        """Reader of a complete entry. EntryNotFound when absent or incomplete; CacheCorrupt when damaged."""
+        item = f"{video_id}/{query_id}"
+        epath = L.entry_path(video_id, query_id)
+        eattrs, status = sync(_get_json_status(self.store, L.metadata_key(epath)))
+        if status == _JSON_DAMAGED:
+            raise CacheCorrupt("entry zarr.json is damaged", item=item, chunk=L.metadata_key(epath))
+        eattrs = None if eattrs is None else eattrs.get("attributes", {})
+        if eattrs is None or eattrs.get(L.ENTRY_COMPLETE) is not True:
+            raise EntryNotFound("entry absent or incomplete", item=item)
+        version = eattrs.get(L.ENTRY_VERSION) if self.layout_version >= 2 else None
+        if self.layout_version >= 2 and not isinstance(version, str):
+            raise CacheCorrupt("complete entry names no version", item=item, chunk=L.metadata_key(epath))
+        names = [L.CANDIDATES, L.RELEVANCE] + ([L.SCALES] if self._geo.form == "int8" else [])
+        dpath = L.data_path(video_id, query_id, version)
+
+        async def load() -> list[Any]:
+            return list(
                 await asyncio.gather(
-                    _get_attrs(self.store, L.entry_path(video_id, query_id)),
                     _get_attrs(self.store, L.video_path(video_id)),
-                    _get_json(self.store, L.metadata_key(L.candidates_path(video_id, query_id))),
+                    _get_attrs(self.store, dpath) if version else asyncio.sleep(0, {}),
+                    *[_get_json(self.store, L.metadata_key(f"{dpath}/{n}")) for n in names],
                 )
             )
 
-        eattrs, vattrs, cmeta = sync(load())
-        if eattrs is None or eattrs.get(L.ENTRY_COMPLETE) is not True:
-            raise EntryNotFound("entry absent or incomplete", item=item)
-        if vattrs is None or cmeta is None:
-            raise EntryNotFound("entry's video record or candidates metadata is missing", item=item)
-        return EntryReader(self, video_id, query_id, eattrs, vattrs, cmeta)
+        vattrs, version_attrs, *metas = sync(load())
+        if vattrs is None:
+            raise CacheCorrupt("entry's video record is missing or damaged", item=item, chunk=L.metadata_key(L.video_path(video_id)))
+        if version_attrs is None or (version and version_attrs.get(L.ENTRY_INPUTS_SHA256) != eattrs.get(L.ENTRY_INPUTS_SHA256)):
+            raise CacheCorrupt(f"entry version {version} is missing or records other inputs", item=item, chunk=dpath)
+        for n, m in zip(names, metas):
+            if m is None:
+                raise CacheCorrupt(f"{n} array metadata is missing or damaged", item=item, chunk=L.metadata_key(f"{dpath}/{n}"))
+        return EntryReader(self, video_id, query_id, eattrs, vattrs, dict(zip(names, metas)), version)
 
 
-def _direct_readable(cmeta: dict[str, Any], g: _Geometry) -> bool:
-    """True when the candidates array is encoded exactly as our direct reader expects."""
+def _direct_readable(metas: dict[str, dict[str, Any]], g: _Geometry) -> bool:
+    """True when the arrays are encoded exactly as our direct reader expects."""
     little = {"name": "bytes", "configuration": {"endian": "little"}}
-    expected = [
-        {
-            "name": "sharding_indexed",
-            "configuration": {
-                "chunk_shape": [1, g.C, g.D],
-                "codecs": [little],
-                "index_codecs": [little, {"name": "crc32c"}],
-                "index_location": "end",
-            },
-        }
-    ]
-    return (
-        cmeta.get("codecs") == expected
-        and cmeta.get("data_type") == "float16"
+    inner = [little, {"name": "crc32c"}] if g.checksums else [little]
+
+    def sharded(chunk: list[int]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": "sharding_indexed",
+                "configuration": {
+                    "chunk_shape": chunk,
+                    "codecs": inner,
+                    "index_codecs": [little, {"name": "crc32c"}],
+                    "index_location": "end",
+                },
+            }
+        ]
+
+    cmeta = metas[L.CANDIDATES]
+    ok = (
+        cmeta.get("codecs") == sharded([1, g.C, g.D])
+        and cmeta.get("data_type") == _FORM_DTYPE[g.form][0]
         and cmeta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") == [g.P, g.K, g.D]
     )
+    if g.form == "int8":
+        smeta = metas[L.SCALES]
+        ok = ok and smeta.get("codecs") == sharded([1, g.K]) and smeta.get("data_type") == "float32"
+    return ok
 
 
 class EntryReader:
-    """One complete (video, query) entry: metadata, relevance and budget-proportional token reads."""
+    """One complete (video, query) entry: metadata, relevance and budget-proportional, verified token reads."""
 
     def __init__(
         self,
@@ -727,35 +1019,60 @@ class EntryReader:
         query_id: str,
         entry_attrs: dict[str, Any],
         video_attrs: dict[str, Any],
-        candidates_meta: dict[str, Any],
+        metas: dict[str, dict[str, Any]],
+        version: str | None = None,
     ) -> None:
         self._reader = reader
         self._store = reader.store
         self._geo = reader._geo
         self.video_id = video_id
         self.query_id = query_id
+        self.version = version
         self.attrs = entry_attrs
         self.query_text: str = entry_attrs[L.ENTRY_QUERY_TEXT]
+        self.inputs: dict[str, Any] | None = entry_attrs.get(L.ENTRY_INPUTS)  # None for v1 entries
+        self.prompt_template: str | None = (self.inputs or {}).get("prompt_template")
         self.n_segments: int = int(entry_attrs[L.ENTRY_N_SEGMENTS])
         self.K: int = int(entry_attrs[L.ENTRY_K])
         self.D: int = int(entry_attrs[L.ENTRY_D])
+        self.storage_form: str = self._geo.form
         meta = video_attrs.get(L.VIDEO_META, {})
         self.timestamps: list[float] = [float(t) for t in meta.get("timestamps", [])]
         self.timestamp_texts: list[str] = list(meta.get("timestamp_texts", []))
-        self.direct = _direct_readable(candidates_meta, self._geo)
-        self._indexes: dict[int, np.ndarray] = {}
+        self.direct = _direct_readable(metas, self._geo)
+        self._indexes: dict[tuple[str, int], np.ndarray] = {}
 
     def _item(self) -> str:
         return f"{self.video_id}/{self.query_id}"
 
+    def _corrupt(self, reason: str, chunk: str) -> CacheCorrupt:
+        return CacheCorrupt(f"{reason} [{chunk}]", item=self._item(), chunk=chunk)
+
     def candidates_array(self) -> zarr.Array:
-        """The candidates as a plain read-only ``zarr.Array`` (S, K, D) float16."""
-        return zarr.open_array(self._store, path=L.candidates_path(self.video_id, self.query_id), mode="r")
+        """The stored candidates as a plain read-only ``zarr.Array`` (S, K, D) (float16 / bf16 bits uint16 / int8)."""
+        return zarr.open_array(self._store, path=L.candidates_path(self.video_id, self.query_id, self.version), mode="r")
 
     def relevance(self) -> np.ndarray:
-        """Relevance scores ``(S,)`` float32 (reads only the relevance chunks)."""
-        arr = zarr.open_array(self._store, path=L.relevance_path(self.video_id, self.query_id), mode="r")
-        return np.asarray(arr[:], dtype=np.float32)
+        """Relevance scores ``(S,)`` float32 in [0, 1]. CacheCorrupt when a chunk is missing, damaged or out of range."""
+        g = self._geo
+        keys = [L.relevance_chunk_key(self.video_id, self.query_id, c, self.version) for c in range(g.n_shards(self.n_segments))]
+
+        async def run() -> list[bytes | None]:
+            return await _gather_limited([_get_bytes(self._store, k) for k in keys])
+
+        out = np.empty(len(keys) * g.P, dtype=np.float32)
+        for c, (key, raw) in enumerate(zip(keys, sync(run()))):
+            chunk = _decode_relevance_chunk(raw, g)
+            if chunk is None:
+                why = "missing" if raw is None else ("checksum mismatch" if len(raw) == g.rel_chunk_nbytes else "truncated")
+                raise self._corrupt(f"relevance chunk {c} {why}", key)
+            out[c * g.P : (c + 1) * g.P] = chunk
+        out = out[: self.n_segments]
+        bad = ~(np.isfinite(out) & (out >= 0) & (out <= 1))
+        if bad.any():
+            s = int(np.flatnonzero(bad)[0])
+            raise self._corrupt(f"relevance of segment {s} is {out[s]!r}, not in [0, 1]", keys[s // g.P])
+        return out
 
     def _check_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         if len(ranges) != self.n_segments:
@@ -771,86 +1088,246 @@ class EntryReader:
             out.append((a, b))
         return out
 
-    def read_token_ranges(self, ranges: Sequence[tuple[int, int]], *, method: str = "auto") -> list[np.ndarray]:
+    def read_token_ranges(
+        self, ranges: Sequence[tuple[int, int]], *, method: str = "auto", dtype: str | None = None
+    ) -> list[np.ndarray]:
         """Tokens ``[start, stop)`` of every segment: ``ranges[i]`` belongs to segment i (len S).
 
-        Returns a list of S arrays ``(stop - start, D)`` float16 (views into one buffer).
-        ``method``: "direct" reads exactly the selected bytes via the shard index (one
-        range request per contiguous run + one index read per touched shard); "zarr" uses
-        plain zarr slicing (reads whole touched inner chunks); "auto" = direct when the
-        array's codecs allow it.
+        Returns a list of S arrays ``(stop - start, D)`` (views into one buffer), of ``dtype``
+        "float32" or "float16"; default: float16 for float16 caches, float32 for bfloat16 and
+        int8 ones (``read_stored`` gives the stored values). ``method``: "direct" reads whole
+        inner chunks via the shard index (one range request per contiguous run + one index read
+        per touched shard) and verifies each chunk's crc32c; "zarr" uses plain zarr slicing
+        (zarr verifies the crc32c; missing chunks are detected by their NaN fill); "auto" =
+        direct when the arrays' codecs allow it. CacheCorrupt names the entry and the chunk.
         """
-        out, starts = self._read(self._check_ranges(ranges), method)
-        return [out[starts[i] : starts[i + 1]] for i in range(self.n_segments)]
+        dtype = dtype or ("float16" if self.storage_form == "float16" else "float32")
+        if dtype not in ("float16", "float32"):
+            raise InvalidTokenRange(f"dtype must be 'float16' or 'float32', got {dtype!r}", item=self._item())
+        stored, scales, starts = self._read(self._check_ranges(ranges), method)
+        values = self._to_float(stored, scales, np.dtype(dtype))
+        return [values[starts[i] : starts[i + 1]] for i in range(self.n_segments)]
 
-    def _read(self, rs: list[tuple[int, int]], method: str) -> tuple[np.ndarray, np.ndarray]:
-        """Read validated ranges into one ``(sum of lengths, D)`` float16 buffer; return it and row starts."""
+    def read_stored(
+        self, ranges: Sequence[tuple[int, int]], *, method: str = "auto"
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """The stored values of the ranges: (tokens per segment, int8 scales per segment or None).
+
+        Tokens are float16, uint16 (bfloat16 bit patterns) or int8 ``(n_i, D)``; scales float32 ``(n_i,)``.
+        """
+        stored, scales, starts = self._read(self._check_ranges(ranges), method)
+        toks = [stored[starts[i] : starts[i + 1]] for i in range(self.n_segments)]
+        sc = None if scales is None else [scales[starts[i] : starts[i + 1]] for i in range(self.n_segments)]
+        return toks, sc
+
+    def _to_float(self, stored: np.ndarray, scales: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+        if self.storage_form == "float16":
+            return stored if dtype == np.float16 else stored.astype(dtype)
+        values = from_bf16_bits(stored) if self.storage_form == "bfloat16" else dequantize_int8(stored, scales)
+        return values if dtype == np.float32 else values.astype(dtype)
+
+    def _read(self, rs: list[tuple[int, int]], method: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Read validated ranges into one ``(sum of lengths, D)`` stored-dtype buffer (+ scales); return them and row starts."""
+        g = self._geo
         lengths = np.array([b - a for a, b in rs], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        out = np.empty((int(starts[-1]), self.D), dtype=np.float16)
+        out = np.empty((int(starts[-1]), self.D), dtype=g.stored)
+        scales = np.empty(int(starts[-1]), dtype=np.float32) if g.form == "int8" else None
         if method not in ("auto", "direct", "zarr"):
             raise InvalidTokenRange(f"unknown read method {method!r}", item=self._item())
         use_direct = method == "direct" or (method == "auto" and self.direct)
         if use_direct and not self.direct:
             raise CacheLayoutError("candidates are not encoded for direct reads; use method='zarr'", item=self._item())
-        if use_direct:
-            sync(self._read_direct(rs, starts, out))
+        if use_direct and g.checksums:
+            sync(self._read_direct_chunks(rs, starts, out, scales))
+        elif use_direct:
+            sync(self._read_direct_v1(rs, starts, out))
         else:
-            arr = self.candidates_array()
-            for i, (a, b) in enumerate(rs):
-                if b > a:
-                    out[starts[i] : starts[i + 1]] = arr[i, a:b]
-        return out, starts
+            self._read_zarr(rs, starts, out, scales)
+        return out, scales, starts
 
-    async def _shard_index(self, shard: int) -> np.ndarray:
-        if shard not in self._indexes:
+    def _read_zarr(self, rs: list[tuple[int, int]], starts: np.ndarray, out: np.ndarray, scales: np.ndarray | None) -> None:
+        arr = self.candidates_array()
+        sarr = (
+            zarr.open_array(self._store, path=L.scales_path(self.video_id, self.query_id, self.version), mode="r")
+            if scales is not None
+            else None
+        )
+        for i, (a, b) in enumerate(rs):
+            if b <= a:
+                continue
+            try:
+                out[starts[i] : starts[i + 1]] = arr[i, a:b]
+                if sarr is not None:
+                    scales[starts[i] : starts[i + 1]] = sarr[i, a:b]
+            except Exception as exc:  # zarr raises its own errors for a failed crc32c or a torn shard
+                raise self._corrupt(f"segment {i} tokens [{a}, {b}) unreadable ({type(exc).__name__}: {exc})", arr.path) from exc
+            block = out[starts[i] : starts[i + 1]]
+            missing = (
+                np.isnan(block).any() if self.storage_form == "float16"
+                else (block == L.BF16_NAN_BITS).any() if self.storage_form == "bfloat16"
+                else (block == L.INT8_MISSING).any() or np.isnan(scales[starts[i] : starts[i + 1]]).any()
+            )
+            if missing:
+                raise self._corrupt(f"segment {i} tokens [{a}, {b}) read as the fill value (chunk missing)", arr.path)
+
+    async def _index(self, kind: str, shard: int) -> np.ndarray:
+        """The (checksum-verified) shard index of candidates (``kind`` "c") or scales ("s") shard ``shard``."""
+        if (kind, shard) not in self._indexes:
             g = self._geo
-            key = L.candidates_shard_key(self.video_id, self.query_id, shard)
-            raw = await _get_bytes(self._store, key, SuffixByteRequest(g.index_nbytes))
+            if kind == "c":
+                key, nbytes, chunks = L.candidates_shard_key(self.video_id, self.query_id, shard, self.version), g.index_nbytes, g.K // g.C
+            else:
+                key, nbytes, chunks = L.scales_shard_key(self.video_id, self.query_id, shard, self.version), g.scale_index_nbytes, 1
+            raw = await _get_bytes(self._store, key, SuffixByteRequest(nbytes))
             if raw is None:
-                raise EntryIncomplete(f"candidates shard {shard} is missing", item=self._item())
-            self._indexes[shard] = decode_index(raw, g.P, g.K // g.C, item=f"{self._item()} shard {shard}")
-        return self._indexes[shard]
+                raise self._corrupt(f"shard {shard} is missing", key)
+            try:
+                self._indexes[(kind, shard)] = decode_index(raw, g.P, chunks, item=self._item())
+            except CacheCorrupt as exc:
+                raise self._corrupt(f"shard {shard}: {exc.reason}", key) from None
+        return self._indexes[(kind, shard)]
 
-    async def _read_direct(self, rs: list[tuple[int, int]], starts: np.ndarray, out: np.ndarray) -> None:
+    async def _read_direct_chunks(
+        self, rs: list[tuple[int, int]], starts: np.ndarray, out: np.ndarray, scales: np.ndarray | None
+    ) -> None:
+        """v2: fetch the whole inner chunks holding the ranges (merged into runs), verify each crc32c, copy rows."""
+        g = self._geo
+        touched = [i for i, (a, b) in enumerate(rs) if b > a]
+        shards = sorted({i // g.P for i in touched})
+        kinds = ["c"] + (["s"] if scales is not None else [])
+        indexes = dict(zip([(k, s) for k in kinds for s in shards], await _gather_limited([self._index(k, s) for k in kinds for s in shards])))
+        # per key: [(offset, nbytes, chunk-handler args)]
+        wanted: dict[str, list[tuple[int, int, tuple[Any, ...]]]] = {}
+        for i in touched:
+            a, b = rs[i]
+            shard, local = divmod(i, g.P)
+            ckey = L.candidates_shard_key(self.video_id, self.query_id, shard, self.version)
+            index = indexes[("c", shard)]
+            for c in range(a // g.C, (b - 1) // g.C + 1):
+                off, nb = int(index[local, c, 0]), int(index[local, c, 1])
+                if off == int(L_EMPTY) or nb != g.chunk_nbytes:
+                    raise self._corrupt(f"segment {i} token chunk {c} is {'missing' if off == int(L_EMPTY) else 'mis-sized'}", ckey)
+                lo, hi = max(a, c * g.C), min(b, (c + 1) * g.C)
+                wanted.setdefault(ckey, []).append((off, nb, ("c", i, c, lo - c * g.C, hi - c * g.C, int(starts[i]) + lo - a)))
+            if scales is not None:
+                skey = L.scales_shard_key(self.video_id, self.query_id, shard, self.version)
+                sidx = indexes[("s", shard)]
+                off, nb = int(sidx[local, 0, 0]), int(sidx[local, 0, 1])
+                if off == int(L_EMPTY) or nb != g.scale_chunk_nbytes:
+                    raise self._corrupt(f"scales of segment {i} are missing", skey)
+                wanted.setdefault(skey, []).append((off, nb, ("s", i, 0, a, b, int(starts[i]))))
+        requests = []
+        for key, chunks in wanted.items():
+            chunks.sort(key=lambda t: t[0])
+            run: list[tuple[int, int, tuple[Any, ...]]] = []
+            for ch in chunks:
+                if run and run[-1][0] + run[-1][1] == ch[0]:
+                    run.append(ch)
+                else:
+                    if run:
+                        requests.append((key, run))
+                    run = [ch]
+            requests.append((key, run))
+
+        async def fetch(key: str, run: list[tuple[int, int, tuple[Any, ...]]]) -> None:
+            start, stop = run[0][0], run[-1][0] + run[-1][1]
+            raw = await _get_bytes(self._store, key, RangeByteRequest(start, stop))
+            if raw is None or len(raw) != stop - start:
+                raise self._corrupt(f"short read [{start}, {stop})", key)
+            view = memoryview(raw)
+            for off, nb, (kind, seg, c, r0, r1, row) in run:
+                chunk = view[off - start : off - start + nb]
+                if not chunk_crc_ok(chunk):
+                    what = f"token chunk {c}" if kind == "c" else "scales chunk"
+                    raise self._corrupt(f"segment {seg} {what} fails its crc32c", key)
+                if kind == "c":
+                    vals = np.frombuffer(chunk, dtype=g.stored, count=g.C * self.D).reshape(g.C, self.D)
+                    out[row : row + r1 - r0] = vals[r0:r1]
+                else:
+                    assert scales is not None
+                    sc = np.frombuffer(chunk, dtype="<f4", count=self.K)
+                    if not np.isfinite(sc[r0:r1]).all():
+                        raise self._corrupt(f"scales of segment {seg} are not finite", key)
+                    scales[row : row + r1 - r0] = sc[r0:r1]
+
+        await _gather_limited([fetch(k, r) for k, r in requests])
+
+    async def _read_direct_v1(self, rs: list[tuple[int, int]], starts: np.ndarray, out: np.ndarray) -> None:
+        """v1 (no per-chunk checksum): read exactly the selected bytes via the (checksummed) shard index."""
         g = self._geo
         shards = sorted({i // g.P for i, (a, b) in enumerate(rs) if b > a})
-        indexes = await _gather_limited([self._shard_index(s) for s in shards])
+        indexes = await _gather_limited([self._index("c", s) for s in shards])
         requests: list[tuple[str, int, int, int]] = []  # key, offset, nbytes, out_row
         for shard, index in zip(shards, indexes):
             pieces = []
+            key = L.candidates_shard_key(self.video_id, self.query_id, shard)
             for i in range(shard * g.P, min(self.n_segments, (shard + 1) * g.P)):
                 a, b = rs[i]
                 if b > a:
-                    pieces += plan_segment(index, i - shard * g.P, a, b, g.C, g.token_nbytes, int(starts[i]))
-            key = L.candidates_shard_key(self.video_id, self.query_id, shard)
+                    try:
+                        pieces += plan_segment(index, i - shard * g.P, a, b, g.C, g.token_nbytes, int(starts[i]))
+                    except EntryIncomplete as exc:
+                        raise self._corrupt(f"segment {i}: {exc.reason}", key) from None
             requests += [(key, off, n, group[0].out_row) for off, n, group in merge_pieces(pieces, g.token_nbytes)]
         flat = out.reshape(-1).view(np.uint8)
 
         async def fetch(key: str, off: int, n: int, row: int) -> None:
             raw = await _get_bytes(self._store, key, RangeByteRequest(off, off + n))
             if raw is None or len(raw) != n:
-                raise EntryIncomplete(f"short read at {key} [{off}, {off + n})", item=self._item())
+                raise self._corrupt(f"short read [{off}, {off + n})", key)
             flat[row * g.token_nbytes : row * g.token_nbytes + n] = np.frombuffer(raw, dtype=np.uint8)
 
         await _gather_limited([fetch(*r) for r in requests])
+        if np.isnan(out).any():  # v1 chunks carry no checksum; a NaN can only be damage (the writer refuses NaN)
+            raise self._corrupt("candidates hold NaN (damaged chunk)", L.candidates_path(self.video_id, self.query_id))
 
-    def read_all(self, *, method: str = "auto") -> np.ndarray:
-        """All candidates ``(S, K, D)`` float16."""
-        out, _ = self._read([(0, self.K)] * self.n_segments, method)
-        return out.reshape(self.n_segments, self.K, self.D)
+    def read_all(self, *, method: str = "auto", dtype: str | None = None) -> np.ndarray:
+        """All candidates ``(S, K, D)`` (dtype as in ``read_token_ranges``)."""
+        stored, scales, _ = self._read([(0, self.K)] * self.n_segments, method)
+        dtype = dtype or ("float16" if self.storage_form == "float16" else "float32")
+        return self._to_float(stored, scales, np.dtype(dtype)).reshape(self.n_segments, self.K, self.D)
+
+    def verify(self, *, full: bool = True) -> list[dict[str, str]]:
+        """Check the entry's stored data; return its problems ``[{"chunk", "reason"}]`` (empty: intact).
+
+        Always: relevance (present, crc32c, in [0, 1]) and every shard index. ``full``: every
+        inner chunk's crc32c too (reads the whole entry; v1 entries have no chunk checksums, so
+        their values are checked for NaN instead).
+        """
+        problems: list[dict[str, str]] = []
+        try:
+            self.relevance()
+        except CacheCorrupt as exc:
+            problems.append({"chunk": str(exc.details.get("chunk")), "reason": exc.reason})
+        g = self._geo
+        kinds = ["c"] + (["s"] if g.form == "int8" else [])
+        for shard in range(g.n_shards(self.n_segments)):
+            for kind in kinds:
+                try:
+                    sync(self._index(kind, shard))
+                except CacheCorrupt as exc:
+                    problems.append({"chunk": str(exc.details.get("chunk")), "reason": exc.reason})
+        if full and not problems:
+            try:
+                self._read([(0, self.K)] * self.n_segments, "auto")
+            except CacheCorrupt as exc:
+                problems.append({"chunk": str(exc.details.get("chunk")), "reason": exc.reason})
+        return problems
 
 
 def cache_summary(url: str, storage_options: dict[str, Any] | None = None, *, reader: CacheReader | None = None) -> dict[str, Any]:
     """Configuration, counts and per-video rows of a cache (for ``tempo inspect``).
 
     Returns ``{"url", "layout_version", "fingerprint", "config", "tempo_ops_version",
-    "created_at", "segments_per_shard", "token_chunk", "counts": {"videos", "queries",
-    "complete", "incomplete"}, "total_bytes", "videos": [{"video_id", "n_segments",
-    "queries_complete", "queries_total", "bytes"}]}``. Bytes are stored object sizes.
+    "created_at", "segments_per_shard", "token_chunk", "storage_form", "counts": {"videos",
+    "queries", "complete", "incomplete", "unreadable"}, "unreadable": [{"key", "reason"}],
+    "total_bytes", "videos": [{"video_id", "n_segments", "queries_complete", "queries_total",
+    "bytes"}]}``. Bytes are stored object sizes.
     """
     reader = reader or CacheReader(url, storage_options)
     rows = reader.scan()
+    unreadable = reader.unreadable_entries(rows)
     store = reader.store
 
     async def sizes() -> tuple[int, dict[str, int]]:
@@ -891,7 +1368,15 @@ def cache_summary(url: str, storage_options: dict[str, Any] | None = None, *, re
         "created_at": ra.get(L.ROOT_CREATED_AT),
         "segments_per_shard": reader.segments_per_shard,
         "token_chunk": int(ra[L.ROOT_TOKEN_CHUNK]),
-        "counts": {"videos": len(rows), "queries": n_total, "complete": n_complete, "incomplete": n_total - n_complete},
+        "storage_form": reader.storage_form,
+        "counts": {
+            "videos": len(rows),
+            "queries": n_total,
+            "complete": n_complete,
+            "incomplete": n_total - n_complete,
+            "unreadable": len(unreadable),
+        },
+        "unreadable": unreadable,
         "total_bytes": total,
         "videos": videos,
     }

@@ -1,4 +1,8 @@
-"""Zarr v3 ``sharding_indexed`` shards of the candidates array: encode, decode the index, plan reads.
+"""Zarr v3 ``sharding_indexed`` shards of the cache arrays: encode, decode the index, verify, plan reads.
+
+Layout v2 appends a crc32c to every inner chunk (inner codecs ``[bytes, crc32c]``), so an inner
+chunk is ``C·D·itemsize + 4`` bytes and a read must fetch whole chunks to verify them
+(``chunk_crc_ok``). Layout v1 (below) had no per-chunk checksum; its reads are byte-exact.
 
 A candidates shard holds ``P`` segments × ``K`` tokens × ``D`` channels float16 as inner
 chunks of shape ``(1, C, D)`` (``C`` = token chunk), codec ``bytes`` (little endian, no
@@ -20,50 +24,82 @@ from dataclasses import dataclass
 import google_crc32c
 import numpy as np
 
-from tempo_ops.errors import EntryIncomplete
+from tempo_ops.errors import CacheCorrupt, EntryIncomplete
 
 EMPTY = np.uint64(2**64 - 1)
-_LE_F16 = np.dtype("<f2")
+CRC_NBYTES = 4
+
+
+def crc32c_bytes(data: bytes | memoryview | np.ndarray) -> bytes:
+    """crc32c of ``data`` as 4 little-endian bytes (what zarr's ``crc32c`` codec appends)."""
+    # google_crc32c's C path takes bytes only (numpy rows go through a slow path, memoryviews fail)
+    return int(google_crc32c.value(data if isinstance(data, bytes) else bytes(data))).to_bytes(4, "little")
+
+
+def chunk_crc_ok(chunk: bytes | memoryview) -> bool:
+    """True when a v2 chunk (data + 4-byte crc32c) is intact."""
+    view = memoryview(chunk)
+    return len(view) >= CRC_NBYTES and crc32c_bytes(view[:-CRC_NBYTES]) == bytes(view[-CRC_NBYTES:])
 
 
 def encode_index(index: np.ndarray) -> bytes:
     """Index array ``(..., 2)`` uint64 → index bytes + crc32c (LE)."""
     raw = np.ascontiguousarray(index, dtype="<u8").tobytes()
-    return raw + np.array(google_crc32c.value(raw), dtype="<u4").tobytes()
+    return raw + crc32c_bytes(raw)
 
 
-def encode_shard(block: np.ndarray, segments_per_shard: int, token_chunk: int) -> np.ndarray:
-    """Encode ``block`` ``(n, K, D)`` (n <= P; finite, float16-safe) as one shard object (uint8 array).
+def encode_shard(block: np.ndarray, segments_per_shard: int, token_chunk: int, *, checksum: bool = True) -> np.ndarray:
+    """Encode ``block`` ``(n, T, W)`` (n <= P; little-endian values) as one shard object (uint8 array).
 
-    Segments ``n..P-1`` (past the end of the array) are absent in the index. The data is
-    copied once, straight into the output buffer.
+    Inner chunks are ``(1, token_chunk, W)`` in C order; with ``checksum`` (layout v2) each
+    is followed by its crc32c. Segments ``n..P-1`` (past the end of the array) are absent in
+    the index. The data is copied once, straight into the output buffer.
     """
-    n, k, d = block.shape
+    n, k, w = block.shape
     if n > segments_per_shard or k % token_chunk:
         raise ValueError(f"block {block.shape} does not fit a shard of {segments_per_shard} x {k}/{token_chunk}")
     chunks_per_segment = k // token_chunk
-    chunk_nbytes = token_chunk * d * 2
+    n_chunks = n * chunks_per_segment
+    data_nb = token_chunk * w * block.dtype.itemsize
+    chunk_nbytes = data_nb + (CRC_NBYTES if checksum else 0)
     index = np.full((segments_per_shard, chunks_per_segment, 1, 2), EMPTY, dtype=np.uint64)
-    offsets = np.arange(n * chunks_per_segment, dtype=np.uint64) * np.uint64(chunk_nbytes)
+    offsets = np.arange(n_chunks, dtype=np.uint64) * np.uint64(chunk_nbytes)
     index[:n, :, 0, 0] = offsets.reshape(n, chunks_per_segment)
     index[:n, :, 0, 1] = chunk_nbytes
     index_bytes = encode_index(index)
-    data_nbytes = n * k * d * 2
-    out = np.empty(data_nbytes + len(index_bytes), dtype=np.uint8)
-    out[:data_nbytes].view(_LE_F16).reshape(n, k, d)[...] = block
-    out[data_nbytes:] = np.frombuffer(index_bytes, dtype=np.uint8)
+    body_nb = n_chunks * chunk_nbytes
+    out = np.empty(body_nb + len(index_bytes), dtype=np.uint8)
+    body = out[:body_nb].reshape(n_chunks, chunk_nbytes)
+    src = np.ascontiguousarray(block).view(np.uint8).reshape(n_chunks, data_nb)
+    body[:, :data_nb] = src
+    if checksum:
+        crcs = np.fromiter((google_crc32c.value(row.tobytes()) for row in src), dtype="<u4", count=n_chunks)
+        body[:, data_nb:] = crcs.view(np.uint8).reshape(n_chunks, CRC_NBYTES)
+    out[body_nb:] = np.frombuffer(index_bytes, dtype=np.uint8)
     return out
 
 
 def decode_index(raw: bytes, segments_per_shard: int, chunks_per_segment: int, *, item: str) -> np.ndarray:
-    """Index bytes (with crc32c) → ``(P, K//C, 2)`` uint64. EntryIncomplete if short or corrupt."""
+    """Index bytes (with crc32c) → ``(P, K//C, 2)`` uint64. CacheCorrupt if short or damaged."""
     expected = segments_per_shard * chunks_per_segment * 16 + 4
     if len(raw) != expected:
-        raise EntryIncomplete(f"shard index has {len(raw)} bytes, expected {expected}", item=item)
+        raise CacheCorrupt(f"shard index has {len(raw)} bytes, expected {expected} (truncated shard)", item=item)
     body, crc = raw[:-4], raw[-4:]
-    if np.array(google_crc32c.value(body), dtype="<u4").tobytes() != crc:
-        raise EntryIncomplete("shard index checksum mismatch (damaged or partial shard)", item=item)
+    if crc32c_bytes(body) != crc:
+        raise CacheCorrupt("shard index checksum mismatch (damaged or partial shard)", item=item)
     return np.frombuffer(body, dtype="<u8").reshape(segments_per_shard, chunks_per_segment, 2)
+
+
+def bad_chunks(shard: bytes | memoryview, index: np.ndarray, n_segments_in_shard: int) -> list[tuple[int, int]]:
+    """(local segment, chunk) of every in-bounds v2 chunk of a whole shard whose crc32c fails."""
+    view = memoryview(shard)
+    bad = []
+    for s in range(n_segments_in_shard):
+        for c in range(index.shape[1]):
+            off, nb = int(index[s, c, 0]), int(index[s, c, 1])
+            if off == int(EMPTY) or off + nb > len(view) or not chunk_crc_ok(view[off : off + nb]):
+                bad.append((s, c))
+    return bad
 
 
 def check_shard(

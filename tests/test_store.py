@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_store_support import C, D, K, P, S, block_data, make_config, make_meta, open_writer, write_entry
+from test_store_support import C, D, K, P, S, block_data, entry_version, make_config, make_meta, open_writer, write_entry
 
 from schemas import cache_layout as L
 from tempo_ops.errors import (
@@ -97,7 +97,8 @@ def test_direct_read_touches_only_selected_bytes(cache: str) -> None:
     counting.reset()
     ks = [1, 2, 3, 4, 5, 6, 7, 9, 11, 16]
     e.read_token_ranges([(0, k) for k in ks])
-    selected = sum(ks) * D * 2
+    # whole inner chunks (data + crc32c) holding the selected tokens: verifiable, nothing more
+    selected = sum(-(-k // C) for k in ks) * (C * D * 2 + 4)
     index_bytes = 3 * L.shard_index_nbytes(P, K, C)
     assert counting.get_bytes == selected + index_bytes
     # one index read per shard plus at most one range per segment
@@ -139,7 +140,7 @@ def test_float16_overflow_rejected_before_writing(cache: str) -> None:
     f16[1, 1, 1] = np.float16(np.inf)
     with pytest.raises(Float16Overflow):
         w.write_block("v", "q", 0, f16, rel[:P])
-    shard_key = L.candidates_shard_key("v", "q", 0)
+    shard_key = L.candidates_shard_key("v", "q", 0, w.pending_version("v", "q"))
     assert not (Path(cache) / shard_key).exists(), "nothing may be written for a rejected block"
     w.write_block("v", "q", 0, ok, rel[:P])
     assert (Path(cache) / shard_key).exists()
@@ -201,7 +202,7 @@ def test_incomplete_entry_invisible_and_finalize_refuses(cache: str) -> None:
 def test_finalize_detects_truncated_and_corrupt_shards(cache: str) -> None:
     w = open_writer(cache)
     write_entry(w, "v", "q", units=[0, 4, 8])
-    shard = Path(cache) / L.candidates_shard_key("v", "q", 1)
+    shard = Path(cache) / L.candidates_shard_key("v", "q", 1, w.pending_version("v", "q"))
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])  # a torn shard (relevance says the block landed)
     with pytest.raises(EntryIncomplete, match="shard 1"):
@@ -220,18 +221,28 @@ def test_finalize_detects_truncated_and_corrupt_shards(cache: str) -> None:
 def test_begin_entry_skip_recreate_and_force(cache: str) -> None:
     w = open_writer(cache)
     write_entry(w, "v", "q")
+    old = entry_version(cache, "v", "q")
     assert w.begin_entry("v", "q", "question q?", S) is False  # complete: skip
     assert w.is_complete("v", "q")
-    # a changed query text means the stored result is stale: recompute
+    # a changed query text means the stored result is stale: recompute, beside the old version
     assert w.begin_entry("v", "q", "another question", S) is True
-    assert not w.is_complete("v", "q")
-    assert CacheReader(cache).entries() == []
-    assert not (Path(cache) / L.candidates_shard_key("v", "q", 0)).exists(), "old blocks must be gone"
-    write_entry(w, "v", "q")
-    # force: marker removed, arrays recreated empty
-    assert w.begin_entry("v", "q", "question q?", S, force=True) is True
-    assert not w.is_complete("v", "q")
-    assert np.isnan(zarr.open_array(cache, path=L.relevance_path("v", "q"), mode="r")[:]).all()
+    new = w.pending_version("v", "q")
+    assert new != old
+    assert w.is_complete("v", "q"), "the old complete version stays readable until the switch"
+    e = CacheReader(cache).entry("v", "q")
+    assert e.query_text == "question q?" and e.version == old
+    assert np.isnan(zarr.open_array(cache, path=L.relevance_path("v", "q", new), mode="r")[:]).all()
+    cand, rel = block_data("v", "q")
+    for s0 in range(0, S, P):
+        w.write_block("v", "q", s0, -cand[s0 : s0 + P], rel[s0 : s0 + P])
+    w.finalize_entry("v", "q")
+    e = CacheReader(cache).entry("v", "q")
+    assert e.query_text == "another question" and e.version == new and e.inputs["query_text"] == "another question"
+    np.testing.assert_array_equal(e.read_all(), _f16(-cand))
+    assert not (Path(cache) / L.data_path("v", "q", old)).exists(), "the superseded version is deleted after the switch"
+    # force: a new version even with the same inputs
+    assert w.begin_entry("v", "q", "another question", S, force=True) is True
+    assert w.pending_version("v", "q") != new and w.is_complete("v", "q")
     write_entry(w, "v", "q")
     np.testing.assert_array_equal(CacheReader(cache).entry("v", "q").read_all(), _f16(block_data("v", "q")[0]))
 
@@ -359,8 +370,10 @@ def test_plain_zarr_and_xarray_can_read(cache: str) -> None:
     assert root.attrs["layout_version"] == L.LAYOUT_VERSION
     vkey = list(root["videos"].group_keys())[0]
     assert root[f"videos/{vkey}"].attrs["video_id"] == "v/1"
-    entry = root[f"videos/{vkey}/queries/q"]
-    assert entry.attrs["complete"] is True
+    group = root[f"videos/{vkey}/queries/q"]
+    assert group.attrs["complete"] is True
+    version = group.attrs["version"]
+    entry = group[version]
     arr = entry["candidates"]
     assert arr.dtype == np.float16 and arr.shape == (S, K, D)
     assert arr.shards == (P, K, D) and arr.chunks == (1, C, D)
@@ -368,7 +381,7 @@ def test_plain_zarr_and_xarray_can_read(cache: str) -> None:
     np.testing.assert_array_equal(arr[3, :5], _f16(cand[3, :5]))
     np.testing.assert_array_equal(entry["relevance"][:], rel)
     xr = pytest.importorskip("xarray")
-    ds = xr.open_zarr(cache, group=f"videos/{vkey}/queries/q", consolidated=False, zarr_format=3)
+    ds = xr.open_zarr(cache, group=f"videos/{vkey}/queries/q/{version}", consolidated=False, zarr_format=3)
     assert ds["candidates"].dims == ("segment", "token", "channel")
     np.testing.assert_array_equal(ds["candidates"].values, _f16(cand))
     np.testing.assert_array_equal(ds["relevance"].values, rel)
@@ -378,7 +391,7 @@ def test_plain_zarr_and_xarray_can_read(cache: str) -> None:
 def test_direct_read_follows_the_index_for_zarr_written_shards(cache: str) -> None:
     """Shards rewritten by zarr itself (Morton chunk order) still read right through the index."""
     write_entry(open_writer(cache), "v", "q")
-    arr = zarr.open_array(cache, path=L.candidates_path("v", "q"), mode="r+")
+    arr = zarr.open_array(cache, path=L.candidates_path("v", "q", entry_version(cache, "v", "q")), mode="r+")
     new = np.random.default_rng(5).standard_normal((S, K, D)).astype(np.float16)
     arr[:] = new
     e = CacheReader(cache).entry("v", "q")
@@ -392,14 +405,16 @@ def test_direct_read_follows_the_index_for_zarr_written_shards(cache: str) -> No
 def test_resume_keeps_landed_blocks_and_reports_damaged_ones(cache: str) -> None:
     w = open_writer(cache)
     write_entry(w, "v", "q", units=[0, 8])  # a crashed run: shard 1 never landed
-    shard0 = Path(cache) / L.candidates_shard_key("v", "q", 0)
+    version = w.pending_version("v", "q")
+    shard0 = Path(cache) / L.candidates_shard_key("v", "q", 0, version)
     before = shard0.stat().st_mtime_ns
     w2 = open_writer(cache)  # the re-run's writer
     assert w2.begin_entry("v", "q", "question q?", S, resume=True) is True
     assert shard0.stat().st_mtime_ns == before, "landed blocks are kept"
     assert w2.missing_segments("v", "q") == [(4, 8)]
     # a torn shard whose relevance chunk landed counts as missing too
-    shard2 = Path(cache) / L.candidates_shard_key("v", "q", 2)
+    assert w2.pending_version("v", "q") == version
+    shard2 = Path(cache) / L.candidates_shard_key("v", "q", 2, version)
     shard2.write_bytes(shard2.read_bytes()[:100])
     assert w2.missing_segments("v", "q") == [(4, 10)]
     cand, rel = block_data("v", "q")
@@ -408,10 +423,11 @@ def test_resume_keeps_landed_blocks_and_reports_damaged_ones(cache: str) -> None
     assert w2.missing_segments("v", "q") == []
     w2.finalize_entry("v", "q")
     np.testing.assert_array_equal(CacheReader(cache).entry("v", "q").read_all(), _f16(cand))
-    # resume never resurrects a complete entry, and a changed text still recreates
+    # resume never resurrects a complete entry, and a changed text still recomputes (in a new version)
     assert w2.begin_entry("v", "q", "question q?", S, resume=True) is False
     assert w2.begin_entry("v", "q", "changed", S, resume=True) is True
-    assert not shard0.exists() and w2.missing_segments("v", "q") == [(0, S)]
+    assert w2.pending_version("v", "q") != version and w2.missing_segments("v", "q") == [(0, S)]
+    assert shard0.exists() and CacheReader(cache).entry("v", "q").query_text == "question q?"
 
 
 def test_unwritable_location(tmp_path: Path) -> None:

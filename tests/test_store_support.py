@@ -60,6 +60,17 @@ def block_data(video_id: str, query_id: str, n_segments: int = S) -> tuple[np.nd
     return cand, rel
 
 
+def entry_version(url: str, video_id: str, query_id: str, which: str = "version") -> str | None:
+    """The entry's current ("version") or being-written ("pending_version") version subgroup name (local caches)."""
+    import json
+    from pathlib import Path
+
+    from schemas import cache_layout as L
+
+    doc = json.loads((Path(url) / L.metadata_key(L.entry_path(video_id, query_id))).read_text())
+    return doc["attributes"].get(which)
+
+
 def open_writer(url: str, storage_options: dict[str, Any] | None = None, **kwargs: Any) -> Any:
     from tempo_ops.store import CacheWriter
 
