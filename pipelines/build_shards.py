@@ -43,7 +43,7 @@ from pipelines.beam_support import (
 from schemas import manifest as manifest_schema
 from schemas.shard_sample import sample_key, shard_set_name
 from tempo_ops.allocation import POLICIES, allocate_with_report, allocation_stats
-from tempo_ops.errors import ConfigError
+from tempo_ops.errors import ConfigError, EntryInputsMismatch
 from tempo_ops.packing import PACK_MODES
 from tempo_ops.shards import (
     PlannedSample,
@@ -130,8 +130,11 @@ def plan_job(
 ) -> tuple[list[ShardSetPlan], list[DeadLetter], dict[str, int]]:
     """Plan every shard set from the cache's complete entries and the manifest's annotations.
 
-    Reads only each entry's metadata and relevance. Returns (plans in (budget, policy)
-    order, dead letters of entries that could not be planned, counts).
+    Reads only each entry's metadata and relevance. The question is the one the entry
+    records; an entry whose recorded query text differs from the manifest's is dead-lettered
+    (``entry_inputs_mismatch``), as are entries listed in the cache but unreadable and those
+    whose data fails its checks (``cache_corrupt``). Returns (plans in (budget, policy) order,
+    dead letters of entries that could not be planned, counts).
     """
     questions = {}
     for video in manifest_schema.iter_manifest(manifest_url):
@@ -141,7 +144,11 @@ def plan_job(
     samples: dict[tuple[int, str], list[PlannedSample]] = {(b, p): [] for b in budgets for p in policies}
     stats: dict[tuple[int, str], list[dict[str, Any]]] = {(b, p): [] for b in budgets for p in policies}
     dead: list[DeadLetter] = []
-    counts = {"entries": 0, "not_in_manifest": 0, "unannotated": 0, "planned_entries": 0}
+    counts = {"entries": 0, "not_in_manifest": 0, "unannotated": 0, "planned_entries": 0, "unreadable": 0}
+    unreadable = reader.unreadable_entries() if hasattr(reader, "unreadable_entries") else []
+    for u in unreadable:
+        counts["unreadable"] += 1
+        dead.append(DeadLetter(u["key"], None, "plan", "cache_corrupt", f"{u['key']}: {u['reason']} (listed but unreadable)"))
     for video_id, query_id in sorted(reader.entries(complete_only=True)):
         counts["entries"] += 1
         q = questions.get((video_id, query_id))
@@ -153,6 +160,12 @@ def plan_job(
             continue
         try:
             entry = reader.entry(video_id, query_id)
+            if entry.query_text != q.text:
+                raise EntryInputsMismatch(
+                    f"the entry was computed for query text {entry.query_text!r}, the manifest now says {q.text!r}; "
+                    "recompute it with `tempo compress`",
+                    item=f"{video_id}/{query_id}",
+                )
             scores = np.asarray(entry.relevance(), dtype=np.float32)
             S, K, D = int(entry.n_segments), int(entry.K), int(entry.D)
             key = sample_key(video_id, query_id)
@@ -161,7 +174,7 @@ def plan_job(
                 for p in policies:
                     res = allocate_with_report(scores, b, policy=p, k_min=k_min, k_max=min(k_max or K, K))
                     ps = PlannedSample(
-                        key, video_id, query_id, q.text, q.options, q.answer,
+                        key, video_id, query_id, entry.query_text, q.options, q.answer,
                         tuple(int(x) for x in res.k), estimate_sample_bytes(res.report.total, D, S),
                     )
                     st = allocation_stats(res.k, frames_per_segment, b)
@@ -208,7 +221,7 @@ class WriteShardFn(beam.DoFn):
 
     def process(self, task: ShardTask) -> Iterator[Any]:
         url = set_url(self.out, task.budget, task.policy)
-        if not self.force and shard_done(url, task.n, task.keys):
+        if not self.force and shard_done(url, task.n, task.keys, verify=True):  # a broken tar is rewritten
             yield (task.set_name, read_completion(url, task.n))
             return
         failures: list[DeadLetter] = []

@@ -26,6 +26,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
     "compress": ("pipelines.compress", "run the compression job: manifest -> Zarr token cache", True),
     "inspect": ("pipelines.inspect_cache", "show a token cache's configuration, counts and entries", False),
     "shards": ("pipelines.build_shards", "cut WebDataset training shards from a cache", True),
+    "verify": ("pipelines.verify_cmd", "check a cache's (or shard set's) checksums; list corrupt, missing, incomplete", False),
+    "migrate": ("pipelines.migrate_cmd", "convert a layout-v1 token cache to layout v2 (new store, then swap)", False),
     "demo": ("pipelines.demo", "run the whole pipeline on generated sample videos and tiny models", False),
 }
 

@@ -18,8 +18,13 @@ its ``BatchElements`` batches by element count, while our element is a work unit
 segments × queries the compressor already batches by token cost through the shared-prefix
 path; a ModelHandler would only wrap the same call.
 
-Re-runs: complete (video, query) pairs are skipped at planning; incomplete ones are begun
-again (the cache overwrites their partial data). ``--force`` recomputes everything.
+Re-runs: complete (video, query) pairs computed from the same inputs (query text, prompt
+template, video identity, configuration) are skipped at planning after a quick integrity check
+(metadata, shard indexes, relevance); incomplete ones resume; stale ones (inputs changed) are
+recomputed ("stale, recomputed" in the summary); corrupt ones are dead-lettered
+(``cache_corrupt``) unless ``--repair`` is given, which checks every chunk's crc32c and
+recomputes what is corrupt. ``--force`` recomputes everything. Every recomputation writes a new
+version beside the complete one and switches over when it is complete (readers never see a gap).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_arg
 from schemas import manifest as manifest_schema
 from tempo_ops import video
 from tempo_ops.errors import ConfigError, TempoError
+from tempo_ops.fs import file_identity
 
 METRICS_NAMESPACE = "tempo.compress"
 GENERIC_QUERY_ID = "_generic"  # videos without queries get one query-agnostic entry
@@ -88,6 +94,10 @@ class WorkUnit:
     seg_start: int
     seg_stop: int
     queries: tuple[tuple[str, str], ...]  # (query_id, text)
+    versions: tuple[str, ...] = ()  # the cache entry version each query's blocks go to (same order)
+
+    def version_of(self, query_id: str) -> str | None:
+        return dict(zip((q for q, _ in self.queries), self.versions)).get(query_id)
 
 
 def entry_queries(entry) -> list[tuple[str, str]]:
@@ -102,9 +112,14 @@ def unit_ranges(n_segments: int, unit_segments: int) -> list[tuple[int, int]]:
     return [(s, min(s + unit_segments, n_segments)) for s in range(0, n_segments, unit_segments)]
 
 
-def cache_config(compressor_fingerprint: dict, sampling: video.SamplingConfig) -> dict:
-    """The configuration a cache is fingerprinted with (docs/ARCHITECTURE.md)."""
-    return {"compressor": compressor_fingerprint, "sampling": sampling.to_dict(), "stored_dtype": "float16"}
+def cache_config(compressor_fingerprint: dict, sampling: video.SamplingConfig, stored_dtype: str = "float16") -> dict:
+    """The configuration a cache is fingerprinted with (docs/ARCHITECTURE.md); ``stored_dtype``: the storage form."""
+    return {"compressor": compressor_fingerprint, "sampling": sampling.to_dict(), "stored_dtype": stored_dtype}
+
+
+def default_storage_form(model_dtype: Any) -> str:
+    """bfloat16 storage (lossless) when the compressor runs in bfloat16, else float16."""
+    return "bfloat16" if "bfloat16" in str(model_dtype) else "float16"
 
 
 def load_compressor(spec: ModelSpec):
@@ -141,7 +156,9 @@ def _dead(exc: BaseException, *, video_id: str, query_id: str | None, stage: str
 def _unit_failed(unit: WorkUnit, query_ids):
     """Markers telling FinalizeEntry that a unit of these queries will not land (error already recorded)."""
     for qid in query_ids:
-        yield beam.pvalue.TaggedOutput("unit_status", ((unit.video_id, qid), ("failed", unit.unit_index, unit.n_units)))
+        yield beam.pvalue.TaggedOutput(
+            "unit_status", ((unit.video_id, qid, unit.version_of(qid)), ("failed", unit.unit_index, unit.n_units))
+        )
 
 
 # --------------------------------------------------------------------------- DoFns (adapters only)
@@ -160,11 +177,17 @@ class _CacheDoFn(beam.DoFn):
 class PlanVideoFn(_CacheDoFn):
     """VideoEntry → WorkUnits of its pending queries (dead letter if the video is unusable)."""
 
-    def __init__(self, cache_url: str, config: dict, sampling: video.SamplingConfig, unit_segments: int, force: bool):
+    def __init__(
+        self, cache_url: str, config: dict, sampling: video.SamplingConfig, unit_segments: int, force: bool, repair: bool = False
+    ):
         super().__init__(cache_url, config)
         self.sampling = sampling
         self.unit_segments = unit_segments
         self.force = force
+        self.repair = repair
+        self.stale = Metrics.counter(METRICS_NAMESPACE, "queries_stale_recomputed")
+        self.repaired = Metrics.counter(METRICS_NAMESPACE, "queries_corrupt_repaired")
+        self.corrupt = Metrics.counter(METRICS_NAMESPACE, "queries_corrupt_dead_lettered")
         self.videos = Metrics.counter(METRICS_NAMESPACE, "videos_planned")
         self.videos_failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed")
         self.skipped = Metrics.counter(METRICS_NAMESPACE, "queries_skipped_complete")
@@ -173,27 +196,61 @@ class PlanVideoFn(_CacheDoFn):
         self.units = Metrics.counter(METRICS_NAMESPACE, "units_planned")
         self.units_landed = Metrics.counter(METRICS_NAMESPACE, "units_skipped_landed")
 
+    def _statuses(self, entry, queries, n_segments: int, identity: dict) -> Iterator:
+        """(query_id, text, status) of each query, dead-lettering corrupt entries unless repairing."""
+        from tempo_ops.errors import CacheCorrupt
+
+        for qid, text in queries:
+            status, reason = self.writer.entry_status(
+                entry.video_id, qid, text, n_segments, video_identity=identity, check="full" if self.repair else "quick"
+            )
+            if status == "corrupt" and not (self.repair or self.force):
+                self.corrupt.inc()
+                exc = CacheCorrupt(f"{reason}; recompute with `tempo compress --repair`", item=f"{entry.video_id}/{qid}")
+                yield _dead(exc, video_id=entry.video_id, query_id=qid, stage="verify")
+                continue
+            yield qid, text, status
+
     def process(self, entry) -> Iterator:
         queries = entry_queries(entry)
-        pending = [(q, t) for q, t in queries if self.force or not self.writer.is_complete(entry.video_id, q)]
-        self.skipped.inc(len(queries) - len(pending))
-        if not pending:
-            return
         stage = "probe"
         try:
             plan = video.plan_video(entry.uri, self.sampling)
+            identity = file_identity(entry.uri)  # what the entries record as the video they came from
+            stage = "verify"
+            pending, n_complete = [], 0
+            for item in self._statuses(entry, queries, plan.n_segments, identity):
+                if not isinstance(item, tuple):
+                    yield item  # a dead letter
+                    continue
+                qid, text, status = item
+                if status == "complete" and not self.force:
+                    n_complete += 1
+                    continue
+                self.stale.inc(int(status == "stale"))
+                self.repaired.inc(int(status == "corrupt"))
+                pending.append((qid, text, status))
+            self.skipped.inc(n_complete)
+            if not pending:
+                return
             stage = "write"  # from here on a failure is the cache's, not the video's
             self.writer.write_video(entry.video_id, video_meta(entry, plan))
             ranges = unit_ranges(plan.n_segments, self.unit_segments)
             landed = set(range(len(ranges)))
-            for qid, text in pending:
-                # Resume: an incomplete entry keeps the blocks that already landed.
-                self.writer.begin_entry(entry.video_id, qid, text, plan.n_segments, force=self.force, resume=True)
-                landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid))
+            versions = []
+            for qid, text, status in pending:
+                # Resume: an unfinished version with the same inputs keeps the blocks that already landed.
+                recompute = self.force or status == "corrupt"
+                self.writer.begin_entry(
+                    entry.video_id, qid, text, plan.n_segments, video_identity=identity, force=recompute, resume=True
+                )
+                versions.append(self.writer.pending_version(entry.video_id, qid))
+                landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid, version=versions[-1]))
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
             self.videos_failed.inc()
             yield _dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
             return
+        pending = [(q, t) for q, t, _ in pending]
         self.videos.inc()
         self.pending.inc(len(pending))
         self.segments.inc(plan.n_segments)
@@ -203,10 +260,10 @@ class PlanVideoFn(_CacheDoFn):
         self.units_landed.inc(len(landed))
         for i, (a, b) in enumerate(ranges):
             if i in landed:
-                for qid, _ in pending:
-                    yield beam.pvalue.TaggedOutput("unit_status", ((entry.video_id, qid), ("ok", i, len(ranges))))
+                for qid, version in zip((q for q, _ in pending), versions):
+                    yield beam.pvalue.TaggedOutput("unit_status", ((entry.video_id, qid, version), ("ok", i, len(ranges))))
             else:
-                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, tuple(pending))
+                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, tuple(pending), tuple(versions))
 
 
 def landed_units(ranges: list[tuple[int, int]], missing: list[tuple[int, int]]) -> set[int]:
@@ -295,9 +352,10 @@ class WriteBlockFn(_CacheDoFn):
 
     def process(self, element) -> Iterator:
         unit, qid, candidates, relevance = element
-        key = (unit.video_id, qid)
+        version = unit.version_of(qid)
+        key = (unit.video_id, qid, version)
         try:
-            self.writer.write_block(unit.video_id, qid, unit.seg_start, candidates, relevance)
+            self.writer.write_block(unit.video_id, qid, unit.seg_start, candidates, relevance, version=version)
         except Exception as exc:  # noqa: BLE001
             yield _dead(exc, video_id=unit.video_id, query_id=qid, stage="write", unit=unit.unit_index)
             yield key, ("failed", unit.unit_index, unit.n_units)
@@ -316,7 +374,7 @@ class FinalizeEntryFn(_CacheDoFn):
         self.failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
 
     def process(self, element) -> Iterator:
-        (video_id, query_id), statuses = element
+        (video_id, query_id, version), statuses = element
         statuses = list(statuses)
         n_units = statuses[0][2]
         ok = {u for s, u, _ in statuses if s == "ok"}
@@ -329,7 +387,7 @@ class FinalizeEntryFn(_CacheDoFn):
             yield DeadLetter(video_id, query_id, "finalize", "units_missing", f"{video_id}/{query_id}: units {missing} never landed")
             return
         try:
-            self.writer.finalize_entry(video_id, query_id)
+            self.writer.finalize_entry(video_id, query_id, version=version)
         except Exception as exc:  # noqa: BLE001
             self.failed.inc()
             yield DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
@@ -347,6 +405,7 @@ class CompressJob:
     config: dict
     unit_segments: int
     force: bool = False
+    repair: bool = False
     only_video_ids: frozenset[str] | None = None
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
     # Handle through which workers share one model per process; the driver of a local
@@ -374,7 +433,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
         wanted = job.only_video_ids
         entries = entries | "Limit" >> beam.Filter(lambda e: e.video_id in wanted)
     planned = entries | "PlanVideo" >> beam.ParDo(
-        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force)
+        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force, job.repair)
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
     decoded = (
         planned.units
@@ -426,6 +485,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
     parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
     parser.add_argument("--force", action="store_true", help="recompute (video, query) pairs that are already complete")
+    parser.add_argument(
+        "--repair",
+        action="store_true",
+        help="verify every chunk checksum of complete entries and recompute the corrupt ones (see `tempo verify`)",
+    )
+    parser.add_argument(
+        "--storage-form",
+        choices=("auto", "bfloat16", "float16", "int8"),
+        default="auto",
+        help="how a NEW cache stores candidates (auto: bfloat16 when the model runs in bfloat16, else float16); "
+        "an existing cache keeps its own",
+    )
     add_runner_arguments(parser, default_mode="threads")  # threads share one model
 
 
@@ -449,7 +520,12 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
     driver_model = model_handle.acquire(lambda: _SharedModel(load_compressor(spec)))
-    config = cache_config(driver_model.model.fingerprint(), sampling)
+    form = existing_storage_form(args.cache) or (
+        default_storage_form(driver_model.model.dtype) if args.storage_form == "auto" else args.storage_form
+    )
+    if args.storage_form not in ("auto", form):
+        raise ConfigError(f"--storage-form {args.storage_form}: the cache at {args.cache} stores {form}", item=args.cache)
+    config = cache_config(driver_model.model.fingerprint(), sampling, form)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
     unit_segments = args.unit_segments or writer.segments_per_shard
     if unit_segments % writer.segments_per_shard:
@@ -464,6 +540,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         config,
         unit_segments,
         force=args.force,
+        repair=args.repair,
         only_video_ids=only,
         convert_threads=convert_threads,
         model_handle=model_handle,
@@ -491,6 +568,19 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     summary = write_summary(job, result, run_id=run_id, started=started, runner=runner_name(options), fingerprint=writer.fingerprint)
     print_summary(summary)
     return 0 if summary["failures"]["items"] == 0 else 1
+
+
+def existing_storage_form(url: str) -> str | None:
+    """The storage form of the cache at ``url``; None when there is no cache there yet."""
+    from tempo_ops.errors import CacheLayoutError
+    from tempo_ops.store import CacheReader
+
+    try:
+        return CacheReader(url).storage_form
+    except CacheLayoutError as exc:
+        if "missing or unreadable" in exc.reason:  # nothing there: CacheWriter.open decides
+            return None
+        raise
 
 
 def validate_manifest_or_raise(url: str) -> None:
@@ -544,7 +634,8 @@ def print_summary(summary: dict) -> None:
     print(
         f"[compress] done in {t['wall_s']:.1f}s: videos {c.get('videos_planned', 0)} ok / {c.get('videos_failed', 0)} failed, "
         f"queries {c.get('queries_completed', 0)} completed / {c.get('queries_failed', 0)} failed / "
-        f"{c.get('queries_skipped_complete', 0)} already complete, segments {c.get('segments_decoded', 0)} "
+        f"{c.get('queries_skipped_complete', 0)} already complete, {c.get('queries_stale_recomputed', 0)} stale, recomputed, "
+        f"{c.get('queries_corrupt_repaired', 0)} corrupt, repaired, segments {c.get('segments_decoded', 0)} "
         f"({t['segments_per_s']} seg/s; decode {t['decode_s']}s, model {t['model_s']}s)",
         file=sys.stderr,
     )

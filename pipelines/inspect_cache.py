@@ -56,13 +56,14 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"fingerprint:      {summary['fingerprint']}",
         f"written by:       tempo_ops {summary['tempo_ops_version']} at {summary['created_at']}",
         f"shards:           {summary['segments_per_shard']} segments/shard, {summary['token_chunk']} tokens/chunk",
-        f"stored dtype:     {cfg.get('stored_dtype')}",
+        f"storage form:     {summary['storage_form']}",
         "compressor:",
         *(f"  {k}: {v}" for k, v in sorted(cfg.get("compressor", {}).items())),
         "sampling:",
         *(f"  {k}: {v}" for k, v in sorted(cfg.get("sampling", {}).items())),
         f"videos:           {c['videos']}",
         f"queries:          {c['queries']} ({c['complete']} complete, {c['incomplete']} incomplete)",
+        *(f"UNREADABLE:       {u['key']}: {u['reason']}" for u in summary.get("unreadable", [])),
         f"total size:       {_size(summary['total_bytes'])} ({summary['total_bytes']} bytes)",
     ]
     if summary["videos"]:

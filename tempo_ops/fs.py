@@ -279,6 +279,27 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
 
 
+# fsspec info() fields that change when an object is replaced, by backend: local/ssh "mtime",
+# gcsfs "generation"/"updated", s3fs "ETag"/"LastModified", http "ETag"/"last_modified".
+_IDENTITY_FIELDS = ("mtime", "generation", "etag", "ETag", "updated", "LastModified", "last_modified", "md5Hash")
+
+
+def file_identity(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies the current content of a file: ``{"uri", "size", + mtime / generation / ETag}``.
+
+    Whatever of ``_IDENTITY_FIELDS`` the filesystem reports is kept (as str when not a plain
+    number), so a replaced file gets a different identity. OSError when the file cannot be stat-ed.
+    """
+    fs, path = url_to_fs(url, storage_options)
+    info = fs.info(path)
+    out: dict[str, Any] = {"uri": url, "size": info.get("size")}
+    for name in _IDENTITY_FIELDS:
+        value = info.get(name)
+        if value is not None:
+            out[name] = value if isinstance(value, (int, float, str)) and not isinstance(value, bool) else str(value)
+    return out
+
+
 __all__ = [
     "DEFAULT_RETRY",
     "CountingStore",
@@ -286,6 +307,7 @@ __all__ = [
     "RetryPolicy",
     "RetryingStore",
     "SuffixByteRequest",
+    "file_identity",
     "is_local_url",
     "is_transient",
     "open_base_store",

@@ -44,7 +44,7 @@ from schemas.shard_sample import (
     shard_name,
 )
 from tempo_ops.chunking import consecutive_chunks
-from tempo_ops.errors import ShardError, ShardFormatError
+from tempo_ops.errors import ShardCorrupt, ShardError, ShardFormatError
 
 FIXED_MTIME = 1_577_836_800  # 2020-01-01T00:00:00Z: fixed so that tar bytes are reproducible
 TAR_BLOCK = 512
@@ -255,10 +255,72 @@ def read_completion(set_url: str, n: int, *, storage_options: dict | None = None
     )
 
 
-def shard_done(set_url: str, n: int, planned_keys: Sequence[str], *, storage_options: dict | None = None) -> bool:
-    """True when shard ``n`` is complete for exactly this plan and no sample failed (skip it)."""
+def file_sha256(url: str, *, storage_options: dict | None = None, block: int = 1 << 20) -> tuple[str, int]:
+    """(sha256 hex, size) of a file, streamed in ``block``-byte reads."""
+    fs, path = _fs(url, storage_options)
+    sha, size = hashlib.sha256(), 0
+    with fs.open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            sha.update(chunk)
+            size += len(chunk)
+    return sha.hexdigest(), size
+
+
+def shard_problem(set_url: str, record: ShardRecord, *, storage_options: dict | None = None) -> str | None:
+    """Why the tar of a completion record is not the one recorded (missing, size, sha256), or None."""
+    try:
+        digest, size = file_sha256(f"{set_url.rstrip('/')}/{record.name}", storage_options=storage_options)
+    except FileNotFoundError:
+        return "tar is missing"
+    if size != record.bytes:
+        return f"tar has {size} bytes, {record.bytes} recorded (truncated or overwritten)"
+    if digest != record.sha256:
+        return "tar sha256 differs from the recorded one (damaged)"
+    return None
+
+
+def shard_done(
+    set_url: str, n: int, planned_keys: Sequence[str], *, storage_options: dict | None = None, verify: bool = True
+) -> bool:
+    """True when shard ``n`` is complete for exactly this plan, no sample failed and (``verify``) its tar's sha256 matches."""
     rec = read_completion(set_url, n, storage_options=storage_options)
-    return rec is not None and rec.keys_sha256 == keys_digest(planned_keys) and not rec.failed
+    if rec is None or rec.keys_sha256 != keys_digest(planned_keys) or rec.failed:
+        return False
+    return not verify or shard_problem(set_url, rec, storage_options=storage_options) is None
+
+
+def verify_shard_set(set_url: str, *, storage_options: dict | None = None) -> dict[str, Any]:
+    """Check every shard of a shard set against its recorded size and sha256.
+
+    Returns ``{"set", "index": bool, "shards": n, "ok": n, "problems": [{"shard", "reason"}]}``;
+    shards listed in ``index.json`` are checked against the index's sha256, others (an
+    unfinished set) against their completion records.
+    """
+    fs, base = _fs(set_url, storage_options)
+    problems: list[dict[str, str]] = []
+    try:
+        doc = read_index(set_url, storage_options=storage_options)
+        listed = [(s["name"], int(s["bytes"]), str(s["sha256"])) for s in doc["shards"]]
+        has_index = True
+    except ShardFormatError as exc:
+        problems.append({"shard": INDEX_NAME, "reason": exc.reason})
+        listed, has_index = [], False
+    except ShardError:
+        listed, has_index = [], False
+    if not has_index:
+        names = sorted(posixpath.basename(p) for p in fs.ls(base, detail=False) if p.endswith(".done.json"))
+        for name in names:
+            n = int(name.split("-")[1].split(".")[0])
+            rec = read_completion(set_url, n, storage_options=storage_options)
+            if rec is None:
+                problems.append({"shard": shard_name(n), "reason": "tar missing, size differs or record unreadable"})
+            else:
+                listed.append((rec.name, rec.bytes, rec.sha256))
+    for name, nbytes, sha in listed:
+        why = shard_problem(set_url, ShardRecord(name, 0, nbytes, sha, "", []), storage_options=storage_options)
+        if why:
+            problems.append({"shard": name, "reason": why})
+    return {"set": set_url, "index": has_index, "shards": len(listed), "ok": len(listed) - len(problems), "problems": problems}
 
 
 def cleanup_partials(set_url: str, *, storage_options: dict | None = None) -> list[str]:
@@ -307,13 +369,18 @@ def read_index(index_url: str, *, storage_options: dict | None = None) -> dict[s
     return check_index(doc, item=index_url)
 
 
-def shard_set_complete(set_url: str, plan_sha256: str, *, storage_options: dict | None = None) -> bool:
-    """True when the set's ``index.json`` exists for the same plan with no failed sample (re-runs skip it)."""
+def shard_set_complete(
+    set_url: str, plan_sha256: str, *, storage_options: dict | None = None, verify: bool = True
+) -> bool:
+    """True when the set's ``index.json`` exists for the same plan with no failed sample and
+    (``verify``) every tar matches its recorded sha256 (re-runs skip it)."""
     try:
         doc = read_index(set_url, storage_options=storage_options)
     except (ShardError, ShardFormatError):
         return False
-    return doc.get("plan_sha256") == plan_sha256 and not doc.get("failed")
+    if doc.get("plan_sha256") != plan_sha256 or doc.get("failed"):
+        return False
+    return not verify or not verify_shard_set(set_url, storage_options=storage_options)["problems"]
 
 
 # --------------------------------------------------------------------------- reading
@@ -330,12 +397,68 @@ def shard_urls(urls_or_index: str | Sequence[str], *, storage_options: dict | No
     return [str(u) for u in urls_or_index]
 
 
-def _fsspec_opener(storage_options: dict | None) -> Callable[[Iterable[dict]], Iterator[dict]]:
+class _HashingReader:
+    """File-like wrapper that hashes everything read through it."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.sha.update(data)
+        self.size += len(data)
+        return data
+
+    def finish(self) -> tuple[str, int]:
+        """Read what the tar reader left (end-of-archive padding); return (sha256 hex, size)."""
+        while self.read(1 << 20):
+            pass
+        return self.sha.hexdigest(), self.size
+
+
+def expected_digests(urls_or_index: str | Sequence[str], *, storage_options: dict | None = None) -> dict[str, tuple[str, int]]:
+    """URL → (sha256, bytes) recorded for each shard: from ``index.json``, else each tar's completion record."""
+    urls = shard_urls(urls_or_index, storage_options=storage_options)
+    out: dict[str, tuple[str, int]] = {}
+    if isinstance(urls_or_index, str) and not urls_or_index.endswith(".tar"):
+        doc = read_index(urls_or_index, storage_options=storage_options)
+        by_name = {s["name"]: (str(s["sha256"]), int(s["bytes"])) for s in doc["shards"]}
+        return {u: by_name[posixpath.basename(u)] for u in urls}
+    for u in urls:
+        fs, path = _fs(u, storage_options)
+        record = path[: -len(".tar")] + ".done.json"
+        try:
+            with fs.open(record, "rb") as fh:
+                doc = json.loads(fh.read())
+            out[u] = (str(doc["sha256"]), int(doc["bytes"]))
+        except (FileNotFoundError, ValueError, KeyError) as exc:
+            raise ShardCorrupt("no completion record with a sha256 to verify against (pass verify=False)", item=u) from exc
+    return out
+
+
+def _fsspec_opener(
+    storage_options: dict | None, expected: dict[str, tuple[str, int]] | None
+) -> Callable[[Iterable[dict]], Iterator[dict]]:
     def open_streams(data: Iterable[dict]) -> Iterator[dict]:
         for sample in data:
             url = sample["url"]
             with fsspec.open(url, "rb", **(storage_options or {})) as stream:
-                yield dict(sample, stream=stream)
+                if expected is None:
+                    yield dict(sample, stream=stream)
+                    continue
+                hashing = _HashingReader(stream)
+                yield dict(sample, stream=hashing)
+                # the tar reader is done with this stream: check what it read before the next tar
+                digest, size = hashing.finish()
+                want_sha, want_size = expected[url]
+                if (digest, size) != (want_sha, want_size):
+                    raise ShardCorrupt(
+                        f"tar sha256/size ({digest[:12]}…, {size} B) differ from the recorded ({want_sha[:12]}…, "
+                        f"{want_size} B): the shard is damaged; rewrite it with `tempo shards` (re-run)",
+                        item=url,
+                    )
 
     return open_streams
 
@@ -353,6 +476,7 @@ def shard_dataset(
     workersplitter: Callable | None = None,
     storage_options: dict | None = None,
     seed: int = 0,
+    verify: bool = True,
 ) -> Any:
     """A ``webdataset.DataPipeline`` (a torch ``IterableDataset``) over decoded samples.
 
@@ -364,6 +488,9 @@ def shard_dataset(
             torch.distributed rank/world size); workersplitter likewise across DataLoader
             workers (default ``webdataset.split_by_worker``).
         storage_options: passed to ``fsspec.open`` (no gsutil involved).
+        verify: hash each tar while streaming it and raise ShardCorrupt at its end when the
+            sha256 or size differs from the one recorded (index.json or the tar's completion
+            record); the check runs before the next tar is opened. False: skip it (speed).
 
     Yields dicts from ``schemas.shard_sample.decode_sample``: ``tokens (T, D) float16``,
     ``alloc (S,) int16``, ``offsets``, ``timestamp_texts``, ``timestamps_s``, ``meta``.
@@ -372,12 +499,13 @@ def shard_dataset(
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     urls = shard_urls(urls_or_index, storage_options=storage_options)
+    expected = expected_digests(urls_or_index, storage_options=storage_options) if verify else None
     stages: list[Any] = [wds.SimpleShardList(urls)]
     stages.append(nodesplitter or wds.split_by_node)
     stages.append(workersplitter or wds.split_by_worker)
     if shuffle:
         stages.append(wds.shuffle(max(1, len(urls)), seed=seed))
-    stages += [_fsspec_opener(storage_options), tar_file_expander, group_by_keys, _decode_stage]
+    stages += [_fsspec_opener(storage_options, expected), tar_file_expander, group_by_keys, _decode_stage]
     if shuffle:
         stages.append(wds.shuffle(shuffle, seed=seed))
     return wds.DataPipeline(*stages)

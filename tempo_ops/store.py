@@ -204,6 +204,18 @@ def _array_metadata(form: str, n_segments: int, k: int, d: int, p: int, c: int) 
     return sync(read())
 
 
+def inputs_match(entry_attrs: dict[str, Any], inputs: dict[str, Any]) -> bool:
+    """True when a complete entry was computed from ``inputs``.
+
+    An entry migrated from layout v1 records no video identity (``"video": None``): the video
+    is then not compared (v1 never recorded it), everything else is.
+    """
+    if entry_attrs.get(L.ENTRY_INPUTS_SHA256) == L.inputs_digest(inputs):
+        return True
+    stored = entry_attrs.get(L.ENTRY_INPUTS)
+    return isinstance(stored, dict) and stored.get("video") is None and stored == dict(inputs, video=None)
+
+
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 values → bfloat16 bit patterns ``<u2`` (round to nearest even; exact for bf16 values)."""
     u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
@@ -470,7 +482,7 @@ class CacheWriter:
         if attrs.get(L.ENTRY_COMPLETE) is not True:
             return "incomplete", None
         inputs = self.entry_inputs(query_text, n_segments, prompt_template=prompt_template, video_identity=video_identity)
-        if attrs.get(L.ENTRY_INPUTS_SHA256) != L.inputs_digest(inputs):
+        if not inputs_match(attrs, inputs):
             old = attrs.get(L.ENTRY_INPUTS) or {}
             fields = sorted(k for k in set(old) | set(inputs) if old.get(k) != inputs.get(k))
             return "stale", f"inputs differ: {', '.join(fields)}"
@@ -526,7 +538,7 @@ class CacheWriter:
         digest = L.inputs_digest(inputs)
         current = sync(_get_attrs(self.store, epath))
         complete = current is not None and current.get(L.ENTRY_COMPLETE) is True
-        if complete and not force and current.get(L.ENTRY_INPUTS_SHA256) == digest:
+        if complete and not force and inputs_match(current, inputs):
             self._entries[(video_id, query_id)] = (n_segments, str(current[L.ENTRY_VERSION]))
             return False
         pending = current.get(L.ENTRY_PENDING) if current is not None else None
@@ -982,15 +994,15 @@ class CacheReader:
 def _direct_readable(metas: dict[str, dict[str, Any]], g: _Geometry) -> bool:
     """True when the arrays are encoded exactly as our direct reader expects."""
     little = {"name": "bytes", "configuration": {"endian": "little"}}
-    inner = [little, {"name": "crc32c"}] if g.checksums else [little]
 
-    def sharded(chunk: list[int]) -> list[dict[str, Any]]:
+    def sharded(chunk: list[int], itemsize: int = 4) -> list[dict[str, Any]]:
+        data = little if itemsize > 1 else {"name": "bytes"}  # zarr writes no endianness for 1-byte types
         return [
             {
                 "name": "sharding_indexed",
                 "configuration": {
                     "chunk_shape": chunk,
-                    "codecs": inner,
+                    "codecs": [data, {"name": "crc32c"}] if g.checksums else [data],
                     "index_codecs": [little, {"name": "crc32c"}],
                     "index_location": "end",
                 },
@@ -999,7 +1011,7 @@ def _direct_readable(metas: dict[str, dict[str, Any]], g: _Geometry) -> bool:
 
     cmeta = metas[L.CANDIDATES]
     ok = (
-        cmeta.get("codecs") == sharded([1, g.C, g.D])
+        cmeta.get("codecs") == sharded([1, g.C, g.D], g.stored.itemsize)
         and cmeta.get("data_type") == _FORM_DTYPE[g.form][0]
         and cmeta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") == [g.P, g.K, g.D]
     )
@@ -1071,7 +1083,7 @@ class EntryReader:
         bad = ~(np.isfinite(out) & (out >= 0) & (out <= 1))
         if bad.any():
             s = int(np.flatnonzero(bad)[0])
-            raise self._corrupt(f"relevance of segment {s} is {out[s]!r}, not in [0, 1]", keys[s // g.P])
+            raise self._corrupt(f"relevance of segment {s} is {float(out[s])!r}, not in [0, 1]", keys[s // g.P])
         return out
 
     def _check_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -1156,12 +1168,14 @@ class EntryReader:
         for i, (a, b) in enumerate(rs):
             if b <= a:
                 continue
-            try:
-                out[starts[i] : starts[i + 1]] = arr[i, a:b]
-                if sarr is not None:
-                    scales[starts[i] : starts[i + 1]] = sarr[i, a:b]
-            except Exception as exc:  # zarr raises its own errors for a failed crc32c or a torn shard
-                raise self._corrupt(f"segment {i} tokens [{a}, {b}) unreadable ({type(exc).__name__}: {exc})", arr.path) from exc
+            for src, dst in ((arr, out), (sarr, scales)):
+                if src is None:
+                    continue
+                try:
+                    dst[starts[i] : starts[i + 1]] = src[i, a:b]
+                except Exception as exc:  # zarr raises its own errors for a failed crc32c or a torn shard
+                    why = f"segment {i} tokens [{a}, {b}) unreadable ({type(exc).__name__}: {exc})"
+                    raise self._corrupt(why, src.path) from exc
             block = out[starts[i] : starts[i + 1]]
             missing = (
                 np.isnan(block).any() if self.storage_form == "float16"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -247,13 +248,18 @@ def test_fingerprint_mismatch_refused(full_run, tiny_models, corpus, capsys):
 
 
 def _cache_files(cache: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(cache)): p.read_bytes() for p in sorted(cache.rglob("*")) if p.is_file()}
+    """Relative path → bytes; entry version names (random per computation) replaced by VERSION."""
+    return {
+        re.sub(r"/v[0-9a-f]{16}/", "/VERSION/", str(p.relative_to(cache))): p.read_bytes()
+        for p in sorted(cache.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _strip_times(doc: bytes) -> dict:
     def strip(value):
         if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if not k.endswith("_at")}
+            return {k: strip(v) for k, v in value.items() if not k.endswith("_at") and k not in ("version", "pending_version")}
         if isinstance(value, list):
             return [strip(v) for v in value]
         return value

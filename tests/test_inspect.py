@@ -33,7 +33,7 @@ def test_inspect_json(cache: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert doc["layout_version"] == L.LAYOUT_VERSION
     assert doc["fingerprint"] == L.config_fingerprint(make_config())
     assert doc["config"] == make_config()
-    assert doc["counts"] == {"videos": 3, "queries": 3, "complete": 2, "incomplete": 1}
+    assert doc["counts"] == {"videos": 3, "queries": 3, "complete": 2, "incomplete": 1, "unreadable": 0}
     assert doc["total_bytes"] == _disk_bytes(cache)
     rows = {v["video_id"]: v for v in doc["videos"]}
     assert rows["video-A"]["queries_complete"] == 2 and rows["video-A"]["queries_total"] == 2
@@ -48,7 +48,7 @@ def test_inspect_text(cache: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", cache]) == 0
     out = capsys.readouterr().out
     assert f"fingerprint:      {L.config_fingerprint(make_config())}" in out
-    assert "layout_version:   1" in out
+    assert f"layout_version:   {L.LAYOUT_VERSION}" in out
     assert "queries:          3 (2 complete, 1 incomplete)" in out
     assert "memory_tokens_sha256: " + "2" * 64 in out
     assert "target_fps: 2.0" in out

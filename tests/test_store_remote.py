@@ -43,12 +43,12 @@ def test_gcs_end_to_end(gcs_server) -> None:  # noqa: F811 - fixture
     for i, h in enumerate(heads):
         np.testing.assert_array_equal(h, cand[i, : i + 1].astype(np.float16))
     assert reader.video_meta("video/1") == make_meta()
-    # objects per entry stay few: group + 2 array metadata + shards + relevance chunks
+    # objects per entry stay few: entry + version group + 2 array metadata + shards + relevance chunks
     fs = fsspec.filesystem("gs", **opts)
     entry_objects = [p for p in fs.find(f"{bucket}/cache/videos") if "/queries/q1/" in p]
-    assert len(entry_objects) == 1 + 2 + 2 * (-(-S // P))
+    assert len(entry_objects) == 2 + 2 + 2 * (-(-S // P))
     summary = cache_summary(url, opts)
-    assert summary["counts"] == {"videos": 1, "queries": 2, "complete": 1, "incomplete": 1}
+    assert summary["counts"] == {"videos": 1, "queries": 2, "complete": 1, "incomplete": 1, "unreadable": 0}
     assert summary["total_bytes"] == sum(fs.du(f"{bucket}/cache", total=False).values())
     with pytest.raises(FingerprintMismatch, match="compressor.svlm_name"):
         CacheWriter.open(url, make_config(svlm_name="other"), storage_options=opts)
