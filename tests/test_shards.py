@@ -291,6 +291,9 @@ def _cache_config():
     }
 
 
+TEXTS = {("vid.a", "q1"): "What is shown?", ("vid.a", "q2"): "Unannotated?", ("vid/b", "q1"): "Colour?", ("c", "q1"): "How many?"}
+
+
 def build_cache(tmp_path):
     """A real token cache: 3 videos; entries for annotated, unannotated and unlisted queries."""
     from tempo_ops.store import CacheWriter
@@ -306,7 +309,7 @@ def build_cache(tmp_path):
             rng = np.random.default_rng(len(v) * 10 + j)
             cand = rng.standard_normal((S, K_INT, D_INT)).astype(np.float16)
             rel = rng.random(S).astype(np.float32)
-            writer.begin_entry(v, q, f"text {q}", S)
+            writer.begin_entry(v, q, TEXTS.get((v, q), f"text {q}"), S)
             for s0 in range(0, S, 4):
                 writer.write_block(v, q, s0, cand[s0 : s0 + 4], rel[s0 : s0 + 4])
             writer.finalize_entry(v, q)
@@ -441,3 +444,66 @@ def test_shards_on_gcs_emulator(gcs_server):  # noqa: F811
     assert [s["__key__"] for s in got] == keys
     e = by_key[keys[0]]
     assert np.array_equal(got[0]["tokens"], pack(e, np.array(planned[0].allocation), e.timestamps).tokens)
+
+
+# --------------------------------------------------------------------------- integrity (cache v2, tar sha256)
+def test_shard_dataset_verifies_each_tar_while_streaming(tmp_path):
+    from tempo_ops.errors import ShardCorrupt
+
+    url, plan, planned, _ = write_set(tmp_path, n=3)
+    tar = Path(url) / read_index(url)["shards"][1]["name"]
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0x01  # inside the first member's payload
+    tar.write_bytes(bytes(data))
+    with pytest.raises(ShardCorrupt, match="sha256"):
+        list(shard_dataset(url))
+    assert len(list(shard_dataset(url, verify=False))) == 3  # opt-out: served unchecked
+    with pytest.raises(ShardCorrupt, match="sha256"):  # plain tar URLs: checked against their completion record
+        list(shard_dataset([str(tar)]))
+
+
+def test_rerun_rewrites_broken_truncated_and_missing_tars(tmp_path, capsys):
+    from pipelines.cli import main
+
+    cache, manifest, _ = build_cache(tmp_path)
+    out = tmp_path / "shards"
+    args = ["--cache", cache, "--manifest", manifest, "--budgets", "20", "--out", str(out), "--shard-size-mb", "0.0001"]
+    assert run_cli(*args) == 0
+    tars = sorted((out / "20-ata").glob("*.tar"))
+    good = {p.name: p.read_bytes() for p in tars}
+    data = bytearray(good[tars[0].name])
+    data[600] ^= 0xFF
+    tars[0].write_bytes(bytes(data))  # flipped
+    tars[1].write_bytes(good[tars[1].name][:1000])  # truncated
+    tars[2].unlink()  # missing
+    capsys.readouterr()
+    assert main(["verify", "--shards", str(out)]) == 1
+    printed = capsys.readouterr().out
+    assert "0/3 shards intact" in printed and printed.count("BROKEN") == 3
+    assert run_cli(*args) == 0
+    assert "already complete" not in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in sorted((out / "20-ata").glob("*.tar"))} == good
+    assert main(["verify", "--shards", str(out / "20-ata"), "--json"]) == 0
+
+
+def test_corrupt_unreadable_and_mismatched_entries_are_dead_letters(tmp_path, capsys):
+    from schemas import cache_layout as L
+
+    cache, manifest, raw = build_cache(tmp_path)
+    attrs = json.loads((Path(cache) / L.metadata_key(L.entry_path("vid.a", "q1"))).read_text())["attributes"]
+    shard = Path(cache) / L.candidates_shard_key("vid.a", "q1", 0, attrs["version"])
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0x40  # a candidates byte of segment 0
+    shard.write_bytes(bytes(data))
+    (Path(cache) / L.metadata_key(L.entry_path("c", "q1"))).write_text("{torn")
+    lines = [json.loads(x) for x in Path(manifest).read_text().splitlines()]
+    lines[1]["queries"][0]["text"] = "Colour now?"  # differs from what vid/b/q1 was computed for
+    Path(manifest).write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "shards"
+    assert run_cli("--cache", cache, "--manifest", manifest, "--budgets", "200", "--out", str(out)) == 1
+    letters = [json.loads(x) for x in (tmp_path / "shards.deadletter.jsonl").read_text().splitlines()]
+    by_code = sorted((d["video_id"], d["code"]) for d in letters)
+    assert by_code == [("vid.a", "cache_corrupt"), ("vid/b", "entry_inputs_mismatch"), ("videos/c/queries/q1", "cache_corrupt")]
+    summary = json.loads((tmp_path / "shards.summary.json").read_text())
+    assert summary["counts"]["unreadable"] == 1 and summary["failures"] == 3
+    assert read_index(str(out / "200-ata"))["total_samples"] == 0  # nothing corrupt reaches a shard

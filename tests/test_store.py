@@ -11,7 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_store_support import C, D, K, P, S, block_data, entry_version, make_config, make_meta, open_writer, write_entry
+from test_store_support import (
+    C,
+    D,
+    K,
+    P,
+    S,
+    block_data,
+    entry_version,
+    make_config,
+    make_meta,
+    open_writer,
+    write_entry,
+)
 
 from schemas import cache_layout as L
 from tempo_ops.errors import (

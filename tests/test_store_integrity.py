@@ -10,7 +10,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from test_store_support import C, D, K, P, S, block_data, entry_version, make_config, make_meta, open_writer, write_entry
+from test_store_support import (
+    C,
+    D,
+    K,
+    P,
+    S,
+    block_data,
+    entry_version,
+    make_config,
+    make_meta,
+    open_writer,
+    write_entry,
+)
 
 from pipelines.cli import main as tempo
 from schemas import cache_layout as L
