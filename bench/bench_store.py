@@ -1,12 +1,17 @@
-"""Token cache benchmark: budget-proportional reads and write throughput (local disk under /tmp).
+"""Token cache benchmark (layout v2): per storage form, checksummed writes and reads vs plain .npy,
+budget-proportional reads, verification overhead and int8 accuracy (local disk under /tmp).
 
-One (video, query) entry: 128 segments x 128 tokens x D=2048 float16 (64 MiB).
+One (video, query) entry: 128 segments x 128 tokens x D=2048 (64 MiB as float16/bfloat16).
+- Writes per form (float16, bfloat16, int8; every chunk with its crc32c): the cache writer vs
+  ``np.save`` of the same blocks already in the stored dtype (throughput ratio, target >= 0.8),
+  interleaved, medians of REPEAT.
+- Full reads per form (direct reader, crc32c verified, returned as float32 / float16) vs
+  ``np.load`` of the .npy blocks.
 - Reads at budgets 1K/4K/8K with an ATA-like allocation (k_min=4 + floor(s_hat*124), rescaled
-  to fit B): bytes read (counted by a byte-counting store wrapper) / bytes of the selected
-  tokens, and time vs loading everything; our direct shard-index read and plain zarr slicing.
-- Writes: the cache writer vs ``np.save`` of the same blocks (throughput ratio, target >= 0.5),
-  and zarr's own sharded write of the same blocks for reference.
-- Compression: what zstd / blosc-lz4+shuffle would save on float16 candidates (none by default).
+  to fit B): bytes read (byte-counting store wrapper) / bytes of the selected tokens (target
+  <= 1.25), for the direct reader and plain zarr slicing.
+- Verification overhead: the same direct reads with the crc32c check disabled.
+- int8: per-token cosine to the original (Gaussian tokens, and tokens with outlier channels).
 
 Run: ``python -m bench.bench_store`` → ``bench/results/store.json``.
 """
@@ -20,19 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
+import tempo_ops.store as store_mod
 from bench.common import median_time, peak_rss_mb, write_result
 from schemas import cache_layout as L
 from tempo_ops.fs import CountingStore, open_store
-from tempo_ops.store import CacheReader, CacheWriter
+from tempo_ops.store import _NP_STORED, CacheReader, CacheWriter, quantize_int8, to_bf16_bits
 
 S, K, D = 128, 128, 2048
 BUDGETS = (1024, 4096, 8192)
 REPEAT = 5
+FORMS = ("float16", "bfloat16", "int8")
 
 
-def config() -> dict[str, Any]:
+def config(form: str) -> dict[str, Any]:
     return {
         "compressor": {
             "svlm_name": "bench",
@@ -45,7 +51,7 @@ def config() -> dict[str, Any]:
             "reference_geometry": True,
         },
         "sampling": {"target_fps": 2.0, "min_frames": 8, "max_frames": 1024, "max_edge": 512, "multiple": 16, "window": 8},
-        "stored_dtype": "float16",
+        "stored_dtype": form,
     }
 
 
@@ -72,129 +78,170 @@ def write_entry(writer: CacheWriter, query_id: str, cand: np.ndarray, rel: np.nd
     writer.finalize_entry("video", query_id)
 
 
+def stored_blocks(form: str, cand32: np.ndarray, p: int) -> list[tuple[np.ndarray, ...]]:
+    """What .npy would hold for each block of P segments in this form (values, + scales for int8)."""
+    out = []
+    for s0 in range(0, S, p):
+        block = cand32[s0 : s0 + p]
+        if form == "float16":
+            out.append((block.astype(np.float16),))
+        elif form == "bfloat16":
+            out.append((to_bf16_bits(block),))
+        else:
+            out.append(quantize_int8(block))
+    return out
+
+
+def cosine_per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(-1, a.shape[-1]).astype(np.float64)
+    b = b.reshape(-1, b.shape[-1]).astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
-    cand = rng.standard_normal((S, K, D), dtype=np.float32).astype(np.float16)
+    cand32 = rng.standard_normal((S, K, D), dtype=np.float32)
+    cand32 = np.asarray(store_mod.from_bf16_bits(to_bf16_bits(cand32)))  # bf16 values, like the model's
+    cand16 = cand32.astype(np.float16)
     rel = rng.beta(0.5, 0.5, S).astype(np.float32)
-    total_bytes = cand.nbytes
     work = Path(tempfile.mkdtemp(prefix="bench_store_", dir="/tmp"))
-    figures: dict[str, Any] = {"shape": [S, K, D], "entry_bytes": total_bytes, "repeat": REPEAT}
+    figures: dict[str, Any] = {"shape": [S, K, D], "repeat": REPEAT, "layout_version": L.LAYOUT_VERSION}
     try:
-        url = str(work / "cache")
-        writer = CacheWriter.open(url, config())
-        writer.write_video("video", meta())
-        figures["segments_per_shard"] = writer.segments_per_shard
-        figures["token_chunk"] = writer.token_chunk
+        writers = {f: CacheWriter.open(str(work / f), config(f)) for f in FORMS}
+        for w in writers.values():
+            w.write_video("video", meta())
+        p = writers["float16"].segments_per_shard
+        figures["segments_per_shard"] = p
+        figures["token_chunk"] = writers["float16"].token_chunk
+        blocks = {f: stored_blocks(f, cand32, p) for f in FORMS}
 
-        # ---------------------------------------------------------------- writes
-        counter = {"n": 0}
+        # ---------------------------------------------------------------- writes (interleaved)
+        times: dict[str, list[float]] = {f"{f}_{k}": [] for f in FORMS for k in ("cache", "npy")}
 
-        def cache_write() -> None:
-            counter["n"] += 1
-            write_entry(writer, f"q{counter['n']}", cand, rel)
-
-        def npy_write() -> None:
-            counter["n"] += 1
-            out = work / "npy" / f"q{counter['n']}"
+        def npy_write(form: str, rep: int) -> None:
+            out = work / "npy" / f"{form}-{rep}"
             out.mkdir(parents=True)
-            p = writer.segments_per_shard
-            for s0 in range(0, S, p):
-                np.save(out / f"candidates_{s0}.npy", cand[s0 : s0 + p])
+            for b, arrays in enumerate(blocks[form]):
+                for j, a in enumerate(arrays):
+                    np.save(out / f"block{b}_{j}.npy", a)
             np.save(out / "relevance.npy", rel)
 
-        def zarr_write() -> None:
-            counter["n"] += 1
-            arr = zarr.create_array(
-                store=str(work / "zarr" / f"q{counter['n']}"),
-                shape=(S, K, D),
-                dtype="float16",
-                shards=(writer.segments_per_shard, K, D),
-                chunks=(1, writer.token_chunk, D),
-                compressors=None,
-            )
-            p = writer.segments_per_shard
-            for s0 in range(0, S, p):
-                arr[s0 : s0 + p] = cand[s0 : s0 + p]
-
-        # interleave the three so that disk/page-cache state affects all alike
-        times: dict[str, list[float]] = {"cache": [], "npy": [], "zarr": []}
-        for _ in range(REPEAT):
-            for name, fn in (("cache", cache_write), ("npy", npy_write), ("zarr", zarr_write)):
+        for rep in range(1, REPEAT + 1):
+            for form in FORMS:
+                src = cand16 if form == "float16" else cand32  # what a caller holds for that form
                 t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+                write_entry(writers[form], f"q{rep}", src, rel)
+                times[f"{form}_cache"].append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                npy_write(form, rep)
+                times[f"{form}_npy"].append(time.perf_counter() - t0)
         med = {k: float(np.median(v)) for k, v in times.items()}
         figures["write"] = {
-            "cache_median_s": med["cache"],
-            "npy_median_s": med["npy"],
-            "zarr_native_median_s": med["zarr"],
-            "cache_MiB_per_s": total_bytes / med["cache"] / 2**20,
-            "npy_MiB_per_s": total_bytes / med["npy"] / 2**20,
-            "zarr_native_MiB_per_s": total_bytes / med["zarr"] / 2**20,
-            "cache_vs_npy_throughput_ratio": med["npy"] / med["cache"],
-            "cache_vs_zarr_native_throughput_ratio": med["zarr"] / med["cache"],
-            "target_ratio": 0.5,
+            form: {
+                "logical_MiB": S * K * D * 2 / 2**20,
+                "stored_MiB": sum(a.nbytes for arrays in blocks[form] for a in arrays) / 2**20,
+                "cache_median_s": med[f"{form}_cache"],
+                "npy_median_s": med[f"{form}_npy"],
+                "cache_vs_npy_throughput_ratio": med[f"{form}_npy"] / med[f"{form}_cache"],
+            }
+            for form in FORMS
         }
+        figures["write"]["target_ratio"] = 0.8
+        sizes = {
+            f: sum(x.stat().st_size for x in (work / f).rglob("*") if x.is_file() and "/q1/" in str(x)) for f in FORMS
+        }
+        figures["entry_bytes_on_disk"] = sizes
+        figures["int8_over_bfloat16_bytes"] = sizes["int8"] / sizes["bfloat16"]
 
-        # ---------------------------------------------------------------- reads
-        base = open_store(url, read_only=True)
-        counting = CountingStore(base)
-        reader = CacheReader(url, store=counting)
-        qid = "q1"
-        meta_reads = {}
-
-        def fresh_entry() -> Any:
-            counting.reset()
-            e = reader.entry("video", qid)
-            meta_reads["bytes"] = counting.get_bytes
-            counting.reset()
-            return e
-
+        # ---------------------------------------------------------------- full reads vs np.load
         reads: dict[str, Any] = {}
-        full_t = median_time(lambda: fresh_entry().read_all(), repeat=REPEAT)
-        fresh_entry().read_all()
-        reads["full"] = {"median_s": full_t["median_s"], "bytes_read": counting.get_bytes, "requests": counting.get_requests}
-        e0 = fresh_entry()
-        scores = e0.relevance()
-        for budget in BUDGETS:
-            k = ata_like(scores, budget)
-            ranges = [(0, int(x)) for x in k]
-            selected = int(k.sum()) * D * 2
-            row: dict[str, Any] = {"tokens_selected": int(k.sum()), "bytes_selected": selected}
-            for method in ("direct", "zarr"):
-                t = median_time(lambda m=method, r=ranges: fresh_entry().read_token_ranges(r, method=m), repeat=REPEAT)
-                e = fresh_entry()
-                got = e.read_token_ranges(ranges, method=method)
-                assert all(np.array_equal(g, cand[i, : k[i]]) for i, g in enumerate(got)), "wrong tokens read"
-                row[method] = {
-                    "median_s": t["median_s"],
-                    "bytes_read": counting.get_bytes,
-                    "requests": counting.get_requests,
-                    "bytes_read_over_selected": counting.get_bytes / selected,
-                    "time_vs_full": t["median_s"] / reads["full"]["median_s"],
-                    "bytes_vs_full": counting.get_bytes / total_bytes,
-                }
-            reads[f"B{budget}"] = row
-        reads["entry_metadata_bytes"] = meta_reads["bytes"]
-        reads["shard_index_bytes_per_shard"] = L.shard_index_nbytes(writer.segments_per_shard, K, writer.token_chunk)
-        reads["target_bytes_over_selected"] = 1.25
-        figures["read"] = reads
+        npy_dir = {f: work / "npy" / f"{f}-1" for f in FORMS}
+        for form in FORMS:
+            reader = CacheReader(str(work / form))
+            native = "float16" if form == "float16" else "float32"
+            t_cache = median_time(lambda r=reader: r.entry("video", "q1").read_all(), repeat=REPEAT)
+            t_stored = median_time(lambda r=reader: r.entry("video", "q1").read_stored([(0, K)] * S), repeat=REPEAT)
+            files = sorted(npy_dir[form].glob("block*.npy"))
+            t_npy = median_time(lambda fs=files: [np.load(x, allow_pickle=False) for x in fs], repeat=REPEAT)
+            got = reader.entry("video", "q1").read_all()
+            if form != "int8":
+                ref = cand16 if form == "float16" else cand32
+                assert np.array_equal(got, ref), f"{form}: wrong values read"
+            reads[form] = {
+                "returns": native,
+                "cache_median_s": t_cache["median_s"],
+                "cache_stored_form_median_s": t_stored["median_s"],
+                "npy_load_median_s": t_npy["median_s"],
+                "cache_vs_npy_throughput_ratio": t_npy["median_s"] / t_cache["median_s"],
+                "stored_form_vs_npy_throughput_ratio": t_npy["median_s"] / t_stored["median_s"],
+            }
+        figures["read_full"] = reads
 
-        # ---------------------------------------------------------------- compression
-        import numcodecs
+        # ---------------------------------------------------------------- budget reads: bytes per kept token
+        budget_rows: dict[str, Any] = {}
+        for form in FORMS:
+            counting = CountingStore(open_store(str(work / form), read_only=True))
+            reader = CacheReader(str(work / form), store=counting)
+            scores = reader.entry("video", "q1").relevance()
+            token_nbytes = D * _NP_STORED[form].itemsize + (4 if form == "int8" else 0)
+            rows = {}
+            for budget in BUDGETS:
+                k = ata_like(scores, budget)
+                ranges = [(0, int(x)) for x in k]
+                selected = int(k.sum()) * token_nbytes
+                row: dict[str, Any] = {"tokens_selected": int(k.sum()), "bytes_selected": selected}
+                for method in ("direct", "zarr"):
+                    t = median_time(
+                        lambda m=method, r=ranges, rd=reader: rd.entry("video", "q1").read_token_ranges(r, method=m),
+                        repeat=REPEAT,
+                    )
+                    e = reader.entry("video", "q1")
+                    counting.reset()
+                    got = e.read_token_ranges(ranges, method=method)
+                    if form == "float16":
+                        assert all(np.array_equal(g, cand16[i, : k[i]]) for i, g in enumerate(got)), "wrong tokens read"
+                    row[method] = {
+                        "median_s": t["median_s"],
+                        "bytes_read": counting.get_bytes,
+                        "requests": counting.get_requests,
+                        "bytes_read_over_selected": counting.get_bytes / selected,
+                    }
+                rows[f"B{budget}"] = row
+            budget_rows[form] = rows
+        budget_rows["target_bytes_over_selected"] = 1.25
+        figures["read_budget"] = budget_rows
 
-        sample = np.ascontiguousarray(cand[: writer.segments_per_shard]).tobytes()
-        comp = {}
-        for name, codec in (
-            ("zstd3", numcodecs.Zstd(level=3)),
-            ("blosc_lz4_shuffle", numcodecs.Blosc(cname="lz4", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE, typesize=2)),
+        # ---------------------------------------------------------------- verification overhead
+        reader = CacheReader(str(work / "float16"))
+        ranges = [(0, int(x)) for x in ata_like(reader.entry("video", "q1").relevance(), 4096)]
+        overhead = {}
+        for name, fn in (
+            ("full_read", lambda: reader.entry("video", "q1").read_all()),
+            ("B4096_read", lambda: reader.entry("video", "q1").read_token_ranges(ranges)),
         ):
-            t0 = time.perf_counter()
-            enc = codec.encode(sample)
-            dt = time.perf_counter() - t0
-            comp[name] = {"ratio": len(sample) / len(enc), "encode_MiB_per_s": len(sample) / dt / 2**20}
-        comp["data"] = "standard-normal float16 (hidden-state-like noise)"
-        figures["compression_if_enabled"] = comp
+            on = median_time(fn, repeat=REPEAT)["median_s"]
+            real = store_mod.chunk_crc_ok
+            store_mod.chunk_crc_ok = lambda chunk: True
+            try:
+                off = median_time(fn, repeat=REPEAT)["median_s"]
+            finally:
+                store_mod.chunk_crc_ok = real
+            overhead[name] = {"verified_s": on, "unverified_s": off, "overhead_fraction": on / off - 1.0}
+        t_verify = median_time(lambda: reader.entry("video", "q1").verify(full=True), repeat=REPEAT)["median_s"]
+        overhead["verify_full_entry_s"] = t_verify
+        overhead["verify_full_MiB_per_s"] = S * K * D * 2 / 2**20 / t_verify
+        figures["verification"] = overhead
+
+        # ---------------------------------------------------------------- int8 accuracy
+        out = rng.standard_normal((S, K, D), dtype=np.float32)
+        out[..., rng.choice(D, D // 100, replace=False)] *= 20.0  # 1% outlier channels
+        acc = {}
+        for name, x in (("gaussian", cand32), ("outlier_channels_1pct_x20", out)):
+            q, sc = quantize_int8(x)
+            cos = cosine_per_token(store_mod.dequantize_int8(q, sc), x)
+            acc[name] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "tokens_below_0_999": int((cos < 0.999).sum())}
+        acc["target_min_cosine"] = 0.999
+        figures["int8_accuracy"] = acc
         figures["peak_rss_mb"] = peak_rss_mb()
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -399,3 +399,58 @@ def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatc
     summary = _summary(cache)
     assert summary["failures"] == {"items": 2, "by_code": {"cache_write_error": 1, "inference_error": 1}}
     assert summary["counts"]["queries_failed"] == 2
+
+
+def test_corrupt_entry_verify_dead_letter_repair_and_stale_inputs(tiny_models, tmp_path, capsys):
+    """A flipped byte is reported by `tempo verify`, dead-lettered by a plain re-run, recomputed by --repair;
+    a changed query text or video file makes the entry stale, recomputed."""
+    from schemas import cache_layout as L
+    from tempo_ops.store import CacheReader
+
+    root = tmp_path / "c"
+    root.mkdir()
+    write_test_video(root / "short.mp4", n_frames=40, fps=10, width=80, height=64)
+    manifest = root / "manifest.jsonl"
+
+    def write_manifest(text: str) -> None:
+        line = {"video_id": "short/clip", "uri": "short.mp4", "queries": [{"query_id": "q1", "text": text}]}
+        manifest.write_text(json.dumps(line) + "\n")
+
+    write_manifest("Count the blocks.")
+    cache = tmp_path / "cache.zarr"
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 0
+    original = CacheReader(str(cache)).entry("short/clip", "q1").read_all()
+    version = CacheReader(str(cache)).entry("short/clip", "q1").version
+    shard = cache / L.candidates_shard_key("short/clip", "q1", 0, version)
+    data = bytearray(shard.read_bytes())
+    data[123] ^= 0x04
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert tempo(["verify", str(cache)]) == 1
+    assert "CORRUPT short/clip/q1" in capsys.readouterr().out
+    # --repair checks every chunk crc32c and recomputes the corrupt entry (a plain re-run checks metadata,
+    # indexes and relevance only)
+    assert tempo(_compress_args(manifest, cache, tiny_models, "--repair")) == 0
+    s = _summary(cache)
+    assert s["counts"]["queries_corrupt_repaired"] == 1 and s["counts"]["queries_completed"] == 1
+    assert tempo(["verify", str(cache)]) == 0
+    e = CacheReader(str(cache)).entry("short/clip", "q1")
+    np.testing.assert_array_equal(e.read_all(), original)
+    assert e.version != version and e.inputs["video"]["size"] == (root / "short.mp4").stat().st_size
+    # relevance damage is caught by the quick check of a plain re-run: dead letter, nothing recomputed
+    rel = cache / L.relevance_chunk_key("short/clip", "q1", 0, e.version)
+    rel.write_bytes(rel.read_bytes()[:-1] + bytes([rel.read_bytes()[-1] ^ 1]))
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 1
+    assert [d["code"] for d in _dead_letters(cache)] == ["cache_corrupt"]
+    assert tempo(_compress_args(manifest, cache, tiny_models, "--repair")) == 0
+    # changed inputs: stale, recomputed
+    write_manifest("Count the red blocks.")
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 0
+    s = _summary(cache)
+    assert s["counts"]["queries_stale_recomputed"] == 1 and s["counts"]["queries_completed"] == 1
+    assert CacheReader(str(cache)).entry("short/clip", "q1").query_text == "Count the red blocks."
+    os.utime(root / "short.mp4", (1_000_000_000, 1_000_000_000))  # the video file was replaced
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 0
+    assert _summary(cache)["counts"]["queries_stale_recomputed"] == 1
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 0
+    assert _summary(cache)["counts"]["queries_skipped_complete"] == 1
