@@ -28,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
     "shards": ("pipelines.build_shards", "cut WebDataset training shards from a cache", True),
     "verify": ("pipelines.verify_cmd", "check a cache's (or shard set's) checksums; list corrupt, missing, incomplete", False),
     "migrate": ("pipelines.migrate_cmd", "convert a layout-v1 token cache to layout v2 (new store, then swap)", False),
+    "eval": ("pipelines.evaluate", "evaluate the LLM stage at budgets x policies from a cache or shards", True),
     "demo": ("pipelines.demo", "run the whole pipeline on generated sample videos and tiny models", False),
 }
 
