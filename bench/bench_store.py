@@ -11,7 +11,9 @@ One (video, query) entry: 128 segments x 128 tokens x D=2048 (64 MiB as float16/
   to fit B): bytes read (byte-counting store wrapper) / bytes of the selected tokens (target
   <= 1.25), for the direct reader and plain zarr slicing.
 - Verification overhead: the same direct reads with the crc32c check disabled.
-- int8: per-token cosine to the original (Gaussian tokens, and tokens with outlier channels).
+- int8: per-token cosine to the original (Gaussian tokens, tokens with outlier channels, and the
+  tiny compressor's real candidates), and the LLM stage's answer logits on the tiny model with
+  int8 vs bfloat16 tokens (all K tokens of every segment, last prompt position).
 
 Run: ``python -m bench.bench_store`` → ``bench/results/store.json``.
 """
@@ -96,6 +98,61 @@ def cosine_per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a.reshape(-1, a.shape[-1]).astype(np.float64)
     b = b.reshape(-1, b.shape[-1]).astype(np.float64)
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def int8_llm_logits(work: Path) -> dict[str, Any]:
+    """Tiny models: compress a generated video, then compare LLM answer logits for bf16 vs int8 tokens."""
+    import torch
+
+    from tempo_ops import video
+    from tempo_ops.llm import TempoLLM
+    from tempo_ops.query_text import render_query
+    from tempo_ops.svlm.compressor import Compressor
+    from tempo_ops.svlm.tiny import make_tiny_models
+    from tempo_ops.synthetic import write_test_video
+
+    models = make_tiny_models(work / "tiny", seed=0)
+    clip = work / "clip.mp4"
+    write_test_video(clip, n_frames=96, fps=8, width=96, height=64)
+    comp = Compressor.from_pretrained(models["svlm"], memory_tokens=models["tempo"], device="cpu", dtype="float32")
+    segments = list(video.iter_segments(str(clip), video.SamplingConfig(target_fps=8.0)))
+    question = "What moves across the frame?"
+    cand = comp.compress(segments, [question]).candidates[0]  # (S, K, D) float32
+    bf = store_mod.from_bf16_bits(to_bf16_bits(cand))  # what the bfloat16 form stores, exactly
+    q, sc = quantize_int8(bf)
+    i8 = store_mod.dequantize_int8(q, sc)
+    cos = cosine_per_token(i8, bf)
+    llm = TempoLLM.from_pretrained(models["tempo"], device="cpu")
+    n_seg, k_tok = bf.shape[0], bf.shape[1]
+    alloc = np.full(n_seg, k_tok, dtype=np.int64)
+    times = [f"<{(8 * j + 4) / 8:.1f} seconds>" for j in range(n_seg)]
+    context = render_query(question, ["left", "right", "up", "down"], "lvbench")
+
+    def logits(tokens: np.ndarray) -> torch.Tensor:
+        x = llm.build_inputs(torch.from_numpy(tokens.reshape(-1, tokens.shape[-1]).astype(np.float32)), alloc, times, context)
+        with torch.inference_mode():
+            return llm.lm(inputs_embeds=x.inputs_embeds[None].float()).logits[0, -1].float()
+
+    a, b = logits(bf), logits(i8)
+    diff = (a - b).abs()
+    return {
+        "tiny_model_candidates": {
+            "tokens": int(cos.size),
+            "min_cosine": float(cos.min()),
+            "mean_cosine": float(cos.mean()),
+            "tokens_below_0_999": int((cos < 0.999).sum()),
+        },
+        "tiny_llm_answer_logits_int8_vs_bf16": {
+            "segments": n_seg,
+            "tokens_per_segment": k_tok,
+            "max_abs_diff": float(diff.max()),
+            "mean_abs_diff": float(diff.mean()),
+            "logit_std": float(a.std()),
+            "max_abs_diff_over_std": float(diff.max() / a.std()),
+            "argmax_equal": bool(int(a.argmax()) == int(b.argmax())),
+            "top5_equal": bool(torch.equal(a.topk(5).indices, b.topk(5).indices)),
+        },
+    }
 
 
 def main() -> None:
@@ -241,6 +298,7 @@ def main() -> None:
             cos = cosine_per_token(store_mod.dequantize_int8(q, sc), x)
             acc[name] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "tokens_below_0_999": int((cos < 0.999).sum())}
         acc["target_min_cosine"] = 0.999
+        acc.update(int8_llm_logits(work))
         figures["int8_accuracy"] = acc
         figures["peak_rss_mb"] = peak_rss_mb()
     finally:

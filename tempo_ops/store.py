@@ -490,9 +490,7 @@ class CacheWriter:
             return "complete", None
         try:
             problems = self.reader().entry(video_id, query_id).verify(full=check == "full")
-        except CacheCorrupt as exc:
-            return "corrupt", exc.reason
-        except EntryNotFound as exc:
+        except (CacheCorrupt, EntryNotFound) as exc:
             return "corrupt", exc.reason
         if problems:
             return "corrupt", "; ".join(p["reason"] for p in problems[:3])
