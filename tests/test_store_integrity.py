@@ -398,3 +398,24 @@ def test_verify_cli_lists_problems_and_exit_status(cache: str, capsys: pytest.Ca
     assert tempo(["verify", cache, "--quick"]) == 0  # a data chunk is beyond the quick check
     with pytest.raises(EntryNotFound):
         CacheReader(cache).entry("v", "nope")
+
+
+def test_v1_cache_is_shardable_without_conversion(tmp_path: Path) -> None:
+    from tempo_ops.shards import shard_dataset
+
+    url = _v1_copy(tmp_path)
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [
+        {"video_id": "video-1", "uri": "a.mp4", "queries": [
+            {"query_id": "q-a", "text": "question q-a?", "answer": "A"}, {"query_id": "q-b", "text": "question q-b?", "answer": "B"}]},
+        {"video_id": "video/2", "uri": "b.mp4", "queries": [{"query_id": "q a", "text": "question q a?", "answer": "C"}]},
+    ]
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "shards"
+    assert tempo(["shards", "--cache", url, "--manifest", str(manifest), "--budgets", "40", "--out", str(out)]) == 0
+    samples = list(shard_dataset(str(out / "40-ata")))
+    assert sorted(s["meta"]["query_id"] for s in samples) == ["q a", "q-a", "q-b"]
+    for s in samples:
+        cand, _ = block_data(s["meta"]["video_id"], s["meta"]["query_id"])
+        k = s["alloc"]
+        np.testing.assert_array_equal(s["tokens"], np.concatenate([cand[i, :n].astype(np.float16) for i, n in enumerate(k)]))
