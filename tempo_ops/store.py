@@ -216,9 +216,22 @@ def inputs_match(entry_attrs: dict[str, Any], inputs: dict[str, Any]) -> bool:
     return isinstance(stored, dict) and stored.get("video") is None and stored == dict(inputs, video=None)
 
 
+def _torch() -> Any:
+    """torch when installed (vectorised, multi-threaded conversions), else None (numpy fallback)."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency of the package
+        return None
+    return torch
+
+
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 values → bfloat16 bit patterns ``<u2`` (round to nearest even; exact for bf16 values)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    torch = _torch()
+    if torch is not None:  # same rounding as below, ~10x faster
+        return torch.from_numpy(x32).to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
+    u = x32.view(np.uint32)
     return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype("<u2")
 
 
