@@ -317,7 +317,7 @@ def check_layout(root_attrs: Mapping[str, Any] | None, item: str) -> dict[str, A
 
 def storage_form(root_attrs: Mapping[str, Any]) -> str:
     """The storage form of a checked root (v1: always float16)."""
-    return str(root_attrs.get(ROOT_STORAGE_FORM, STORED_DTYPE)) if root_attrs.get(ROOT_LAYOUT_VERSION) != 1 else STORED_DTYPE
+    return STORED_DTYPE if root_attrs.get(ROOT_LAYOUT_VERSION) == 1 else str(root_attrs[ROOT_STORAGE_FORM])
 
 
 def validate_video_meta(video_id: str, meta: Mapping[str, Any]) -> dict[str, Any]:
