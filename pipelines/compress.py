@@ -515,7 +515,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
     driver_model = model_handle.acquire(lambda: SharedModel(load_compressor(spec)))
     form = existing_storage_form(args.cache) or (
-        default_storage_form(driver_model.model.dtype) if args.storage_form == "auto" else args.storage_form
+        default_storage_form(getattr(driver_model.model, "dtype", None)) if args.storage_form == "auto" else args.storage_form
     )
     if args.storage_form not in ("auto", form):
         raise ConfigError(f"--storage-form {args.storage_form}: the cache at {args.cache} stores {form}", item=args.cache)
