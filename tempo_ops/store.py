@@ -573,10 +573,16 @@ class CacheWriter:
         attrs.update({L.ENTRY_COMPLETE: True, L.ENTRY_COMPLETED_AT: _now(), L.ENTRY_PACKAGE_VERSION: tempo_ops.__version__})
         sync(_put_group(store, epath, attrs))
 
-    def is_complete(self, video_id: str, query_id: str) -> bool:
-        """True when the entry carries the completion marker."""
+    def is_complete(
+        self, video_id: str, query_id: str, *, query_text: str | None = None, prompt_template: str | None = None
+    ) -> bool:
+        """True when the entry carries the completion marker (and, where given, was computed from
+        this ``query_text`` under this ``prompt_template``: otherwise it is stale)."""
         attrs = sync(_get_attrs(self.store, L.entry_path(video_id, query_id)))
-        return attrs is not None and attrs.get(L.ENTRY_COMPLETE) is True
+        if attrs is None or attrs.get(L.ENTRY_COMPLETE) is not True:
+            return False
+        wanted = {L.ENTRY_QUERY_TEXT: query_text, L.ENTRY_PROMPT_TEMPLATE: prompt_template}
+        return all(attrs.get(k) == v for k, v in wanted.items() if v is not None)
 
 
 def _reopen_writer(url: str, config: dict[str, Any], storage_options: dict[str, Any] | None) -> CacheWriter:

@@ -252,6 +252,9 @@ def test_prompt_template_is_stored_and_part_of_the_entry_identity(cache: str) ->
     assert (e.query_text, e.prompt_template) == (text, "videomme")
     assert e.attrs[L.ENTRY_PROMPT_TEMPLATE] == "videomme"
     assert w.begin_entry("v", "q", text, S, prompt_template="videomme") is False  # same text + template: reuse
+    assert w.is_complete("v", "q", query_text=text, prompt_template="videomme")
+    assert not w.is_complete("v", "q", query_text=text, prompt_template="plain")  # stale for another template
+    assert not w.is_complete("v", "q", query_text="other", prompt_template="videomme")
     # the same rendered text recorded under another template name is another entry too
     assert w.begin_entry("v", "q", text, S, prompt_template="lvbench") is True
     assert CacheReader(cache).entries() == []
