@@ -349,29 +349,37 @@ def test_sdist_contains_everything_workers_import(tmp_path):
     assert "constraints.txt" in names
 
 
+class _WrappedCompressor:
+    """The real compressor, calling ``before(queries)`` first on every ``compress``."""
+
+    def __init__(self, inner, before):
+        self.inner, self.before = inner, before
+
+    def fingerprint(self):
+        return self.inner.fingerprint()
+
+    def compress(self, segments, queries):
+        self.before(queries)
+        return self.inner.compress(segments, queries)
+
+
+def _wrap_compressor(monkeypatch, before) -> None:
+    import pipelines.compress as compress_job
+
+    real_load = compress_job.load_compressor
+    monkeypatch.setattr(compress_job, "load_compressor", lambda spec: _WrappedCompressor(real_load(spec), before))
+
+
 def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatch):
     """A model error of one query and a write error of one video become one dead letter each."""
-    import pipelines.compress as compress_job
     from tempo_ops.errors import CacheWriteError, InferenceError
     from tempo_ops.store import CacheReader, CacheWriter
 
-    real_load = compress_job.load_compressor
+    def fail_on_short_clip(queries):
+        if "Count the blocks." in queries:
+            raise InferenceError("out of memory (injected)", item="segment 0")
 
-    class FailingOnQuery:
-        """The real compressor, except that it fails on the short clip's query."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def fingerprint(self):
-            return self.inner.fingerprint()
-
-        def compress(self, segments, queries):
-            if "Count the blocks." in queries:
-                raise InferenceError("out of memory (injected)", item="segment 0")
-            return self.inner.compress(segments, queries)
-
-    monkeypatch.setattr(compress_job, "load_compressor", lambda spec: FailingOnQuery(real_load(spec)))
+    _wrap_compressor(monkeypatch, fail_on_short_clip)
     real_write = CacheWriter.write_block
 
     def write_block(self, video_id, query_id, *args, **kwargs):
@@ -398,7 +406,6 @@ def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatc
 def test_queries_are_rendered_with_the_prompt_template(tiny_models, tmp_path, monkeypatch):
     """The compressor reads the full benchmark prompt; the cache stores it and the template; the
     template is part of the entry's identity (``--prompt-template`` overrides the manifest)."""
-    import pipelines.compress as compress_job
     from tempo_ops.query_text import render_query
     from tempo_ops.store import CacheReader
 
@@ -416,20 +423,7 @@ def test_queries_are_rendered_with_the_prompt_template(tiny_models, tmp_path, mo
     manifest = root / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
     seen: list[str] = []
-    real_load = compress_job.load_compressor
-
-    class Recording:
-        def __init__(self, inner):
-            self.inner = inner
-
-        def fingerprint(self):
-            return self.inner.fingerprint()
-
-        def compress(self, segments, queries):
-            seen.extend(queries)
-            return self.inner.compress(segments, queries)
-
-    monkeypatch.setattr(compress_job, "load_compressor", lambda spec: Recording(real_load(spec)))
+    _wrap_compressor(monkeypatch, seen.extend)
     cache = tmp_path / "cache.zarr"
     videomme = render_query(q["text"], q["options"], "videomme")
     assert videomme.startswith("Select the best answer") and "\nB. oil\n" in videomme
