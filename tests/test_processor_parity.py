@@ -13,7 +13,9 @@ segment's start, on the chat template's text (4.57 replaces the whole
 ``<|vision_start|><|video_pad|><|vision_end|>`` by one timestamped block per temporal group).
 Ours: ``frames_to_video_inputs`` and ``prompt.build_segment_ids``. Both must be equal, bit for
 bit, on the tiny models' processor files. The reference numerics pieces are compared with
-4.57's own bf16 vision code as well.
+4.57's own bf16 vision code as well, and the whole tiny vision tower run by our Compressor in
+the project venv (transformers 5.x, ``numerics="reference"``, via ``tests/parity_main_venv.py``)
+must give 4.57's bf16 output bit for bit.
 """
 
 from __future__ import annotations
@@ -204,3 +206,46 @@ def test_text_rope_inv_freq_equals_457_bf16_buffer():
     cos_ref, _ = rope(x, pos)  # 4.57: float32 cos of the bf16-rounded frequencies
     cos_ours, _ = ours.rotary_emb(x, pos)
     assert torch.equal(cos_ref, cos_ours)
+
+
+# --------------------------------------------------------------------------- whole vision tower, 5.x hooks vs 4.57
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN_PYTHON = os.environ.get("TEMPO_MAIN_PYTHON", os.path.join(REPO, ".venv", "bin", "python"))
+
+
+def test_reference_numerics_vision_tower_equals_457_bf16_bit_for_bit(tmp_path):
+    """Our Compressor (transformers 5.x + reference numerics, bf16) runs the tiny SVLM's vision
+    tower to exactly the bits 4.57 produces from the same weights loaded in fp16 and cast to bf16;
+    exact numerics do not."""
+    import glob
+    import json
+    import subprocess
+
+    from safetensors.torch import load_file
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    if not os.path.exists(MAIN_PYTHON):
+        pytest.skip(f"needs the project venv's python ({MAIN_PYTHON}; `make venv`) for the transformers 5.x side")
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("TEMPO_PARITY", None)
+    done = subprocess.run(
+        [MAIN_PYTHON, os.path.join(REPO, "tests", "parity_main_venv.py"), str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    svlm = tmp_path / "models" / "svlm"
+    config = json.loads((svlm / "config.json").read_text())["vision_config"]
+    tower = Qwen3VLVisionModel._from_config(Qwen3VLVisionConfig(**config)).eval()
+    weights = {}
+    for f in glob.glob(str(svlm / "*.safetensors")):
+        weights.update(load_file(f))
+    prefix = "model.visual."
+    tower.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    tower.half().to(torch.bfloat16)  # the reference: loaded in fp16, then the whole model cast to bf16
+    ours = load_file(str(tmp_path / "tower.safetensors"))
+    with torch.no_grad():
+        out, deepstack = tower(ours["pixels"].to(torch.bfloat16), grid_thw=ours["grid"])
+    assert torch.equal(out.float(), ours["reference_out"])
+    assert torch.equal(deepstack[0].float(), ours["reference_deepstack"])
+    assert not torch.equal(out.float(), ours["exact_out"])  # transformers 5.x as is: not the reference's bits
