@@ -213,17 +213,31 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_PYTHON = os.environ.get("TEMPO_MAIN_PYTHON", os.path.join(REPO, ".venv", "bin", "python"))
 
 
-def test_reference_numerics_vision_tower_equals_457_bf16_bit_for_bit(tmp_path):
-    """Our Compressor (transformers 5.x + reference numerics, bf16) runs the tiny SVLM's vision
-    tower to exactly the bits 4.57 produces from the same weights loaded in fp16 and cast to bf16;
-    exact numerics do not."""
-    import glob
+def _457_svlm_dir(svlm, out):
+    """A copy of the tiny SVLM whose config 4.57 reads (it wants ``rope_scaling`` / ``rope_theta``)."""
     import json
+    import shutil
+
+    shutil.copytree(svlm, out)
+    config = json.loads((out / "config.json").read_text())
+    rope = config["text_config"]["rope_parameters"]
+    config["text_config"]["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    config["text_config"]["rope_theta"] = rope["rope_theta"]
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_reference_numerics_equal_457_bf16_bit_for_bit(tmp_path):
+    """Our Compressor (transformers 5.x + reference numerics, bf16) runs the tiny SVLM to exactly
+    the bits 4.57 produces from the same weights loaded in fp16 and cast to bf16 — the vision
+    tower, the whole model's final hidden states on a segment prompt, and the relevance; exact
+    numerics do not."""
     import subprocess
 
     from safetensors.torch import load_file
-    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+    from transformers import AutoTokenizer, Qwen3VLForConditionalGeneration
+
+    from tempo_ops.svlm.checkpoints import single_token_id
 
     if not os.path.exists(MAIN_PYTHON):
         pytest.skip(f"needs the project venv's python ({MAIN_PYTHON}; `make venv`) for the transformers 5.x side")
@@ -234,18 +248,23 @@ def test_reference_numerics_vision_tower_equals_457_bf16_bit_for_bit(tmp_path):
         env=env, capture_output=True, text=True, timeout=600, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    svlm = tmp_path / "models" / "svlm"
-    config = json.loads((svlm / "config.json").read_text())["vision_config"]
-    tower = Qwen3VLVisionModel._from_config(Qwen3VLVisionConfig(**config)).eval()
-    weights = {}
-    for f in glob.glob(str(svlm / "*.safetensors")):
-        weights.update(load_file(f))
-    prefix = "model.visual."
-    tower.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
-    tower.half().to(torch.bfloat16)  # the reference: loaded in fp16, then the whole model cast to bf16
-    ours = load_file(str(tmp_path / "tower.safetensors"))
+    svlm = _457_svlm_dir(tmp_path / "models" / "svlm", tmp_path / "svlm_457")
+    # the reference: loaded in fp16 (rope inv_freq stays float32), then the whole model cast to bf16
+    model = Qwen3VLForConditionalGeneration.from_pretrained(str(svlm), torch_dtype=torch.float16).eval()
+    model.to(torch.bfloat16)
+    ours = load_file(str(tmp_path / "outputs.safetensors"))
     with torch.no_grad():
-        out, deepstack = tower(ours["pixels"].to(torch.bfloat16), grid_thw=ours["grid"])
+        out, deepstack = model.model.visual(ours["pixels"].to(torch.bfloat16), grid_thw=ours["grid"])
+        hidden = model.model(
+            input_ids=ours["ids"], pixel_values_videos=ours["seg_pixels"], video_grid_thw=ours["seg_grid"]
+        ).last_hidden_state[0]
+    tok = AutoTokenizer.from_pretrained(str(svlm))
+    rows = model.lm_head.weight[[single_token_id(tok, "Yes", item="t"), single_token_id(tok, "No", item="t")]]
+    relevance = torch.sigmoid(hidden[-1:].float() @ (rows[0] - rows[1]).float())  # bf16 rows, bf16 difference
     assert torch.equal(out.float(), ours["reference_out"])
     assert torch.equal(deepstack[0].float(), ours["reference_deepstack"])
-    assert not torch.equal(out.float(), ours["exact_out"])  # transformers 5.x as is: not the reference's bits
+    assert torch.equal(hidden.float(), ours["reference_hidden"])
+    assert torch.equal(relevance, ours["reference_relevance"])
+    # transformers 5.x as is: not the reference's bits
+    assert not torch.equal(out.float(), ours["exact_out"])
+    assert not torch.equal(hidden.float(), ours["exact_hidden"])
