@@ -43,7 +43,7 @@ from pipelines.beam_support import (
 from schemas import manifest as manifest_schema
 from schemas.shard_sample import sample_key, shard_set_name
 from tempo_ops.allocation import POLICIES, allocate_with_report, allocation_stats
-from tempo_ops.errors import ConfigError, EntryInputsMismatch
+from tempo_ops.errors import ConfigError
 from tempo_ops.packing import PACK_MODES
 from tempo_ops.query_text import TEMPLATES, get_template, render_query
 from tempo_ops.shards import (
@@ -170,12 +170,7 @@ def plan_job(
             continue
         try:
             entry = reader.entry(video_id, query_id)
-            if entry.query_text != q.text:
-                raise EntryInputsMismatch(
-                    f"the entry was computed for query text {entry.query_text!r}, the manifest now says {q.text!r}; "
-                    "recompute it with `tempo compress`",
-                    item=f"{video_id}/{query_id}",
-                )
+            entry.check_question(q.text, q.options)  # the tokens must answer this question: else a dead letter
             scores = np.asarray(entry.relevance(), dtype=np.float32)
             S, K, D = int(entry.n_segments), int(entry.K), int(entry.D)
             key = sample_key(video_id, query_id)
@@ -184,9 +179,9 @@ def plan_job(
                 for p in policies:
                     res = allocate_with_report(scores, b, policy=p, k_min=k_min, k_max=min(k_max or K, K))
                     ps = PlannedSample(
-                        key, video_id, query_id, entry.query_text, q.options, q.answer,
+                        key, video_id, query_id, q.text, q.options, q.answer,
                         tuple(int(x) for x in res.k), estimate_sample_bytes(res.report.total, D, S),
-                        prompt_template=template, context=render_query(entry.query_text, q.options, template),
+                        prompt_template=template, context=render_query(q.text, q.options, template),
                         metadata=dict(metadata.get(video_id) or {}),
                     )
                     st = allocation_stats(res.k, frames_per_segment, b)

@@ -55,7 +55,7 @@ from pipelines.beam_support import (
 from pipelines.build_shards import parse_budgets, parse_list, parse_policies
 from schemas import manifest as manifest_schema
 from tempo_ops.allocation import allocate_with_report
-from tempo_ops.errors import ConfigError, EntryInputsMismatch
+from tempo_ops.errors import ConfigError
 from tempo_ops.llm.evaluate import EvalItem, evaluate_batch, make_item, plan_batches
 from tempo_ops.llm.predictions import PredictionStore
 from tempo_ops.llm.report import format_table, render_plots, summarize
@@ -146,12 +146,7 @@ def plan_from_cache(
             continue
         try:
             entry = reader.entry(video_id, query_id)
-            if entry.query_text != q.text:  # the tokens answer another question: never pair them with this one
-                raise EntryInputsMismatch(
-                    f"the entry was computed for query text {entry.query_text!r}, the manifest now says {q.text!r}; "
-                    "recompute it with `tempo compress`",
-                    item=f"{video_id}/{query_id}",
-                )
+            entry.check_question(q.text, q.options)  # the tokens must answer this question: else a dead letter
             scores = np.asarray(entry.relevance(), dtype=np.float32)
             K = int(entry.K)
             items = []
@@ -160,7 +155,7 @@ def plan_from_cache(
                     res = allocate_with_report(scores, b, policy=p, k_min=k_min, k_max=min(k_max or K, K))
                     items.append(
                         make_item(
-                            video_id, query_id, b, p, res.k, question=entry.query_text, options=q.options, answer=q.answer,
+                            video_id, query_id, b, p, res.k, question=q.text, options=q.options, answer=q.answer,
                             prompt_template=template, metadata=metadata, frames_per_segment=window,
                         )
                     )

@@ -694,6 +694,7 @@ def build_sample(
         prompt_template=planned.prompt_template,
         context=planned.context,
         metadata=dict(planned.metadata),
+        query_text=getattr(entry_reader, "query_text", None),
     )
     members = encode_sample(
         meta, packed.tokens, packed.allocation, packed.offsets, packed.timestamp_texts, list(entry_reader.timestamps)

@@ -42,6 +42,7 @@ from tempo_ops.errors import (
     CacheLayoutError,
     CacheNotWritable,
     EntryIncomplete,
+    EntryInputsMismatch,
     EntryNotFound,
     FingerprintMismatch,
     Float16Overflow,
@@ -49,6 +50,7 @@ from tempo_ops.errors import (
     InvalidTokenRange,
 )
 from tempo_ops.fs import DEFAULT_RETRY, RangeByteRequest, RetryPolicy, SuffixByteRequest, open_store
+from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES, render_query
 from tempo_ops.store_shard import EMPTY as L_EMPTY
 from tempo_ops.store_shard import (
     check_shard,
@@ -465,7 +467,7 @@ class CacheWriter:
 
     # ------------------------------------------------------------ entries
     def entry_inputs(
-        self, query_text: str, n_segments: int, *, prompt_template: str = "", video_identity: dict[str, Any] | None = None
+        self, query_text: str, n_segments: int, *, prompt_template: str = DEFAULT_TEMPLATE, video_identity: dict[str, Any] | None = None
     ) -> dict[str, Any]:
         """The identity record an entry computed now from these inputs would carry."""
         return L.entry_inputs(query_text, prompt_template, video_identity, self.fingerprint, n_segments)
@@ -477,7 +479,7 @@ class CacheWriter:
         query_text: str,
         n_segments: int,
         *,
-        prompt_template: str = "",
+        prompt_template: str = DEFAULT_TEMPLATE,
         video_identity: dict[str, Any] | None = None,
         check: str = "quick",
     ) -> tuple[str, str | None]:
@@ -516,12 +518,15 @@ class CacheWriter:
         query_text: str,
         n_segments: int,
         *,
-        prompt_template: str = "",
+        prompt_template: str = DEFAULT_TEMPLATE,
         video_identity: dict[str, Any] | None = None,
         force: bool = False,
         resume: bool = False,
     ) -> bool:
         """Prepare a new version of the (video, query) entry for ``n_segments`` segments. False: skip.
+
+        ``query_text`` is the text the compressor read (the query rendered under
+        ``prompt_template``, a name in ``tempo_ops.query_text.TEMPLATES``).
 
         False when the entry is complete and was computed from the same inputs (query text,
         prompt template, video identity, fingerprint, segment count). Otherwise a fresh version
@@ -532,8 +537,10 @@ class CacheWriter:
         recomputes a complete entry even when its inputs match (``--force``, ``--repair``).
         """
         item = f"{video_id}/{query_id}"
-        if not isinstance(query_text, str) or not isinstance(prompt_template, str):
-            raise InvalidCacheBlock("query_text and prompt_template must be strings", item=item)
+        if not isinstance(query_text, str):
+            raise InvalidCacheBlock("query_text must be a string", item=item)
+        if not isinstance(prompt_template, str) or prompt_template not in TEMPLATES:
+            raise InvalidCacheBlock(f"prompt_template must be one of {', '.join(TEMPLATES)}, got {prompt_template!r}", item=item)
         if not isinstance(n_segments, (int, np.integer)) or isinstance(n_segments, bool) or n_segments < 1:
             raise InvalidCacheBlock(f"n_segments must be a positive int, got {n_segments!r}", item=item)
         n_segments = int(n_segments)
@@ -807,6 +814,7 @@ class CacheWriter:
             L.ENTRY_VIDEO_ID: video_id,
             L.ENTRY_QUERY_ID: query_id,
             L.ENTRY_QUERY_TEXT: inputs["query_text"],
+            L.ENTRY_PROMPT_TEMPLATE: inputs["prompt_template"],
             L.ENTRY_N_SEGMENTS: n_seg,
             L.ENTRY_K: g.K,
             L.ENTRY_D: g.D,
@@ -827,10 +835,16 @@ class CacheWriter:
 
         sync(switch())
 
-    def is_complete(self, video_id: str, query_id: str) -> bool:
-        """True when the entry carries the completion marker (some complete version)."""
+    def is_complete(
+        self, video_id: str, query_id: str, *, query_text: str | None = None, prompt_template: str | None = None
+    ) -> bool:
+        """True when the entry carries the completion marker (and, where given, was computed from
+        this ``query_text`` under this ``prompt_template``: otherwise it is stale)."""
         attrs = sync(_get_attrs(self.store, L.entry_path(video_id, query_id)))
-        return attrs is not None and attrs.get(L.ENTRY_COMPLETE) is True
+        if attrs is None or attrs.get(L.ENTRY_COMPLETE) is not True:
+            return False
+        wanted = {L.ENTRY_QUERY_TEXT: query_text, L.ENTRY_PROMPT_TEMPLATE: prompt_template}
+        return all(attrs.get(k) == v for k, v in wanted.items() if v is not None)
 
 
 def _reopen_writer(url: str, config: dict[str, Any], storage_options: dict[str, Any] | None) -> CacheWriter:
@@ -1054,7 +1068,8 @@ class EntryReader:
         self.attrs = entry_attrs
         self.query_text: str = entry_attrs[L.ENTRY_QUERY_TEXT]
         self.inputs: dict[str, Any] | None = entry_attrs.get(L.ENTRY_INPUTS)  # None for v1 entries
-        self.prompt_template: str | None = (self.inputs or {}).get("prompt_template")
+        self.prompt_template: str | None = entry_attrs.get(L.ENTRY_PROMPT_TEMPLATE, (self.inputs or {}).get("prompt_template"))
+        """Template ``query_text`` was rendered with (None: an entry written before templates were recorded)."""
         self.n_segments: int = int(entry_attrs[L.ENTRY_N_SEGMENTS])
         self.K: int = int(entry_attrs[L.ENTRY_K])
         self.D: int = int(entry_attrs[L.ENTRY_D])
@@ -1067,6 +1082,24 @@ class EntryReader:
 
     def _item(self) -> str:
         return f"{self.video_id}/{self.query_id}"
+
+    def check_question(self, question: str, options: Sequence[str] | None = None) -> None:
+        """Raise EntryInputsMismatch unless this entry was computed for ``question`` (with ``options``).
+
+        The entry records the text its compressor read: the question rendered under the entry's
+        prompt template (``render_query``). Entries that recorded no template (written before
+        templates existed) recorded the question alone, or its plain rendering.
+        """
+        template = self.prompt_template or DEFAULT_TEMPLATE
+        expected = {render_query(question, options, template)}
+        if self.prompt_template is None:
+            expected.add(question)
+        if self.query_text not in expected:
+            raise EntryInputsMismatch(
+                f"the entry was computed for query text {self.query_text!r} (template {template}); the manifest's "
+                f"question renders as {sorted(expected)[0]!r}: recompute it with `tempo compress`",
+                item=self._item(),
+            )
 
     def _corrupt(self, reason: str, chunk: str) -> CacheCorrupt:
         return CacheCorrupt(f"{reason} [{chunk}]", item=self._item(), chunk=chunk)

@@ -49,11 +49,11 @@ def corpus(tmp_path):
     for v, (queries, S, kind) in QUERIES.items():
         ts = [(8 * i + 4) / 2.0 for i in range(S)]
         writer.write_video(v, {"uri": f"{v}.mp4", "timestamps": ts, "timestamp_texts": [format_timestamp(t) for t in ts]})
-        for j, (q, text, _opts, _ans) in enumerate(queries):
+        for j, (q, text, opts, _ans) in enumerate(queries):
             rng = np.random.default_rng(len(v) * 10 + j)
             cand = rng.standard_normal((S, K, D)).astype(np.float16)
             rel = rng.random(S).astype(np.float32)
-            writer.begin_entry(v, q, text, S)
+            writer.begin_entry(v, q, render_query(text, opts, "plain"), S)  # what `tempo compress` records
             for s0 in range(0, S, 4):
                 writer.write_block(v, q, s0, cand[s0 : s0 + 4], rel[s0 : s0 + 4])
             writer.finalize_entry(v, q)

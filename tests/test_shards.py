@@ -22,6 +22,7 @@ from schemas.shard_sample import (
 from tempo_ops.allocation import allocate
 from tempo_ops.errors import ShardError, ShardFormatError
 from tempo_ops.packing import format_timestamp, pack
+from tempo_ops.query_text import render_query
 from tempo_ops.shards import (
     FIXED_MTIME,
     PlannedSample,
@@ -291,7 +292,12 @@ def _cache_config():
     }
 
 
-TEXTS = {("vid.a", "q1"): "What is shown?", ("vid.a", "q2"): "Unannotated?", ("vid/b", "q1"): "Colour?", ("c", "q1"): "How many?"}
+QUESTIONS = {  # (text, options) of the manifest below
+    ("vid.a", "q1"): ("What is shown?", ["A", "B"]),
+    ("vid.a", "q2"): ("Unannotated?", None),
+    ("vid/b", "q1"): ("Colour?", None),
+    ("c", "q1"): ("How many?", None),
+}
 
 
 def build_cache(tmp_path):
@@ -309,7 +315,9 @@ def build_cache(tmp_path):
             rng = np.random.default_rng(len(v) * 10 + j)
             cand = rng.standard_normal((S, K_INT, D_INT)).astype(np.float16)
             rel = rng.random(S).astype(np.float32)
-            writer.begin_entry(v, q, TEXTS.get((v, q), f"text {q}"), S)
+            template = "videomme" if v == "vid.a" else "plain"
+            text = render_query(*QUESTIONS.get((v, q), (f"text {q}", None)), template)  # what the compressor read
+            writer.begin_entry(v, q, text, S, prompt_template=template)
             for s0 in range(0, S, 4):
                 writer.write_block(v, q, s0, cand[s0 : s0 + 4], rel[s0 : s0 + 4])
             writer.finalize_entry(v, q)
@@ -355,6 +363,9 @@ def test_build_shards_job_end_to_end(tmp_path, capsys):
                 assert s["alloc"].tolist() == k.tolist()
                 assert np.array_equal(s["tokens"], np.concatenate([cand[i, :n] for i, n in enumerate(k)]))
                 assert s["meta"]["answer"] in ("A", "red", "3") and s["meta"]["budget"] == budget
+                template = "videomme" if s["meta"]["video_id"] == "vid.a" else "plain"
+                assert s["meta"]["prompt_template"] == "plain"  # the LLM context's template (the job's default)
+                assert s["meta"]["query_text"] == render_query(*QUESTIONS[(s["meta"]["video_id"], s["meta"]["query_id"])], template)
     summary = json.loads((tmp_path / "shards.summary.json").read_text())
     assert summary["failures"] == 0 and summary["counts"]["unannotated"] == 1 and summary["counts"]["not_in_manifest"] == 1
     assert summary["bytes_written"] > 0

@@ -189,11 +189,11 @@ def test_stale_entries_are_recomputed_for_changed_inputs(cache: str) -> None:
     assert w.entry_status("v", "q", "question q?", S) == ("complete", None)
     status, why = w.entry_status("v", "q", "a new question", S)
     assert status == "stale" and "query_text" in why
-    assert w.entry_status("v", "q", "question q?", S, prompt_template="mcq")[0] == "stale"
+    assert w.entry_status("v", "q", "question q?", S, prompt_template="videomme")[0] == "stale"
     # an entry that records no video identity (written without one, or migrated from v1) is not compared on it
     assert w.entry_status("v", "q", "question q?", S, video_identity=ident)[0] == "complete"
     # recompute with a video identity: recorded, then a changed file (mtime) is stale again
-    assert w.begin_entry("v", "q", "question q?", S, video_identity=ident, prompt_template="mcq") is True
+    assert w.begin_entry("v", "q", "question q?", S, video_identity=ident, prompt_template="videomme") is True
     cand, rel = block_data("v", "q")
     for s0 in range(0, S, P):
         w.write_block("v", "q", s0, cand[s0 : s0 + P], rel[s0 : s0 + P])
@@ -201,14 +201,14 @@ def test_stale_entries_are_recomputed_for_changed_inputs(cache: str) -> None:
     e = CacheReader(cache).entry("v", "q")
     assert e.inputs == {
         "query_text": "question q?",
-        "prompt_template": "mcq",
+        "prompt_template": "videomme",
         "video": ident,
         "fingerprint": w.fingerprint,
         "n_segments": S,
     }
-    assert e.prompt_template == "mcq"
-    assert w.begin_entry("v", "q", "question q?", S, video_identity=ident, prompt_template="mcq") is False
-    assert w.entry_status("v", "q", "question q?", S, video_identity=dict(ident, mtime=2.0), prompt_template="mcq")[0] == "stale"
+    assert e.prompt_template == "videomme"
+    assert w.begin_entry("v", "q", "question q?", S, video_identity=ident, prompt_template="videomme") is False
+    assert w.entry_status("v", "q", "question q?", S, video_identity=dict(ident, mtime=2.0), prompt_template="videomme")[0] == "stale"
 
 
 def test_replacement_is_atomic_for_readers(cache: str) -> None:
