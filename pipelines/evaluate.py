@@ -349,9 +349,11 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         index = read_index(args.shards)
         template = args.prompt_template
         source = {"shards": args.shards, "plan_sha256": index.get("plan_sha256"), "cache_fingerprint": index.get("cache_fingerprint")}
+    llm_identity = {k: v for k, v in driver_llm.model.fingerprint().items() if k != "name"}
+    # What predictions depend on: weights and numerics, the cached data (not where it lives), packing.
     config = {
-        "llm": driver_llm.model.fingerprint(),
-        "source": source,
+        "llm": llm_identity,
+        "source": {k: v for k, v in source.items() if k not in ("cache", "shards")},
         "prompt_template": template,
         "pack_mode": args.pack_mode,
         "k_min": args.k_min,
@@ -425,6 +427,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         "run_id": run_id,
         "runner": runner_name(options),
         "config": config,
+        "source": source,
+        "llm": args.llm,
         "counts": {**counts, "written": written, "failed": int(metrics.get("predictions_failed", 0))},
         "failures": {"items": sum(failures.values()), "by_code": failures},
         "dead_letter_file": dead_path,
