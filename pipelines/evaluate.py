@@ -331,6 +331,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         raise ConfigError("--cache needs --manifest (the answers)", item="eval")
     if args.batch_size < 1 or args.max_batch_tokens < 1:
         raise ConfigError("--batch-size and --max-batch-tokens must be >= 1", item="eval")
+    if args.k_min < 0 or (args.k_max is not None and args.k_max < max(1, args.k_min)):
+        raise ConfigError(f"need 0 <= --k-min <= --k-max, got {args.k_min}, {args.k_max}", item="k-min")
     group_by = parse_list(args.group_by, what="group-by") if args.group_by.strip() else []
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
     spec = LLMSpec(args.llm, args.device, args.dtype, args.numerics, args.max_length, threads)
