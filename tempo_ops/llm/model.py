@@ -31,6 +31,7 @@ dtype runs in bf16.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -353,8 +354,6 @@ class TempoLLM(nn.Module):
             C.write_safetensors_shards(tmp, [s for s in shards if s])
             self.tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-                import json
-
                 fh.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
             names = sorted(os.listdir(tmp))
             for name in [n for n in names if n != "config.json"] + ["config.json"]:
