@@ -23,7 +23,7 @@ _DEFAULTS = SamplingConfig()
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the frame sampling / resize / segment options (defaults: DESIGN.md section 2)."""
+    """Add the frame sampling / resize / segment options (defaults: docs/METHOD.md "Sampling")."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--target-fps", type=float, default=_DEFAULTS.target_fps, help="sampled frames per second (default %(default)s)")
     group.add_argument("--min-frames", type=int, default=_DEFAULTS.min_frames, help="fewest sampled frames per video (default %(default)s)")

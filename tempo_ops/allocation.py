@@ -8,7 +8,7 @@ All policies are deterministic and vectorised (no Python loop over segments).
 Policies (``POLICIES``):
 
 - ``ata`` — the reference Adaptive Token Allocation rule, step for step, in float32
-  (DESIGN.md 2). Within budget whenever ``S <= B``. Reference edges reproduced and
+  (docs/METHOD.md "ATA"). Within budget whenever ``S <= B``. Reference edges reproduced and
   reported by ``allocate_with_report``: with ``S > B`` every segment gets 1 token (over
   budget); with equal scores and ``S > B`` every segment gets 0 tokens (all dropped).
 - ``uniform`` — ``floor(B/S)`` each, the remainder ``B mod S`` one token each to the first

@@ -1,6 +1,6 @@
-"""Video front end: probe, sample, resize and segment videos (DESIGN.md section 2).
+"""Video front end: probe, sample, resize and segment videos (docs/METHOD.md "Sampling" .. "Segments and timestamps").
 
-Rules (exactly the reference's, see DESIGN.md "Frame sampling" and "Segments"):
+Rules (exactly the reference's, see docs/METHOD.md "Sampling", "Resize", "Segments and timestamps"):
 
 - ``n = round(duration_s * target_fps)`` (Python ``round``: halves to even), clamped to
   ``[min_frames, max_frames]``; indices ``np.round(linspace(0, N - 1, n))`` (round to
@@ -155,7 +155,7 @@ SAMPLING_RULE = 2
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How frames are sampled, resized and grouped (DESIGN.md section 2).
+    """How frames are sampled, resized and grouped (docs/METHOD.md "Sampling", "Resize").
 
     target_fps: sampling rate in frames/s; min_frames/max_frames: clamp of the frame count;
     max_edge: frames whose longer side is at most this (px) keep their size, larger ones are

@@ -1,7 +1,7 @@
 """Parity with the real Hugging Face Qwen3-VL processor (and qwen-vl-utils where installed).
 
 The HF video processor needs torchvision, which cannot be installed in this project's
-environment (DESIGN.md 5), so these tests are skipped here; run them wherever torchvision
+environment (docs/METHOD.md "Environment"), so these tests are skipped here; run them wherever torchvision
 imports (e.g. a GPU machine): ``pytest tests/test_processor_parity.py``.
 
 Note on prompt expansion: the reference (transformers 4.57) replaced the chat template's whole
