@@ -3,12 +3,17 @@
 Every policy maps relevance scores ``(S,)`` and a budget ``B`` (tokens, excluding timestamp
 text) to a per-segment token count ``k`` ``(S,) int64`` with ``0 <= k_i <= k_max``; segment
 ``i`` then keeps ``k_i`` of its ``k_max`` cached candidates (see ``tempo_ops.packing``).
-All policies are deterministic and vectorised (no Python loop over segments).
+All policies are deterministic and vectorised (no Python loop over segments); the
+non-``ata`` policies break ties by segment index.
 
 Policies (``POLICIES``):
 
-- ``ata`` — the reference Adaptive Token Allocation rule, step for step, in float32
-  (docs/METHOD.md "ATA"). Within budget whenever ``S <= B``. Reference edges reproduced and
+- ``ata`` — the reference Adaptive Token Allocation rule, bit for bit (docs/METHOD.md "ATA"):
+  the reference's torch CPU float32 operations in its order, so float32 roundings and the
+  remainder's tie order (torch's default, unstable ``argsort``; not index order once 17 or
+  more weights are compared) are the reference's. Within budget whenever ``S <= B``
+  (a remainder that float32 rounding made negative would add nothing, as in the reference;
+  not observed). Reference edges reproduced and
   reported by ``allocate_with_report``: with ``S > B`` every segment gets 1 token (over
   budget); with equal scores and ``S > B`` every segment gets 0 tokens (all dropped).
 - ``uniform`` — ``floor(B/S)`` each, the remainder ``B mod S`` one token each to the first

@@ -589,8 +589,7 @@ def test_avi_fixtures_really_have_out_of_order_timestamps(avi_videos, name, wron
     # a wrong frame for many indices: frame i - 1, or earlier.
     start = times[0]
     wrong = 0
-    for i in range(120):
-            # decoding forward stops at the first frame past the target
+    for i in range(120):  # decoding forward stops at the first frame past the target
         stop = next(k for k, t in enumerate(times + [float("inf")]) if t > start + i / 10 + 0.0125)
         picked = numbers[stop - 1] if stop else numbers[0]
         wrong += picked != i
