@@ -281,6 +281,13 @@ def test_plan_clamped_real_fps_and_rotation():
     assert (plan.frame_width, plan.frame_height) == (288, 512)
 
 
+def test_plan_with_unknown_fps_uses_the_target_rate():
+    info = VideoInfo("mem.mp4", 30 / 30.0, None, 30, 640, 360, 0, "h264", 640, 360)
+    plan = plan_video(info)  # 30 frames / 2 fps = 15 s -> 30 samples, every frame
+    assert plan.frame_indices == list(range(30))
+    assert plan.real_fps == pytest.approx(2.0) and plan.timestamps[0] == pytest.approx(2.0)
+
+
 def test_plan_keeps_small_frames_at_their_size():
     plan = plan_video(_info(100, 10.0, w=75, h=41))
     assert (plan.frame_width, plan.frame_height) == (75, 41)
