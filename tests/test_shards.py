@@ -364,7 +364,7 @@ def test_build_shards_job_end_to_end(tmp_path, capsys):
                 assert np.array_equal(s["tokens"], np.concatenate([cand[i, :n] for i, n in enumerate(k)]))
                 assert s["meta"]["answer"] in ("A", "red", "3") and s["meta"]["budget"] == budget
                 template = "videomme" if s["meta"]["video_id"] == "vid.a" else "plain"
-                assert s["meta"]["prompt_template"] == "plain"  # the LLM context's template (the job's default)
+                assert s["meta"]["prompt_template"] == template  # what the cache entry recorded
                 assert s["meta"]["query_text"] == render_query(*QUESTIONS[(s["meta"]["video_id"], s["meta"]["query_id"])], template)
     summary = json.loads((tmp_path / "shards.summary.json").read_text())
     assert summary["failures"] == 0 and summary["counts"]["unannotated"] == 1 and summary["counts"]["not_in_manifest"] == 1
