@@ -20,9 +20,8 @@ from typing import Any
 import torch
 
 from tempo_ops.errors import ConfigError, ShardError
+from tempo_ops.llm.model import IGNORE_INDEX
 from tempo_ops.shards import read_index, shard_dataset, shard_urls
-
-IGNORE_INDEX = -100  # label value the causal-LM loss skips (torch / transformers convention)
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tempo_ops.errors import ConfigError, ShardError
+from tempo_ops.llm.model import IGNORE_INDEX
 from tempo_ops.query_text import render_query
 from tempo_ops.train import checkpoint as ckpt
 from tempo_ops.train.data import (
-    IGNORE_INDEX,
     SampleStream,
     StreamPosition,
     pack_micro_batches,
@@ -372,6 +372,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 item=str(run),
             )
     start_step = int(state.get("step", 0))
+    if start_step >= total_steps and (run / SUMMARY_NAME).is_file():
+        _barrier(dist)
+        if dist.main:
+            print(f"[train] {run} is complete ({total_steps} steps); nothing to do", file=sys.stderr, flush=True)
+        return dict(json.loads((run / SUMMARY_NAME).read_text(encoding="utf-8")), already_complete=True)
     torch.manual_seed(cfg.seed)
     llm = TempoLLM.from_pretrained(str(resume or cfg.init), dtype=torch.float32, device=device)
     params = _set_trainable(llm, cfg.train)
