@@ -91,9 +91,21 @@ def run_learnable_task(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Run steps 1-7 (module docstring) under ``out``; returns (and writes ``out/demo_train.json``) the results."""
+    import torch
+
+    threads = torch.get_num_threads()
+    # One torch thread throughout: models this small are overhead-bound, extra threads only contend.
+    torch.set_num_threads(1)
+    try:
+        return _run_learnable_task(Path(out), models, n_train, n_val, steps, seed)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_learnable_task(out: Path, models: Any, n_train: int, n_val: int, steps: int, seed: int) -> dict[str, Any]:
     from tempo_ops.synthetic import write_learnable_corpus
 
-    out = Path(out).resolve()
+    out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     models = Path(models) if models is not None else out / "models"
     if not (models / "tempo" / "config.json").exists():
@@ -115,7 +127,6 @@ def run_learnable_task(
 
     before = validation_accuracy(str(models / "tempo"), sets["val"])
     run = out / "run"
-    # One torch thread: a model this small is overhead-bound, and extra threads only contend.
     rc = _call(["train", "--shards", sets["train"], "--eval-shards", sets["val"], "--init", str(models / "tempo"),
                 "--out", str(run), "--train", "projector+llm", "--steps", str(steps), "--batch", "8", "--lr", "3e-3",
                 "--warmup", "10", "--shuffle", "16", "--seed", str(seed), "--save-every", str(max(1, steps // 2)),
