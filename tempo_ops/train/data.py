@@ -13,6 +13,8 @@ shards r, r + W, r + 2W, ... of the concatenated shard list.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +86,7 @@ class SampleStream:
     (optionally through a DataLoader with ``num_workers`` decoding processes); the order is a
     function of (urls, seed, epoch, rank, world size, workers), so a resumed run that skips to
     its saved ``StreamPosition`` sees exactly the samples an uninterrupted run would.
+    ``prefetch`` > 0 decodes up to that many samples ahead on a background thread (same order).
     """
 
     def __init__(
@@ -95,12 +98,15 @@ class SampleStream:
         num_workers: int = 0,
         position: StreamPosition | None = None,
         storage_options: dict | None = None,
+        prefetch: int = 0,
     ) -> None:
         self.urls = list(urls)
         self.shuffle = int(shuffle)
         self.seed = int(seed)
         self.num_workers = int(num_workers)
         self.storage_options = storage_options
+        self.prefetch = int(prefetch)
+        self._stop = threading.Event()
         self.position = StreamPosition(**(position.to_dict() if position else {}))
         self._it: Iterator[dict[str, Any]] | None = None
 
@@ -110,26 +116,62 @@ class SampleStream:
             return iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_keep))
         return iter(ds)
 
-    def _samples(self) -> Iterator[dict[str, Any]]:
-        skip = self.position.index
+    def _samples(self) -> Iterator[tuple[dict[str, Any], StreamPosition]]:
+        """Samples from the current position on, each with the position just after it."""
+        epoch, skip = self.position.epoch, self.position.index
         while True:
             seen = 0
-            for sample in self._epoch(self.position.epoch):
+            for sample in self._epoch(epoch):
                 seen += 1
                 if seen <= skip:
                     continue  # resuming: these were consumed before the checkpoint
-                self.position.index = seen
-                yield sample
+                yield sample, StreamPosition(epoch, seen)
             if seen == 0:
                 raise ShardError("this rank's shards hold no samples (more ranks than shards?)", item=self.urls[0])
-            skip = 0
-            self.position = StreamPosition(self.position.epoch + 1, 0)
+            epoch, skip = epoch + 1, 0
+
+    def _prefetched(self) -> Iterator[tuple[dict[str, Any], StreamPosition]]:
+        """``_samples`` read ahead by a daemon thread (decoding overlaps the training step)."""
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        stop = self._stop
+
+        def put(item: Any) -> bool:
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce() -> None:
+            try:
+                for item in self._samples():
+                    if not put(item):
+                        return
+            except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
+                put(exc)
+
+        threading.Thread(target=produce, name="tempo-train-data", daemon=True).start()
+        while True:
+            item = q.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        """Stop the read-ahead thread (if any); the stream cannot be read afterwards."""
+        self._stop.set()
 
     def take(self, n: int) -> list[dict[str, Any]]:
-        """The next ``n`` samples (crossing epoch boundaries as needed)."""
+        """The next ``n`` samples (crossing epoch boundaries as needed); ``position`` follows them."""
         if self._it is None:
-            self._it = self._samples()
-        return [next(self._it) for _ in range(n)]
+            self._it = self._prefetched() if self.prefetch > 0 else self._samples()
+        out = []
+        for _ in range(n):
+            sample, self.position = next(self._it)
+            out.append(sample)
+        return out
 
 
 def pack_micro_batches(lengths: Sequence[int], max_tokens: int | None) -> list[list[int]]:

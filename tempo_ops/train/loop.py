@@ -402,7 +402,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         torch.set_rng_state(tensors["rng"][dist.rank])
         if device.type == "cuda" and tensors.get("cuda_rng"):
             torch.cuda.set_rng_state(tensors["cuda_rng"][dist.rank], device)
-    stream = SampleStream(source.urls, shuffle=cfg.shuffle, seed=cfg.seed, num_workers=cfg.num_workers, position=position)
+    stream = SampleStream(
+        source.urls, shuffle=cfg.shuffle, seed=cfg.seed, num_workers=cfg.num_workers, position=position,
+        prefetch=2 * cfg.batch * cfg.grad_accum,
+    )
     ctx = _Ctx(cfg, dist, device, llm, module, _autocast(device))
 
     log = MetricsLog(run / METRICS_NAME, resume_step=start_step if resume is not None else None) if dist.main else None
@@ -450,55 +453,58 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
-    first_eval = run_eval(start_step) if eval_urls and resume is None else None
-    last_loss = None
-    totals = {"samples": 0, "tokens": 0, "seconds": 0.0}
-    for step in range(start_step, total_steps):
-        t0 = time.perf_counter()
-        samples = stream.take(cfg.batch * cfg.grad_accum)
-        built = [build_sample_inputs(llm, s, cfg.prompt_template) for s in samples]
-        local = [
-            sum(int((x.labels[1:] != IGNORE_INDEX).sum()) for x in built),
-            sum(x.length for x in built),
-            len(built),
-        ]
-        n_labels, n_tokens, n_samples = _all_sum(local, dist, device)
-        if n_labels <= 0:
-            raise ShardError("a training step has no answer tokens", item=str(samples[0].get("__key__")))
-        groups = [list(range(g * cfg.batch, (g + 1) * cfg.batch)) for g in range(cfg.grad_accum)]
-        loss_sum, _ = _forward_micro_batches(ctx, built, groups, scale=dist.world / n_labels)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
-        lr = float(scheduler.get_last_lr()[0])
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        (loss_all,) = _all_sum([loss_sum], dist, device)
-        dt = time.perf_counter() - t0
-        done = step + 1
-        last_loss = loss_all / n_labels
-        totals["samples"] += int(n_samples)
-        totals["tokens"] += int(n_tokens)
-        totals["seconds"] += dt
-        rec = {
-            "kind": "train",
-            "step": done,
-            "epoch": stream.position.epoch,
-            "loss": last_loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "samples": int(n_samples),
-            "tokens": int(n_tokens),
-            "samples_per_s": n_samples / dt,
-            "tokens_per_s": n_tokens / dt,
-            "elapsed_s": time.time() - started,
-        }
-        if log is not None:
-            log.write(rec)
-            progress.update(rec, force=done == total_steps)
-        if eval_urls and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
-            run_eval(done)
-        if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
-            save(done)
+    try:
+        first_eval = run_eval(start_step) if eval_urls and resume is None else None
+        last_loss = None
+        totals = {"samples": 0, "tokens": 0, "seconds": 0.0}
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            samples = stream.take(cfg.batch * cfg.grad_accum)
+            built = [build_sample_inputs(llm, s, cfg.prompt_template) for s in samples]
+            local = [
+                sum(int((x.labels[1:] != IGNORE_INDEX).sum()) for x in built),
+                sum(x.length for x in built),
+                len(built),
+            ]
+            n_labels, n_tokens, n_samples = _all_sum(local, dist, device)
+            if n_labels <= 0:
+                raise ShardError("a training step has no answer tokens", item=str(samples[0].get("__key__")))
+            groups = [list(range(g * cfg.batch, (g + 1) * cfg.batch)) for g in range(cfg.grad_accum)]
+            loss_sum, _ = _forward_micro_batches(ctx, built, groups, scale=dist.world / n_labels)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
+            lr = float(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            (loss_all,) = _all_sum([loss_sum], dist, device)
+            dt = time.perf_counter() - t0
+            done = step + 1
+            last_loss = loss_all / n_labels
+            totals["samples"] += int(n_samples)
+            totals["tokens"] += int(n_tokens)
+            totals["seconds"] += dt
+            rec = {
+                "kind": "train",
+                "step": done,
+                "epoch": stream.position.epoch,
+                "loss": last_loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "samples": int(n_samples),
+                "tokens": int(n_tokens),
+                "samples_per_s": n_samples / dt,
+                "tokens_per_s": n_tokens / dt,
+                "elapsed_s": time.time() - started,
+            }
+            if log is not None:
+                log.write(rec)
+                progress.update(rec, force=done == total_steps)
+            if eval_urls and cfg.eval_every and done % cfg.eval_every == 0 and done != total_steps:
+                run_eval(done)
+            if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
+                save(done)
+    finally:
+        stream.close()
     final_eval = run_eval(total_steps) if eval_urls else None
     save(total_steps)
     summary: dict[str, Any] = {}
