@@ -141,14 +141,13 @@ def test_bad_checkpoints_are_typed_errors(tiny_models, tmp_path):
         TempoLLM.from_pretrained(wrong)
     with pytest.raises(ConfigError):
         TempoLLM.from_pretrained(tiny_models["tempo"], numerics="fast")
-    with pytest.raises(ConfigError):
-        TempoLLM.from_pretrained(tiny_models["tempo"], numerics="reference", dtype="float32")
 
 
 def test_reference_numerics_bf16_rope(tiny_models):
     ref = TempoLLM.from_pretrained(tiny_models["tempo"], numerics="reference", device="cpu")
     plain = TempoLLM.from_pretrained(tiny_models["tempo"], device="cpu")
-    assert ref.dtype == torch.bfloat16 and plain.dtype == torch.float32
+    assert ref.dtype == torch.bfloat16 and plain.dtype == torch.float32 and plain.numerics == "exact"
+    assert TempoLLM.from_pretrained(tiny_models["tempo"], dtype="bfloat16").numerics == "reference"
     f32 = plain.lm.model.rotary_emb.inv_freq
     got = ref.lm.model.rotary_emb.inv_freq
     assert got.dtype == torch.float32

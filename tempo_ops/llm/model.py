@@ -21,10 +21,12 @@ Generation (``TempoLLM.generate``): greedy, batched with left padding (attention
 positions 0..L-1 per sample, so each sample sees exactly what a batch of one sees), stop at
 ``<|im_end|>`` or eos, decode skipping special tokens, strip.
 
-Numerics: ``numerics=None`` runs in ``dtype`` (default bf16 on CUDA, float32 on CPU).
-``numerics="reference"`` reproduces the reference's bf16 run: weights pass through float16,
-then bfloat16, and the rotary ``inv_freq`` is rounded to bfloat16 (the reference casts the
-whole model, buffers included, to bf16; transformers 5 would keep it float32).
+Numerics (the same modes as the compressor's): ``"reference"`` reproduces the reference's
+bf16 run: weights pass through float16 on the way to the run dtype and the rotary
+``inv_freq`` is rounded to bfloat16 (the reference casts the whole model, buffers included,
+to bf16; transformers 5 keeps it float32). ``"exact"`` runs transformers 5 as is. Default:
+``"reference"`` when the dtype is bf16, else ``"exact"``; ``numerics="reference"`` without a
+dtype runs in bf16.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ ANSWER_END = "<|im_end|>\n"
 IGNORE_INDEX = -100
 VISUAL_TOKEN_ID = -1
 """``LLMInputs.input_ids`` value at projected visual positions (they have no token id)."""
-NUMERICS = ("default", "reference")
+NUMERICS = ("reference", "exact")
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,13 @@ class Generation:
     stopped: bool
 
 
-def _numerics(numerics: str | None) -> str:
-    value = "default" if numerics is None else numerics
-    if value not in NUMERICS:
+def resolve_numerics(numerics: str | None, dtype: torch.dtype) -> str:
+    """``numerics`` when given (checked), else ``"reference"`` for bf16 and ``"exact"`` otherwise."""
+    if numerics is None:
+        return "reference" if dtype == torch.bfloat16 else "exact"
+    if numerics not in NUMERICS:
         raise ConfigError(f"unknown numerics {numerics!r}; expected one of {NUMERICS}", item="numerics")
-    return value
+    return numerics
 
 
 def round_rope_to_bf16(rotary: nn.Module) -> None:
@@ -156,7 +160,7 @@ class TempoLLM(nn.Module):
         self.tokenizer = tokenizer
         self.tempo_config = dict(tempo_config)
         self.name = name
-        self.numerics = _numerics(numerics)
+        self.numerics = resolve_numerics(numerics, lm.get_input_embeddings().weight.dtype)
         if not isinstance(max_length, int) or max_length <= LENGTH_MARGIN:
             raise ConfigError(f"max_length must be an integer > {LENGTH_MARGIN}, got {max_length!r}", item="max_length")
         self.max_length = max_length
@@ -228,22 +232,19 @@ class TempoLLM(nn.Module):
         Args:
             dtype: model dtype (default bf16 on CUDA, float32 on CPU; bf16 for ``"reference"``).
             device: default CUDA when available, else CPU.
-            numerics: None / ``"default"`` or ``"reference"`` (see the module docstring).
+            numerics: ``"reference"`` or ``"exact"``; None: reference for bf16 (see the module docstring).
             max_length: sequence limit (default 32 768).
 
         Raises:
             CheckpointNotFound, CheckpointFormatError (missing/unexpected/misshaped tensors, bad
-            config), TokenizerError, ConfigError (unknown numerics; reference numerics with a
-            dtype other than bf16).
+            config), TokenizerError, ConfigError (unknown numerics).
         """
         from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-        mode = _numerics(numerics)
-        if mode == "reference":
-            if dtype not in (None, torch.bfloat16, "bfloat16", "torch.bfloat16"):
-                raise ConfigError(f"numerics='reference' runs in bfloat16, not {dtype!r}", item="dtype")
+        if numerics == "reference" and dtype is None:
             dtype = torch.bfloat16
         dev, dt = resolve_device_dtype(device, dtype)
+        mode = resolve_numerics(numerics, dt)
         url = os.fspath(path_or_url)
         with svlm_ckpt.CheckpointLocation(url, storage_options=storage_options) as loc:
             config = svlm_ckpt.read_tempo_config(loc)
