@@ -76,8 +76,8 @@ def _hand_loop(shards: str, init: str) -> dict:
     import torch.nn.functional as F
 
     from tempo_ops.llm import TempoLLM
+    from tempo_ops.llm.evaluate import sample_context
     from tempo_ops.shards import shard_dataset
-    from tempo_ops.train.loop import sample_context
 
     torch.set_num_threads(1)
     llm = TempoLLM.from_pretrained(init, dtype=torch.float32, device="cpu")

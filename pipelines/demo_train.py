@@ -8,9 +8,9 @@ train and validation sets *by video*. Steps, each the real command a user would 
 2. the corpus (``train.jsonl``, ``val.jsonl`` and their union ``manifest.jsonl``);
 3. ``tempo compress`` of every video with the tiny SVLM → one Zarr cache;
 4. ``tempo shards`` for each split (budget 16, ``ata``) → ``shards/train``, ``shards/val``;
-5. validation accuracy of the untrained checkpoint (greedy answers, parsed, scored);
+5. ``tempo eval`` of the untrained checkpoint on the validation shards (greedy answers, parsed, scored);
 6. ``tempo train`` on the train shards only (projector + LLM; teacher-forced eval on val);
-7. validation accuracy of the trained checkpoint.
+7. ``tempo eval`` of the trained checkpoint on the validation shards.
 
 The tiny models are random, so the SVLM's memory tokens carry the colour only as whatever
 its random layers keep; the projector and the tiny LLM learn to read it.
@@ -46,38 +46,23 @@ def _call(argv: list[str]) -> int:
     return main(argv)
 
 
-def validation_accuracy(llm_path: str, shards: str, *, batch: int = 8, template: str | None = None) -> dict[str, Any]:
-    """Greedy answers of the checkpoint at ``llm_path`` on every sample of ``shards``, scored.
+def validation_accuracy(llm_path: str, shards: str, out: Path) -> dict[str, Any]:
+    """``tempo eval --shards`` of the checkpoint at ``llm_path``; accuracy of its one budget × policy.
 
-    Returns ``{"accuracy", "correct", "total", "no_answer", "keys"}``.
+    Returns ``{"accuracy", "correct", "total", "no_answer", "video_ids", "eval_dir"}``.
     """
-    import torch
-
-    from tempo_ops.llm import TempoLLM
-    from tempo_ops.llm.answers import score_answer
-    from tempo_ops.query_text import get_template
-    from tempo_ops.shards import shard_dataset
-    from tempo_ops.train.loop import sample_context
-
-    llm = TempoLLM.from_pretrained(llm_path, dtype=torch.float32, device="cpu")
-    samples = list(shard_dataset(shards))
-    correct = no_answer = 0
-    for start in range(0, len(samples), batch):
-        chunk = samples[start : start + batch]
-        inputs = [
-            llm.build_inputs(s["tokens"], s["alloc"], s["timestamp_texts"], sample_context(s["meta"], template)) for s in chunk
-        ]
-        for s, g in zip(chunk, llm.generate(inputs, max_new_tokens=get_template(template).max_new_tokens)):
-            scored = score_answer(g.text, s["meta"]["answer"], s["meta"]["options"], template)
-            correct += int(scored.correct)
-            no_answer += int(scored.parsed is None)
-    total = len(samples)
+    rc = _call(["eval", "--shards", shards, "--llm", llm_path, "--out", str(out), "--force"])
+    if rc != 0:
+        raise RuntimeError(f"eval failed with status {rc}")
+    cell = json.loads((out / "summary.json").read_text(encoding="utf-8"))["results"]["accuracy"][str(BUDGET)][POLICY]
+    rows = [json.loads(line) for line in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines() if line]
     return {
-        "accuracy": correct / total if total else 0.0,
-        "correct": correct,
-        "total": total,
-        "no_answer": no_answer,
-        "keys": [s["__key__"] for s in samples],
+        "accuracy": cell["accuracy"],
+        "correct": cell["correct"],
+        "total": cell["n"],
+        "no_answer": cell["no_answer"],
+        "video_ids": sorted(r["video_id"] for r in rows),
+        "eval_dir": str(out),
     }
 
 
@@ -89,20 +74,27 @@ def run_learnable_task(
     n_val: int = 16,
     steps: int = 100,
     seed: int = 0,
+    eval_before: bool = True,
 ) -> dict[str, Any]:
-    """Run steps 1-7 (module docstring) under ``out``; returns (and writes ``out/demo_train.json``) the results."""
+    """Run steps 1-7 (module docstring) under ``out``; returns (and writes ``out/demo_train.json``) the results.
+
+    ``eval_before`` False skips step 5 (``val_accuracy_before`` is then None; the run's
+    teacher-forced eval before training is in ``run_eval_before``).
+    """
     import torch
 
     threads = torch.get_num_threads()
     # One torch thread throughout: models this small are overhead-bound, extra threads only contend.
     torch.set_num_threads(1)
     try:
-        return _run_learnable_task(Path(out), models, n_train, n_val, steps, seed)
+        return _run_learnable_task(Path(out), models, n_train, n_val, steps, seed, eval_before)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run_learnable_task(out: Path, models: Any, n_train: int, n_val: int, steps: int, seed: int) -> dict[str, Any]:
+def _run_learnable_task(
+    out: Path, models: Any, n_train: int, n_val: int, steps: int, seed: int, eval_before: bool
+) -> dict[str, Any]:
     from tempo_ops.synthetic import write_learnable_corpus
 
     out = out.resolve()
@@ -125,7 +117,7 @@ def _run_learnable_task(out: Path, models: Any, n_train: int, n_val: int, steps:
             raise RuntimeError(f"shards ({split}) failed with status {rc}")
         sets[split] = str(out / "shards" / split / f"{BUDGET}-{POLICY}" / "index.json")
 
-    before = validation_accuracy(str(models / "tempo"), sets["val"])
+    before = validation_accuracy(str(models / "tempo"), sets["val"], out / "eval_before") if eval_before else None
     run = out / "run"
     rc = _call(["train", "--shards", sets["train"], "--eval-shards", sets["val"], "--init", str(models / "tempo"),
                 "--out", str(run), "--train", "projector+llm", "--steps", str(steps), "--batch", "8", "--lr", "3e-3",
@@ -134,14 +126,18 @@ def _run_learnable_task(out: Path, models: Any, n_train: int, n_val: int, steps:
     if rc != 0:
         raise RuntimeError(f"train failed with status {rc}")
     summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
-    after = validation_accuracy(summary["final_checkpoint"], sets["val"])
+    after = validation_accuracy(summary["final_checkpoint"], sets["val"], out / "eval_after")
     result = {
-        "val_accuracy_before": before["accuracy"],
+        "val_accuracy_before": before["accuracy"] if before else None,
         "val_accuracy_after": after["accuracy"],
-        "val_no_answer_before": before["no_answer"],
+        "val_no_answer_before": before["no_answer"] if before else None,
         "val_no_answer_after": after["no_answer"],
         "val_samples": after["total"],
-        "val_keys": after["keys"],
+        "val_video_ids": after["video_ids"],
+        "eval_before": before["eval_dir"] if before else None,
+        "run_eval_before": summary["eval_before"],
+        "run_eval_after": summary["eval_after"],
+        "eval_after": after["eval_dir"],
         "train_samples": n_train,
         "steps": steps,
         "checkpoint": summary["final_checkpoint"],
@@ -164,6 +160,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
           f"({res['val_no_answer_before']} without a parsable answer; chance for a guesser is 25%)")
     print(f"  validation accuracy after {res['steps']} steps:  {res['val_accuracy_after']:.1%}")
     print(f"  loss curve: {os.path.relpath(res['plot'])}")
+    print(f"  eval:       {os.path.relpath(res['eval_after'])}/summary.json (accuracy plots beside it)")
     print(f"  metrics:    {os.path.relpath(res['metrics'])}")
     print(f"  checkpoint: {os.path.relpath(res['checkpoint'])}")
     print(f"Finished in {time.time() - started:.0f}s.", file=sys.stderr)

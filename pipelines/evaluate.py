@@ -56,7 +56,7 @@ from pipelines.build_shards import parse_budgets, parse_list, parse_policies
 from schemas import manifest as manifest_schema
 from tempo_ops.allocation import allocate_with_report
 from tempo_ops.errors import ConfigError
-from tempo_ops.llm.evaluate import EvalItem, evaluate_batch, make_item, plan_batches
+from tempo_ops.llm.evaluate import EvalItem, evaluate_batch, make_item, plan_batches, sample_context
 from tempo_ops.llm.predictions import PredictionStore
 from tempo_ops.llm.report import format_table, render_plots, summarize
 from tempo_ops.packing import PACK_MODES
@@ -177,12 +177,11 @@ def item_from_sample(sample: dict[str, Any], *, template: str | None, frames_per
     """
     meta = sample["meta"]
     use = template or meta.get("prompt_template")
-    context = meta.get("context") if template is None else None
     return make_item(
         meta["video_id"], meta["query_id"], int(meta["budget"]), str(meta["policy"]),
         np.asarray(sample["alloc"], dtype=np.int64), question=meta["question"], options=meta.get("options"),
         answer=meta["answer"], prompt_template=use, metadata=meta.get("metadata") or {},
-        frames_per_segment=frames_per_segment, context=context,
+        frames_per_segment=frames_per_segment, context=sample_context(meta, template),
     )
 
 

@@ -76,6 +76,19 @@ def estimate_cost(allocation: Sequence[int], context: str) -> int:
     return int(k.sum()) + TIMESTAMP_TOKEN_ESTIMATE * int(np.count_nonzero(k)) + TEXT_TOKEN_ESTIMATE + len(context) // 3
 
 
+def sample_context(meta: dict[str, Any], template: str | None = None) -> str:
+    """The context (rendered query) the LLM reads for a decoded shard sample's ``meta``.
+
+    The sample's own ``meta["context"]`` (what the compressor read) unless ``template`` is
+    given, which re-renders the question and options; samples written without a context
+    render with their recorded ``prompt_template`` (plain when none). Evaluation and
+    training both call this, so they see the same text.
+    """
+    if template is None and meta.get("context") is not None:
+        return str(meta["context"])
+    return render_query(str(meta.get("question", "")), meta.get("options"), template or meta.get("prompt_template"))
+
+
 def make_item(
     video_id: str,
     query_id: str,

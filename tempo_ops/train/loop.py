@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tempo_ops.errors import ConfigError, ShardError
+from tempo_ops.llm.evaluate import sample_context
 from tempo_ops.llm.model import IGNORE_INDEX
-from tempo_ops.query_text import render_query
 from tempo_ops.train import checkpoint as ckpt
 from tempo_ops.train.data import (
     SampleStream,
@@ -182,11 +182,6 @@ class AnswerLoss(nn.Module):
         correct = torch.zeros_like(sel)
         correct[sel] = logits.argmax(dim=-1) == target[sel]
         return loss, correct
-
-
-def sample_context(meta: dict[str, Any], template: str | None) -> str:
-    """The rendered query of a shard sample (``render_query`` of its question and options)."""
-    return render_query(str(meta.get("question", "")), meta.get("options"), template)
 
 
 def build_sample_inputs(llm: Any, sample: dict[str, Any], template: str | None) -> Any:
