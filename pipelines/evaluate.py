@@ -330,6 +330,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         raise ConfigError("--cache needs --manifest (the answers)", item="eval")
     if args.batch_size < 1 or args.max_batch_tokens < 1:
         raise ConfigError("--batch-size and --max-batch-tokens must be >= 1", item="eval")
+    if args.k_min < 0 or (args.k_max is not None and args.k_max < max(1, args.k_min)):
+        raise ConfigError(f"need 0 <= --k-min <= --k-max, got {args.k_min}, {args.k_max}", item="k-min")
     group_by = parse_list(args.group_by, what="group-by") if args.group_by.strip() else []
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
     spec = LLMSpec(args.llm, args.device, args.dtype, args.numerics, args.max_length, threads)
@@ -348,9 +350,11 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         index = read_index(args.shards)
         template = args.prompt_template
         source = {"shards": args.shards, "plan_sha256": index.get("plan_sha256"), "cache_fingerprint": index.get("cache_fingerprint")}
+    llm_identity = {k: v for k, v in driver_llm.model.fingerprint().items() if k != "name"}
+    # What predictions depend on: weights and numerics, the cached data (not where it lives), packing.
     config = {
-        "llm": driver_llm.model.fingerprint(),
-        "source": source,
+        "llm": llm_identity,
+        "source": {k: v for k, v in source.items() if k not in ("cache", "shards")},
         "prompt_template": template,
         "pack_mode": args.pack_mode,
         "k_min": args.k_min,
@@ -424,6 +428,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         "run_id": run_id,
         "runner": runner_name(options),
         "config": config,
+        "source": source,
+        "llm": args.llm,
         "counts": {**counts, "written": written, "failed": int(metrics.get("predictions_failed", 0))},
         "failures": {"items": sum(failures.values()), "by_code": failures},
         "dead_letter_file": dead_path,

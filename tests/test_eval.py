@@ -20,15 +20,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _cache_config():
-    return {
-        "compressor": {
-            "svlm_name": "tiny", "svlm_weights_sha256": "1" * 64, "memory_tokens_source": "init:seed=0",
-            "memory_tokens_sha256": "2" * 64, "prompt_sha256": "3" * 64, "num_memory_tokens": K,
-            "hidden_size": D, "reference_geometry": True,
-        },
-        "sampling": {"target_fps": 2.0, "min_frames": 8, "max_frames": 1024, "max_edge": 512, "multiple": 16, "window": 8},
-        "stored_dtype": "float16",
-    }
+    from tests.test_shards import _cache_config as shards_cache_config
+
+    config = shards_cache_config()
+    config["compressor"].update(num_memory_tokens=K, hidden_size=D)
+    return config
 
 
 QUERIES = {
