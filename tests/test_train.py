@@ -287,7 +287,7 @@ def test_two_ddp_processes_equal_one_process_with_twice_the_batch(tiny_models, s
     init = _weights(Path(tiny_models["tempo"]))
     moved = max(float((w1[k] - init[k].float()).abs().max()) for k in w1)
     diff = max(float((w1[k] - w2[k]).abs().max()) for k in w1)
-    assert moved > 1e-3 and diff < 1e-5, (moved, diff)
+    assert moved > 1e-2 and diff < 1e-4, (moved, diff)  # measured: moved 2.5e-2, diff 5.5e-6
     l1 = [r["loss"] for r in read_metrics(Path(one["metrics"]), "train")]
     l2 = [r["loss"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl", "train")]
     assert l1 == pytest.approx(l2, rel=1e-5)
