@@ -10,8 +10,9 @@ multiple-choice question with its answer), batch 8, one torch thread each:
 - hand loop: the samples' input ids, visual positions, tokens and labels prepared once as
   in-memory tensors; per step only embed + project + forward + loss + backward + clip + step.
 
-Throughput is samples (and real tokens) per second of step time, steps 3.. of each run
-(the first steps warm up allocators), medians of 3 runs side by side. Two LLM sizes: the
+Throughput is samples (and real tokens) per second of the median step time over steps 3..
+of each run (the first steps warm up allocators; the median resists load spikes from other
+processes), medians of 3 runs side by side, alternating. Two LLM sizes: the
 tiny test model (hidden 96, 2 layers: overhead-bound, the data path's worst case) and a
 small one (hidden 512, 4 layers). Target: ratio ≥ 0.8 (the data path is not the bottleneck).
 
@@ -67,8 +68,13 @@ def _tempo_train(shards: str, init: str, out: Path) -> dict:
     train(TrainConfig(shards=shards, init=init, out=str(out), train="projector+llm", steps=STEPS, batch=BATCH,
                       lr=1e-3, threads=1))
     recs = read_metrics(out / "metrics.jsonl", "train")[SKIP:]
-    secs = sum(r["samples"] / r["samples_per_s"] for r in recs)
-    return {"samples_per_s": sum(r["samples"] for r in recs) / secs, "tokens_per_s": sum(r["tokens"] for r in recs) / secs}
+    return _rates([r["samples"] / r["samples_per_s"] for r in recs], [r["samples"] for r in recs], [r["tokens"] for r in recs])
+
+
+def _rates(step_s: list[float], samples: list[int], tokens: list[int]) -> dict:
+    """Rates from the median step time (robust to load spikes from other processes on the machine)."""
+    t = statistics.median(step_s)
+    return {"samples_per_s": statistics.median(samples) / t, "tokens_per_s": statistics.median(tokens) / t, "median_step_s": t}
 
 
 def _hand_loop(shards: str, init: str) -> dict:
@@ -91,7 +97,7 @@ def _hand_loop(shards: str, init: str) -> dict:
             x = llm.build_inputs(s["tokens"], s["alloc"], s["timestamp_texts"], sample_context(s["meta"], None), answer=s["meta"]["answer"])
             prepared.append((x.input_ids, torch.from_numpy(s["tokens"].astype("float32")), x.labels))
     embed = llm.lm.get_input_embeddings()
-    times, samples, tokens = [], 0, 0
+    times, samples, tokens = [], [], []
     for step in range(STEPS):
         t0 = time.perf_counter()
         batch = [prepared[(step * BATCH + i) % len(prepared)] for i in range(BATCH)]
@@ -113,9 +119,9 @@ def _hand_loop(shards: str, init: str) -> dict:
         opt.zero_grad(set_to_none=True)
         if step >= SKIP:
             times.append(time.perf_counter() - t0)
-            samples += BATCH
-            tokens += int(mask.sum())
-    return {"samples_per_s": samples / sum(times), "tokens_per_s": tokens / sum(times)}
+            samples.append(BATCH)
+            tokens.append(int(mask.sum()))
+    return _rates(times, samples, tokens)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ resumes from the run's latest complete checkpoint. The loop is ``tempo_ops.train
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from tempo_ops.train.loop import TRAIN_MODES, TrainConfig, train
@@ -50,38 +51,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The ``TrainConfig`` of parsed ``tempo train`` arguments."""
-    return TrainConfig(
-        shards=args.shards,
-        init=args.init,
-        out=args.out,
-        train=args.train,
-        steps=args.steps,
-        epochs=args.epochs,
-        batch=args.batch,
-        grad_accum=args.grad_accum,
-        max_batch_tokens=args.max_batch_tokens,
-        lr=args.lr,
-        warmup=args.warmup,
-        min_lr_ratio=args.min_lr_ratio,
-        weight_decay=args.weight_decay,
-        clip=args.clip,
-        seed=args.seed,
-        shuffle=args.shuffle,
-        num_workers=args.num_workers,
-        eval_shards=args.eval_shards,
-        eval_every=args.eval_every,
-        save_every=args.save_every,
-        save_compressor=args.save_compressor,
-        grad_checkpointing=args.grad_checkpointing,
-        prompt_template=args.prompt_template,
-        device=args.device,
-        threads=args.threads,
-    )
+    """The ``TrainConfig`` of parsed ``tempo train`` arguments (flag names are its field names)."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
-    summary = train(config_from_args(args))
+    import torch.distributed as dist
+
+    try:
+        summary = train(config_from_args(args))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     if summary:
         before, after = summary.get("eval_before"), summary.get("eval_after")
         print(f"[train] done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}", file=sys.stderr)
