@@ -405,14 +405,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     log = MetricsLog(run / METRICS_NAME, resume_step=start_step if resume is not None else None) if dist.main else None
     progress = Progress(total_steps)
-    saved_checkpoints: list[str] = []
 
     def save(step: int) -> None:
         positions = _gather(stream.position.to_dict(), dist)
         rngs = _gather(torch.get_rng_state(), dist)
         cuda_rngs = _gather(torch.cuda.get_rng_state(device) if device.type == "cuda" else None, dist)
         if dist.main:
-            path = ckpt.save_checkpoint(
+            ckpt.save_checkpoint(
                 run,
                 step,
                 write_model=lambda d: llm.save_pretrained(d, compressor_from=cfg.init if cfg.save_compressor else None),
@@ -424,7 +423,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                     "cuda_rng": cuda_rngs if device.type == "cuda" else [],
                 },
             )
-            saved_checkpoints.append(str(path))
         _barrier(dist)
 
     def run_eval(step: int) -> dict[str, float]:
