@@ -82,7 +82,7 @@ def _hand_loop(shards: str, init: str) -> dict:
     import torch.nn.functional as F
 
     from tempo_ops.llm import TempoLLM
-    from tempo_ops.llm.evaluate import sample_context
+    from tempo_ops.llm.evaluate import resolve_sample_context
     from tempo_ops.shards import shard_dataset
 
     torch.set_num_threads(1)
@@ -94,7 +94,7 @@ def _hand_loop(shards: str, init: str) -> dict:
     prepared = []
     with torch.no_grad():
         for s in shard_dataset(shards):
-            x = llm.build_inputs(s["tokens"], s["alloc"], s["timestamp_texts"], sample_context(s["meta"], None), answer=s["meta"]["answer"])
+            x = llm.build_inputs(s["tokens"], s["alloc"], s["timestamp_texts"], resolve_sample_context(s["meta"])[1], answer=s["meta"]["answer"])
             prepared.append((x.input_ids, torch.from_numpy(s["tokens"].astype("float32")), x.labels))
     embed = llm.lm.get_input_embeddings()
     times, samples, tokens = [], [], []

@@ -76,17 +76,35 @@ def estimate_cost(allocation: Sequence[int], context: str) -> int:
     return int(k.sum()) + TIMESTAMP_TOKEN_ESTIMATE * int(np.count_nonzero(k)) + TEXT_TOKEN_ESTIMATE + len(context) // 3
 
 
-def sample_context(meta: dict[str, Any], template: str | None = None) -> str:
-    """The context (rendered query) the LLM reads for a decoded shard sample's ``meta``.
+def resolve_context(
+    question: str,
+    options: Sequence[str] | None,
+    *,
+    template: str | None,
+    recorded_template: str | None,
+    recorded_text: str | None,
+) -> tuple[str, str]:
+    """``(template name, context)`` the LLM answers for one query.
 
-    The sample's own ``meta["context"]`` (what the compressor read) unless ``template`` is
-    given, which re-renders the question and options; samples written without a context
-    render with their recorded ``prompt_template`` (plain when none). Evaluation and
-    training both call this, so they see the same text.
+    The template is ``template`` when given, else the one the cache entry recorded
+    (``recorded_template``), else ``plain``. The context is the text the compressor read
+    (``recorded_text``) when it was rendered under that same template, else
+    ``render_query(question, options, template)``: the LLM answers what the compressor read.
     """
-    if template is None and meta.get("context") is not None:
-        return str(meta["context"])
-    return render_query(str(meta.get("question", "")), meta.get("options"), template or meta.get("prompt_template"))
+    name = get_template(template or recorded_template).name
+    if recorded_text is not None and recorded_template == name:
+        return name, recorded_text
+    return name, render_query(question, options, name)
+
+
+def resolve_sample_context(meta: dict[str, Any], template: str | None = None) -> tuple[str, str]:
+    """``(template name, context)`` of a decoded shard sample's ``meta`` (``resolve_context`` with
+    the template and query text the sample recorded). ``tempo eval --shards`` and ``tempo train``
+    both call it, so evaluation and training read the same text."""
+    return resolve_context(
+        meta["question"], meta.get("options"), template=template,
+        recorded_template=meta.get("prompt_template"), recorded_text=meta.get("query_text"),
+    )
 
 
 def make_item(

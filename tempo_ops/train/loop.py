@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tempo_ops.errors import ConfigError, ShardError
-from tempo_ops.llm.evaluate import sample_context
+from tempo_ops.llm.evaluate import resolve_sample_context
 from tempo_ops.llm.model import IGNORE_INDEX
 from tempo_ops.train import checkpoint as ckpt
 from tempo_ops.train.data import (
@@ -191,7 +191,7 @@ def build_sample_inputs(llm: Any, sample: dict[str, Any], template: str | None) 
     if answer is None:
         raise ShardError("training sample has no answer", item=str(sample.get("__key__")))
     return llm.build_inputs(
-        sample["tokens"], sample["alloc"], sample["timestamp_texts"], sample_context(meta, template), answer=str(answer)
+        sample["tokens"], sample["alloc"], sample["timestamp_texts"], resolve_sample_context(meta, template)[1], answer=str(answer)
     )
 
 
