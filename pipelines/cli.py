@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
     "verify": ("pipelines.verify_cmd", "check a cache's (or shard set's) checksums; list corrupt, missing, incomplete", False),
     "migrate": ("pipelines.migrate_cmd", "convert a layout-v1 token cache to layout v2 (new store, then swap)", False),
     "eval": ("pipelines.evaluate", "evaluate the LLM stage at budgets x policies from a cache or shards", True),
+    "train": ("pipelines.train", "train the LLM stage on cached-token shards (torchrun for DDP; resumable)", False),
+    "demo-train": ("pipelines.demo_train", "prove that training learns: a generated colour task, train/val split by video", False),
     "demo": ("pipelines.demo", "run the whole pipeline on generated sample videos and tiny models", False),
 }
 
