@@ -30,7 +30,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,12 +49,20 @@ from pipelines.beam_support import (
     is_local_runner,
     pipeline_options_from_args,
     runner_name,
-    write_json,
+)
+from pipelines.job_support import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    JobRun,
+    add_storage_option_argument,
+    apply_storage_options,
+    check_output_location,
+    parse_storage_options,
 )
 from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
 from schemas import manifest as manifest_schema
 from tempo_ops import video
-from tempo_ops.errors import ConfigError, TempoError
+from tempo_ops.errors import ConfigError, FingerprintMismatch, TempoError
 
 METRICS_NAMESPACE = "tempo.compress"
 GENERIC_QUERY_ID = "_generic"  # videos without queries get one query-agnostic entry
@@ -168,10 +175,17 @@ class PlanVideoFn(_CacheDoFn):
         self.videos = Metrics.counter(METRICS_NAMESPACE, "videos_planned")
         self.videos_failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed")
         self.skipped = Metrics.counter(METRICS_NAMESPACE, "queries_skipped_complete")
-        self.pending = Metrics.counter(METRICS_NAMESPACE, "queries_pending")
+        self.planned = Metrics.counter(METRICS_NAMESPACE, "queries_planned")
+        # A video that fails before its units exist fails all of its pending queries.
+        self.queries_failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
         self.segments = Metrics.counter(METRICS_NAMESPACE, "segments_planned")
         self.units = Metrics.counter(METRICS_NAMESPACE, "units_planned")
         self.units_landed = Metrics.counter(METRICS_NAMESPACE, "units_skipped_landed")
+        self.progress = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.progress = ProgressReporter("compress", unit="segments")
 
     def process(self, entry) -> Iterator:
         queries = entry_queries(entry)
@@ -191,12 +205,19 @@ class PlanVideoFn(_CacheDoFn):
                 self.writer.begin_entry(entry.video_id, qid, text, plan.n_segments, force=self.force, resume=True)
                 landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid))
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
+            letter = _dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
             self.videos_failed.inc()
-            yield _dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
+            self.queries_failed.inc(len(pending))
+            yield letter
             return
         self.videos.inc()
-        self.pending.inc(len(pending))
+        self.planned.inc(len(pending))
         self.segments.inc(plan.n_segments)
+        todo = sum(b - a for i, (a, b) in enumerate(ranges) if i not in landed)
+        self.progress.add(
+            quiet=True, total=todo, videos_planned_done=1, entries_total=len(pending),
+            blocks_total=(len(ranges) - len(landed)) * len(pending),
+        )
         # A unit is skipped only when it landed for every pending query; otherwise it is
         # recomputed for all of them, so its batch (and so its bytes) equal an uninterrupted run's.
         self.units.inc(len(ranges) - len(landed))
@@ -303,7 +324,9 @@ class WriteBlockFn(_CacheDoFn):
             yield key, ("failed", unit.unit_index, unit.n_units)
             return
         self.bytes_written.inc(int(candidates.shape[0] * candidates.shape[1] * candidates.shape[2] * 2 + relevance.size * 4))
-        self.progress.add(blocks=1, segments=int(candidates.shape[0]))
+        # Progress in video segments: a unit's segments count once, when its last query's block lands.
+        last = qid == unit.queries[-1][0]
+        self.progress.add(done=int(candidates.shape[0]) if last else 0, blocks_done=1)
         yield key, ("ok", unit.unit_index, unit.n_units)
 
 
@@ -331,10 +354,12 @@ class FinalizeEntryFn(_CacheDoFn):
         try:
             self.writer.finalize_entry(video_id, query_id)
         except Exception as exc:  # noqa: BLE001
+            letter = DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
             self.failed.inc()
-            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
+            yield letter
             return
         self.done.inc()
+        ProgressReporter("compress").add(quiet=True, entries_done=1)
 
 
 # --------------------------------------------------------------------------- graph
@@ -347,14 +372,18 @@ class CompressJob:
     config: dict
     unit_segments: int
     force: bool = False
-    only_video_ids: frozenset[str] | None = None
+    # With --limit: the first N entries, read by the driver (which stopped reading there);
+    # None: the pipeline streams the whole manifest itself.
+    entries: tuple | None = None
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
+    run_id: str = "run"
     # Handle through which workers share one model per process; the driver of a local
     # in-process run pre-fills it with the model it loaded for the fingerprint.
     model_handle: shared.Shared = field(default_factory=shared.Shared, compare=False)
 
     @property
     def dead_letter_path(self) -> str:
+        """The latest run's dead letters (each run's own copy: ``{cache}.runs/{run_id}.deadletter.jsonl``)."""
         return self.cache.rstrip("/") + ".deadletter.jsonl"
 
     @property
@@ -364,15 +393,15 @@ class CompressJob:
 
 def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     """Add the compression job's transforms to ``pipeline``."""
-    base = manifest_schema.manifest_base(job.manifest)
-    entries = (
-        pipeline
-        | "ReadManifest" >> beam.io.ReadFromText(job.manifest)
-        | "ParseEntry" >> beam.FlatMap(lambda line: [e for e in [manifest_schema.parse_manifest_line(line, base)] if e])
-    )
-    if job.only_video_ids is not None:
-        wanted = job.only_video_ids
-        entries = entries | "Limit" >> beam.Filter(lambda e: e.video_id in wanted)
+    if job.entries is not None:
+        entries = pipeline | "LimitedEntries" >> beam.Create(list(job.entries))
+    else:
+        base = manifest_schema.manifest_base(job.manifest)
+        entries = (
+            pipeline
+            | "ReadManifest" >> beam.io.ReadFromText(job.manifest)
+            | "ParseEntry" >> beam.FlatMap(lambda line: [e for e in [manifest_schema.parse_manifest_line(line, base)] if e])
+        )
     planned = entries | "PlanVideo" >> beam.ParDo(
         PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force)
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
@@ -396,7 +425,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     (
         (planned[DEAD_LETTER], decoded[DEAD_LETTER], compressed[DEAD_LETTER], written[DEAD_LETTER], finalize_failures)
         | "AllDeadLetters" >> beam.Flatten()
-        | "WriteDeadLetters" >> WriteDeadLetters(job.dead_letter_path)
+        | "WriteDeadLetters" >> WriteDeadLetters(job.cache, job.run_id)
     )
 
 
@@ -423,39 +452,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
-    parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
-    parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="process only the first N videos of the manifest (only those lines are read and validated)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, probe and print the plan net of complete entries; loads no model (reads only the "
+        "SVLM's config.json) and checks the cache's sampling configuration, not the model fingerprint",
+    )
     parser.add_argument("--force", action="store_true", help="recompute (video, query) pairs that are already complete")
+    add_storage_option_argument(parser)
     add_runner_arguments(parser, default_mode="threads")  # threads share one model
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
+    """Run the job; exit status 0 (all done), 1 (some items dead-lettered), 2 (typed error), 130/143 (signal)."""
+    # Everything cheap first: arguments, locations, device, manifest, the cache's own config.
+    storage_options = parse_storage_options(args.storage_option)
+    apply_storage_options(storage_options, [args.manifest, args.cache, args.svlm, args.compressor or ""])
     sampling = sampling_config_from_args(args)
     convert_threads = args.convert_threads
     if convert_threads is not None and convert_threads < 0:
         raise ConfigError(f"--convert-threads must be 0 (inline) or more, got {convert_threads}")
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {args.limit}")
     if convert_threads is None and args.local_workers > 1:  # local workers share this machine's CPUs
         convert_threads = video.default_convert_threads() // args.local_workers  # 0: inline
-    validate_manifest_or_raise(args.manifest)
-    only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
+    check_output_location(args.cache, {"--manifest": args.manifest}, what="--cache")
+    entries = validated_entries(args.manifest, args.limit)
     if args.dry_run:
-        return dry_run(args, sampling, only)
+        return dry_run(args, sampling, entries)
+    existing = open_existing_cache(args.cache)
+    if existing is not None:
+        check_cache_sampling(existing, sampling)
+    check_device(args.device)
 
     from tempo_ops.store import CacheWriter
 
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
     spec = ModelSpec(args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads)
-    print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr)
+    print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr, flush=True)
+    t_load = time.monotonic()
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
     driver_model = model_handle.acquire(lambda: _SharedModel(load_compressor(spec)))
     config = cache_config(driver_model.model.fingerprint(), sampling)
+    print(f"[compress] compressor loaded in {time.monotonic() - t_load:.1f}s", file=sys.stderr, flush=True)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
     unit_segments = args.unit_segments or writer.segments_per_shard
     if unit_segments % writer.segments_per_shard:
         raise ConfigError(
             f"--unit-segments {unit_segments} must be a multiple of the cache shard ({writer.segments_per_shard} segments)"
         )
+    run = JobRun.start("compress", args.cache)
     job = CompressJob(
         args.manifest,
         args.cache,
@@ -464,8 +517,9 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         config,
         unit_segments,
         force=args.force,
-        only_video_ids=only,
+        entries=tuple(entries) if entries is not None else None,
         convert_threads=convert_threads,
+        run_id=run.run_id,
         model_handle=model_handle,
     )
     options = pipeline_options_from_args(
@@ -473,60 +527,117 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     )
     if not (is_local_runner(options) and (args.local_workers == 1 or args.local_mode == "threads")):
         del driver_model  # workers are other processes: free the driver's copy
-    started = time.time()
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     print(
-        f"[compress] run {run_id}: manifest {args.manifest} valid"
-        + (f" (limit {args.limit})" if only is not None else "")
-        + f", runner {runner_name(options)}",
+        f"[compress] run {run.run_id}: manifest {args.manifest} valid"
+        + (f" (first {len(entries)} entries)" if entries is not None else "")
+        + f", starting runner {runner_name(options)}",
         file=sys.stderr,
+        flush=True,
     )
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, job)
-    result = pipeline.run()
-    if not is_local_runner(options):
-        print(f"[compress] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
-        return 0
-    result.wait_until_finish()
-    summary = write_summary(job, result, run_id=run_id, started=started, runner=runner_name(options), fingerprint=writer.fingerprint)
+    ProgressReporter.reset("compress")
+    with run.interruptible(partial=lambda: {"counts_so_far": ProgressReporter.snapshot("compress"), "cache": args.cache}):
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, job)
+        result = pipeline.run()
+        if not is_local_runner(options):
+            print(f"[compress] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
+            return EXIT_OK
+        result.wait_until_finish()
+    summary = write_summary(job, result, run=run, runner=runner_name(options), fingerprint=writer.fingerprint)
     print_summary(summary)
-    return 0 if summary["failures"]["items"] == 0 else 1
+    return EXIT_OK if summary["failures"]["items"] == 0 else EXIT_ITEMS_FAILED
 
 
-def validate_manifest_or_raise(url: str) -> None:
-    """Stream-validate the manifest (one pass); raise ManifestError listing every problem."""
-    problems = manifest_schema.validate_manifest(url)
+def validated_entries(url: str, limit: int | None) -> list | None:
+    """Validate the manifest (raise ManifestError listing every problem).
+
+    With ``limit``: only the first ``limit`` entries are read (and validated) and returned;
+    reading stops there. Without: one streaming pass; returns None (the pipeline reads it).
+    """
+    problems = manifest_schema.validate_manifest(url, limit=limit)
     if problems:
         raise manifest_schema.manifest_error(url, problems)
+    if limit is None:
+        return None
+    return list(manifest_schema.iter_manifest(url, limit=limit))
 
 
-def first_video_ids(url: str, limit: int) -> frozenset[str]:
-    if limit < 0:
-        raise ConfigError(f"--limit must be >= 0, got {limit}")
-    ids = []
-    for entry in manifest_schema.iter_manifest(url):
-        if len(ids) >= limit:
-            break
-        ids.append(entry.video_id)
-    return frozenset(ids)
+def check_device(device: str | None) -> None:
+    """DeviceUnavailable (``device_unavailable``) for a torch device this machine lacks, before any work."""
+    if device is None:
+        return
+    import torch
+
+    from tempo_ops.errors import DeviceUnavailable
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceUnavailable(f"not a torch device: {exc}", item=f"--device {device}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable("no CUDA GPU is available here (or torch was built without CUDA); use --device cpu",
+                                    item=f"--device {device}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"only {torch.cuda.device_count()} CUDA device(s) here", item=f"--device {device}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable("no MPS device is available here", item=f"--device {device}")
 
 
-def write_summary(job: CompressJob, result, *, run_id: str, started: float, runner: str, fingerprint: str) -> dict:
-    """Gather metrics + dead letters into the run summary and write it next to the cache."""
-    wall = time.time() - started
+def open_existing_cache(url: str):
+    """The CacheReader of the cache at ``url``, or None when there is none yet (nothing is created)."""
+    from tempo_ops.fs import url_to_fs
+    from tempo_ops.store import CacheReader
+
+    try:
+        fs, path = url_to_fs(url)
+        if not fs.exists(f"{path.rstrip('/')}/zarr.json"):
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return CacheReader(url)
+
+
+def check_cache_sampling(reader, sampling: video.SamplingConfig) -> None:
+    """FingerprintMismatch when the cache was written with other sampling (checked before any model loads)."""
+    from schemas.cache_layout import config_differences
+
+    stored = reader.config
+    given = {"sampling": sampling.to_dict(), "stored_dtype": "float16"}
+    fields = config_differences(
+        {"sampling": stored.get("sampling"), "stored_dtype": stored.get("stored_dtype")}, given
+    )
+    if fields:
+        raise FingerprintMismatch(
+            f"cache was written with a different configuration; differing fields: {', '.join(fields)}",
+            item=reader.url,
+            fields=fields,
+        )
+
+
+def write_summary(job: CompressJob, result, *, run: JobRun, runner: str, fingerprint: str) -> dict:
+    """Gather metrics + dead letters into the run summary and write it next to the cache (history + latest).
+
+    Counts: ``videos_*`` are videos, ``segments_*`` video segments (each once, whatever its
+    number of queries), ``queries_*`` (video, query) entries; ``queries_pending`` is what this
+    run planned but neither completed nor failed (0 unless a runner lost work).
+    """
+    wall = run.elapsed()
     metrics = counter_values(result, METRICS_NAMESPACE)
     failures = dead_letter_counts(job.dead_letter_path)
     segments = int(metrics.get("segments_decoded", 0))
+    counts = {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")}
+    counts["queries_pending"] = max(
+        0, counts.get("queries_planned", 0) - counts.get("queries_completed", 0) - counts.get("queries_failed", 0)
+    )
     summary = {
-        "job": "compress",
-        "run_id": run_id,
         "runner": runner,
         "manifest": job.manifest,
         "cache": job.cache,
         "dead_letter_file": job.dead_letter_path,
         "fingerprint": fingerprint,
         "config": job.config,
-        "counts": {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")},
+        "counts": counts,
         "failures": {"items": sum(failures.values()), "by_code": failures},
         "timing": {
             "wall_s": round(wall, 3),
@@ -535,8 +646,7 @@ def write_summary(job: CompressJob, result, *, run_id: str, started: float, runn
             "segments_per_s": round(segments / wall, 3) if wall > 0 else None,
         },
     }
-    write_json(job.summary_path, summary)
-    return summary
+    return run.write_summary(summary, status="complete" if not failures else "items_failed")
 
 
 def print_summary(summary: dict) -> None:
@@ -544,28 +654,44 @@ def print_summary(summary: dict) -> None:
     print(
         f"[compress] done in {t['wall_s']:.1f}s: videos {c.get('videos_planned', 0)} ok / {c.get('videos_failed', 0)} failed, "
         f"queries {c.get('queries_completed', 0)} completed / {c.get('queries_failed', 0)} failed / "
-        f"{c.get('queries_skipped_complete', 0)} already complete, segments {c.get('segments_decoded', 0)} "
-        f"({t['segments_per_s']} seg/s; decode {t['decode_s']}s, model {t['model_s']}s)",
+        f"{c.get('queries_skipped_complete', 0)} already complete, video segments {c.get('segments_decoded', 0)} "
+        f"({t['segments_per_s']} segments/s; decode {t['decode_s']}s, model {t['model_s']}s)",
         file=sys.stderr,
     )
     if f["items"]:
         print(f"[compress] {f['items']} failed item(s) by code {f['by_code']}: see {summary['dead_letter_file']}", file=sys.stderr)
-    print(f"[compress] summary: {summary['cache']}.summary.json", file=sys.stderr)
+    print(f"[compress] summary: {summary['cache']}.summary.json (history: {summary['history']})", file=sys.stderr)
 
 
-def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, only: frozenset[str] | None) -> int:
-    """Probe every input and print the plan (work units, segments, estimated cache bytes); no model."""
+def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, entries: list | None) -> int:
+    """Probe every input and print the plan net of complete entries (work units, segments, estimated bytes).
+
+    Loads no model: reads the SVLM's config.json for the token width. When a cache exists,
+    its sampling configuration is checked (FingerprintMismatch, as the real run would) and
+    its complete (video, query) entries are left out of the plan (unless ``--force``); the
+    model part of the fingerprint is computed, and checked, only by the real run.
+    """
     from tempo_ops.svlm.checkpoints import read_hidden_size
 
     hidden = read_hidden_size(args.svlm)
-    k = 128
-    unit_segments = args.unit_segments or 32
-    totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "bytes": 0}
+    existing = open_existing_cache(args.cache)
+    complete: set = set()
+    if existing is not None:
+        check_cache_sampling(existing, sampling)
+        if not args.force:
+            complete = set(existing.entries(complete_only=True))
+    k = int(existing.config["compressor"]["num_memory_tokens"]) if existing is not None else 128
+    unit_segments = args.unit_segments or (existing.segments_per_shard if existing is not None else 32)
+    totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "skipped_complete": 0, "bytes": 0}
     print(f"{'video_id':<24} {'segments':>8} {'units':>5} {'queries':>7} {'est. bytes':>12}  note")
-    for entry in manifest_schema.iter_manifest(args.manifest):
-        if only is not None and entry.video_id not in only:
+    source = entries if entries is not None else manifest_schema.iter_manifest(args.manifest)
+    for entry in source:
+        queries = entry_queries(entry)
+        pending = [q for q, _ in queries if (entry.video_id, q) not in complete]
+        totals["skipped_complete"] += len(queries) - len(pending)
+        if not pending:
             continue
-        n_queries = len(entry_queries(entry))
+        n_queries = len(pending)
         try:
             plan = video.plan_video(entry.uri, sampling)
         except TempoError as exc:
@@ -581,8 +707,10 @@ def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, only: froz
         totals["bytes"] += est
         print(f"{entry.video_id:<24} {plan.n_segments:>8} {units:>5} {n_queries:>7} {est:>12}")
     print(
-        f"plan: {totals['videos']} videos ({totals['failed']} unusable), {totals['entries']} (video, query) entries, "
-        f"{totals['segments']} segments in {totals['units']} work units, ~{totals['bytes'] / 2**20:.1f} MiB of cache"
+        f"plan: {totals['videos']} videos ({totals['failed']} unusable), {totals['entries']} (video, query) entries "
+        f"to compute ({totals['skipped_complete']} already complete), {totals['segments']} segments in "
+        f"{totals['units']} work units, ~{totals['bytes'] / 2**20:.1f} MiB of cache"
+        + ("; the model fingerprint is checked by the real run" if existing is not None else "")
     )
     print(json.dumps({"dry_run": totals}), file=sys.stderr)
     return 0
