@@ -102,6 +102,33 @@ def is_local_runner(options: PipelineOptions) -> bool:
     return runner_name(options) in _LOCAL_RUNNER_NAMES
 
 
+# --------------------------------------------------------------------------- inputs
+class ReadManifest(beam.PTransform):
+    """The manifest's entries (``schemas.manifest.VideoEntry``), read through fsspec like every other input.
+
+    Streams the file (``--storage-option`` and fsspec configuration apply, unlike Beam's own
+    GCS client), stops after ``limit`` entries, then spreads the entries over workers
+    (``Reshuffle``) so per-video work does not stay on the one worker that read the file.
+    Validate first (``schemas.manifest.validate_manifest``): an invalid line fails the job.
+    """
+
+    def __init__(self, url: str, limit: int | None = None) -> None:
+        super().__init__()
+        self.url = url
+        self.limit = limit
+
+    def expand(self, pbegin):
+        from schemas import manifest as manifest_schema
+
+        limit = self.limit
+        return (
+            pbegin
+            | "ManifestUrl" >> beam.Create([self.url])
+            | "Entries" >> beam.FlatMap(lambda url: manifest_schema.iter_manifest(url, limit=limit))
+            | "SpreadEntries" >> beam.Reshuffle()
+        )
+
+
 # --------------------------------------------------------------------------- dead letters
 DEAD_LETTER = "dead_letter"
 
@@ -255,6 +282,7 @@ class ProgressReporter:
     """
 
     _tallies: dict[str, dict[str, int]] = {}
+    _units: dict[str, str] = {}
     _lock = threading.Lock()
 
     def __init__(self, label: str, unit: str = "segments", interval_s: float | None = None) -> None:
@@ -264,14 +292,17 @@ class ProgressReporter:
         self.interval_s = float(os.environ.get("TEMPO_PROGRESS_INTERVAL_S", "5")) if interval_s is None else interval_s
         with self._lock:
             self.counts = self._tallies.setdefault(label, {})
+            self._units.setdefault(label, unit)
         self.started = time.monotonic()
         self._last = 0.0
 
     @classmethod
     def snapshot(cls, label: str) -> dict[str, int]:
-        """This process's counts for ``label`` (partial summaries of interrupted runs)."""
+        """This process's counts for ``label`` (partial summaries of interrupted runs), ``done``/``total``
+        named by their unit (``segments_done``)."""
         with cls._lock:
-            return dict(cls._tallies.get(label, {}))
+            unit = cls._units.get(label, "items")
+            return {(f"{unit}_{k}" if k in ("done", "total") else k): v for k, v in cls._tallies.get(label, {}).items()}
 
     @classmethod
     def reset(cls, label: str) -> None:

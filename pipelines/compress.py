@@ -2,7 +2,7 @@
 
 Graph (each step adapts a pure function of ``tempo_ops``)::
 
-    ReadFromText(manifest) → ParseEntry → [limit filter]
+    ReadManifest       (fsspec, streamed, stops after --limit entries; Reshuffle to spread them)
       → PlanVideo        (probe, sample, segment; skip complete (video, query) pairs; write video
                           metadata; create entries; fan out work units of whole cache shards)
       → Reshuffle        (fuse break: units of one long video spread over workers)
@@ -10,7 +10,12 @@ Graph (each step adapts a pure function of ``tempo_ops``)::
       → CompressUnit     (model stage: every query of every segment through the shared prefix)
       → WriteBlock       (one writer per cache shard: unit boundaries are shard boundaries)
       → GroupByKey(video, query) → FinalizeEntry (completion marker only when every unit landed)
-    every step's failures → dead letters → merged per item → ``<cache>.deadletter.jsonl``
+    every step's failures → dead letters → merged per item → one writer → ``<cache>.deadletter.jsonl``
+    (and ``<cache>.runs/<run_id>.deadletter.jsonl``; summaries likewise, see pipelines/job_support.py)
+
+Fatal storage errors (``disk_full``, ``cache_not_writable``) stop the job at once with one
+line (exit 2); SIGINT/SIGTERM stop it with one line (exit 130/143) and a partial summary.
+Complete entries are never touched by either.
 
 Model loading: a DoFn ``setup`` that takes the compressor from ``apache_beam.utils.shared``
 (one model per worker process, shared by its threads). We do not use ``RunInference``:
@@ -42,6 +47,7 @@ from pipelines.beam_support import (
     DEAD_LETTER,
     DeadLetter,
     ProgressReporter,
+    ReadManifest,
     WriteDeadLetters,
     add_runner_arguments,
     counter_values,
@@ -193,6 +199,7 @@ class PlanVideoFn(_CacheDoFn):
         self.skipped.inc(len(queries) - len(pending))
         if not pending:
             return
+        self.planned.inc(len(pending))  # each ends completed or failed (queries_pending: neither)
         stage = "probe"
         try:
             plan = video.plan_video(entry.uri, self.sampling)
@@ -211,7 +218,6 @@ class PlanVideoFn(_CacheDoFn):
             yield letter
             return
         self.videos.inc()
-        self.planned.inc(len(pending))
         self.segments.inc(plan.n_segments)
         todo = sum(b - a for i, (a, b) in enumerate(ranges) if i not in landed)
         self.progress.add(
@@ -244,15 +250,49 @@ def video_meta(entry, plan) -> dict:
 
 
 class DecodeUnitFn(beam.DoFn):
-    """WorkUnit → (WorkUnit, [Segment]) — the CPU stage."""
+    """WorkUnit → (WorkUnit, [Segment]) — the CPU stage; first takes the unit's lease (tempo_ops/leases.py)."""
 
-    def __init__(self, sampling: video.SamplingConfig, convert_threads: int | None = None) -> None:
+    def __init__(
+        self, sampling: video.SamplingConfig, convert_threads: int | None = None, cache_url: str | None = None, run_id: str = ""
+    ) -> None:
         self.sampling = sampling
         self.convert_threads = convert_threads
+        self.cache_url = cache_url
+        self.run_id = run_id
         self.decode_ms = Metrics.distribution(METRICS_NAMESPACE, "decode_ms")
         self.decoded = Metrics.counter(METRICS_NAMESPACE, "segments_decoded")
+        self.held = Metrics.counter(METRICS_NAMESPACE, "units_held_elsewhere")
+        self._told: set[str] = set()
+
+    def _held_by(self, unit: WorkUnit):
+        """The live lease of another run computing ``unit``, or None once this run holds it."""
+        if self.cache_url is None:
+            return None
+        from tempo_ops import leases
+
+        holder = leases.acquire(self.cache_url, unit.video_id, unit.unit_index, self.run_id)
+        if holder is not None and holder.run_id not in self._told:
+            self._told.add(holder.run_id)
+            print(
+                f"[compress] another run ({holder.run_id}, pid {holder.pid} on {holder.host}) is computing part of "
+                f"this cache; its work units are left to it",
+                file=sys.stderr,
+                flush=True,
+            )
+        return holder
 
     def process(self, unit: WorkUnit) -> Iterator:
+        try:
+            holder = self._held_by(unit)
+        except Exception as exc:  # noqa: BLE001 - a lease that cannot be taken fails the unit like a read would
+            yield _dead(exc, video_id=unit.video_id, query_id=None, stage="lease", unit=unit.unit_index)
+            yield from _unit_failed(unit, [q for q, _ in unit.queries])
+            return
+        if holder is not None:
+            self.held.inc()
+            for qid, _ in unit.queries:
+                yield beam.pvalue.TaggedOutput("unit_status", ((unit.video_id, qid), ("held", unit.unit_index, unit.n_units)))
+            return
         t0 = time.perf_counter()
         try:
             segments = list(
@@ -305,8 +345,9 @@ class CompressUnitFn(beam.DoFn):
 class WriteBlockFn(_CacheDoFn):
     """One query's block of a unit → the cache; emits the unit's status for finalisation."""
 
-    def __init__(self, cache_url: str, config: dict) -> None:
+    def __init__(self, cache_url: str, config: dict, run_id: str = "") -> None:
         super().__init__(cache_url, config)
+        self.run_id = run_id
         self.bytes_written = Metrics.counter(METRICS_NAMESPACE, "bytes_written")
         self.progress = None
 
@@ -327,6 +368,10 @@ class WriteBlockFn(_CacheDoFn):
         # Progress in video segments: a unit's segments count once, when its last query's block lands.
         last = qid == unit.queries[-1][0]
         self.progress.add(done=int(candidates.shape[0]) if last else 0, blocks_done=1)
+        if last and self.run_id:
+            from tempo_ops import leases
+
+            leases.release(self.cache_url, unit.video_id, unit.unit_index, self.run_id)
         yield key, ("ok", unit.unit_index, unit.n_units)
 
 
@@ -337,14 +382,31 @@ class FinalizeEntryFn(_CacheDoFn):
         super().__init__(cache_url, config)
         self.done = Metrics.counter(METRICS_NAMESPACE, "queries_completed")
         self.failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
+        self.left = Metrics.counter(METRICS_NAMESPACE, "queries_left_to_other_run")
 
     def process(self, element) -> Iterator:
+        from tempo_ops.errors import EntryIncomplete
+
         (video_id, query_id), statuses = element
         statuses = list(statuses)
         n_units = statuses[0][2]
         ok = {u for s, u, _ in statuses if s == "ok"}
         if any(s == "failed" for s, _, _ in statuses):
             self.failed.inc()  # its dead letter was recorded where it failed
+            return
+        if any(s == "held" for s, _, _ in statuses):
+            # Units computed by another run: whichever run ends last finds them all landed.
+            try:
+                self.writer.finalize_entry(video_id, query_id)
+            except EntryIncomplete:
+                self.left.inc()
+                return
+            except Exception as exc:  # noqa: BLE001
+                letter = DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
+                self.failed.inc()
+                yield letter
+                return
+            self.done.inc()
             return
         if len(ok) != n_units:
             self.failed.inc()
@@ -372,9 +434,8 @@ class CompressJob:
     config: dict
     unit_segments: int
     force: bool = False
-    # With --limit: the first N entries, read by the driver (which stopped reading there);
-    # None: the pipeline streams the whole manifest itself.
-    entries: tuple | None = None
+    limit: int | None = None  # --limit: only the first N entries are read
+
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
     run_id: str = "run"
     # Handle through which workers share one model per process; the driver of a local
@@ -393,27 +454,22 @@ class CompressJob:
 
 def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     """Add the compression job's transforms to ``pipeline``."""
-    if job.entries is not None:
-        entries = pipeline | "LimitedEntries" >> beam.Create(list(job.entries))
-    else:
-        base = manifest_schema.manifest_base(job.manifest)
-        entries = (
-            pipeline
-            | "ReadManifest" >> beam.io.ReadFromText(job.manifest)
-            | "ParseEntry" >> beam.FlatMap(lambda line: [e for e in [manifest_schema.parse_manifest_line(line, base)] if e])
-        )
+    entries = pipeline | "ReadManifest" >> ReadManifest(job.manifest, job.limit)
     planned = entries | "PlanVideo" >> beam.ParDo(
         PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force)
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
     decoded = (
         planned.units
         | "SpreadUnits" >> beam.Reshuffle()
-        | "DecodeUnit" >> beam.ParDo(DecodeUnitFn(job.sampling, job.convert_threads)).with_outputs(DEAD_LETTER, "unit_status", main="segments")
+        | "DecodeUnit"
+        >> beam.ParDo(DecodeUnitFn(job.sampling, job.convert_threads, job.cache, job.run_id)).with_outputs(
+            DEAD_LETTER, "unit_status", main="segments"
+        )
     )
     compressed = decoded.segments | "CompressUnit" >> beam.ParDo(
         CompressUnitFn(job.model, job.model_handle)
     ).with_outputs(DEAD_LETTER, "unit_status", main="blocks")
-    written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config)).with_outputs(
+    written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config, job.run_id)).with_outputs(
         DEAD_LETTER, main="status"
     )
     finalize_failures = (
@@ -483,9 +539,9 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     if convert_threads is None and args.local_workers > 1:  # local workers share this machine's CPUs
         convert_threads = video.default_convert_threads() // args.local_workers  # 0: inline
     check_output_location(args.cache, {"--manifest": args.manifest}, what="--cache")
-    entries = validated_entries(args.manifest, args.limit)
+    validate_manifest_or_raise(args.manifest, args.limit)
     if args.dry_run:
-        return dry_run(args, sampling, entries)
+        return dry_run(args, sampling)
     existing = open_existing_cache(args.cache)
     if existing is not None:
         check_cache_sampling(existing, sampling)
@@ -517,7 +573,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         config,
         unit_segments,
         force=args.force,
-        entries=tuple(entries) if entries is not None else None,
+        limit=args.limit,
         convert_threads=convert_threads,
         run_id=run.run_id,
         model_handle=model_handle,
@@ -529,13 +585,18 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         del driver_model  # workers are other processes: free the driver's copy
     print(
         f"[compress] run {run.run_id}: manifest {args.manifest} valid"
-        + (f" (first {len(entries)} entries)" if entries is not None else "")
+        + (f" (first {args.limit} entries)" if args.limit is not None else "")
         + f", starting runner {runner_name(options)}",
         file=sys.stderr,
         flush=True,
     )
     ProgressReporter.reset("compress")
-    with run.interruptible(partial=lambda: {"counts_so_far": ProgressReporter.snapshot("compress"), "cache": args.cache}):
+    from tempo_ops import leases
+
+    with run.interruptible(
+        partial=lambda: {"counts_so_far": ProgressReporter.snapshot("compress"), "cache": args.cache},
+        cleanup=lambda: leases.release_run(args.cache, run.run_id),
+    ):
         pipeline = beam.Pipeline(options=options)
         build_pipeline(pipeline, job)
         result = pipeline.run()
@@ -543,23 +604,18 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
             print(f"[compress] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
             return EXIT_OK
         result.wait_until_finish()
+    leases.release_run(args.cache, run.run_id)  # those of units that failed
     summary = write_summary(job, result, run=run, runner=runner_name(options), fingerprint=writer.fingerprint)
     print_summary(summary)
     return EXIT_OK if summary["failures"]["items"] == 0 else EXIT_ITEMS_FAILED
 
 
-def validated_entries(url: str, limit: int | None) -> list | None:
-    """Validate the manifest (raise ManifestError listing every problem).
-
-    With ``limit``: only the first ``limit`` entries are read (and validated) and returned;
-    reading stops there. Without: one streaming pass; returns None (the pipeline reads it).
-    """
+def validate_manifest_or_raise(url: str, limit: int | None = None) -> None:
+    """Stream-validate the manifest, or only its first ``limit`` entries (reading stops there);
+    raise ManifestError listing every problem. Nothing is kept in memory but id hashes."""
     problems = manifest_schema.validate_manifest(url, limit=limit)
     if problems:
         raise manifest_schema.manifest_error(url, problems)
-    if limit is None:
-        return None
-    return list(manifest_schema.iter_manifest(url, limit=limit))
 
 
 def check_device(device: str | None) -> None:
@@ -660,10 +716,16 @@ def print_summary(summary: dict) -> None:
     )
     if f["items"]:
         print(f"[compress] {f['items']} failed item(s) by code {f['by_code']}: see {summary['dead_letter_file']}", file=sys.stderr)
+    if c.get("units_held_elsewhere"):
+        print(
+            f"[compress] {c['units_held_elsewhere']} work unit(s) were being computed by another run; "
+            f"{c.get('queries_left_to_other_run', 0)} (video, query) entries are left for it to complete",
+            file=sys.stderr,
+        )
     print(f"[compress] summary: {summary['cache']}.summary.json (history: {summary['history']})", file=sys.stderr)
 
 
-def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, entries: list | None) -> int:
+def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig) -> int:
     """Probe every input and print the plan net of complete entries (work units, segments, estimated bytes).
 
     Loads no model: reads the SVLM's config.json for the token width. When a cache exists,
@@ -684,8 +746,7 @@ def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, entries: l
     unit_segments = args.unit_segments or (existing.segments_per_shard if existing is not None else 32)
     totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "skipped_complete": 0, "bytes": 0}
     print(f"{'video_id':<24} {'segments':>8} {'units':>5} {'queries':>7} {'est. bytes':>12}  note")
-    source = entries if entries is not None else manifest_schema.iter_manifest(args.manifest)
-    for entry in source:
+    for entry in manifest_schema.iter_manifest(args.manifest, limit=args.limit):
         queries = entry_queries(entry)
         pending = [q for q, _ in queries if (entry.video_id, q) not in complete]
         totals["skipped_complete"] += len(queries) - len(pending)

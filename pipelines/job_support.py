@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import posixpath
 import signal
@@ -274,13 +275,16 @@ class JobRun:
         return doc
 
     @contextlib.contextmanager
-    def interruptible(self, partial: Callable[[], dict[str, Any]] | None = None) -> Iterator[None]:
+    def interruptible(
+        self, partial: Callable[[], dict[str, Any]] | None = None, cleanup: Callable[[], Any] | None = None
+    ) -> Iterator[None]:
         """Run the block with SIGINT/SIGTERM turned into :class:`JobInterrupted`; fatal errors typed.
 
         On a signal: a partial summary (``partial()`` plus ``status: interrupted``) is written,
         stale temporary folders are removed, and JobInterrupted is raised (the CLI prints one
         line and exits 130/143). On a fatal storage error hidden in a runner's exception: the
         summary says ``status: failed`` with the error, and the typed error is raised.
+        ``cleanup()`` runs in both cases (e.g. releasing this run's leases).
         """
         state = _SignalState()
         with _signals_raise(state):
@@ -310,6 +314,11 @@ class JobRun:
             except Exception as exc:  # noqa: BLE001 - e.g. the disk is full: say so, keep the first error
                 print(f"[{self.job}] could not write the summary: {exc}", file=sys.stderr)
             remove_stale_temp(self.base, self.storage_options)
+            if cleanup is not None:
+                try:
+                    cleanup()
+                except Exception as exc:  # noqa: BLE001 - best effort; leases lapse by themselves
+                    print(f"[{self.job}] clean-up incomplete: {exc}", file=sys.stderr)
         if isinstance(failure, JobInterrupted):
             raise failure from None
         raise failure from None
@@ -330,6 +339,8 @@ def _signals_raise(state: _SignalState) -> Iterator[None]:
         if state.signum is not None:
             return
         state.signum = signum
+        # Runners log the exception of every step it unwinds through: the one line is ours.
+        logging.disable(logging.CRITICAL)
         raise JobInterrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -338,6 +349,8 @@ def _signals_raise(state: _SignalState) -> Iterator[None]:
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        if state.signum is not None:
+            logging.disable(logging.NOTSET)
 
 
 @contextlib.contextmanager
