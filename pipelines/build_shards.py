@@ -48,9 +48,8 @@ from pipelines.job_support import (
     EXIT_OK,
     JobRun,
     add_storage_option_argument,
-    apply_storage_options,
     check_output_location,
-    parse_storage_options,
+    use_storage_options,
 )
 from schemas import manifest as manifest_schema
 from schemas.shard_sample import sample_key, shard_set_name
@@ -321,8 +320,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     """Run the job; returns the exit status (see module docstring)."""
     from tempo_ops.store import CacheReader
 
-    storage_options = parse_storage_options(args.storage_option)
-    apply_storage_options(storage_options, [args.cache, args.manifest, args.out])
+    use_storage_options(args, [args.cache, args.manifest, args.out])
     budgets = parse_budgets(args.budgets)
     policies = parse_policies(args.policies)
     if args.shard_size_mb <= 0:

@@ -61,9 +61,8 @@ from pipelines.job_support import (
     EXIT_OK,
     JobRun,
     add_storage_option_argument,
-    apply_storage_options,
     check_output_location,
-    parse_storage_options,
+    use_storage_options,
 )
 from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
 from schemas import manifest as manifest_schema
@@ -394,27 +393,20 @@ class FinalizeEntryFn(_CacheDoFn):
         if any(s == "failed" for s, _, _ in statuses):
             self.failed.inc()  # its dead letter was recorded where it failed
             return
-        if any(s == "held" for s, _, _ in statuses):
-            # Units computed by another run: whichever run ends last finds them all landed.
-            try:
-                self.writer.finalize_entry(video_id, query_id)
-            except EntryIncomplete:
-                self.left.inc()
-                return
-            except Exception as exc:  # noqa: BLE001
-                letter = DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
-                self.failed.inc()
-                yield letter
-                return
-            self.done.inc()
-            return
-        if len(ok) != n_units:
+        held = any(s == "held" for s, _, _ in statuses)
+        if not held and len(ok) != n_units:
             self.failed.inc()
             missing = sorted(set(range(n_units)) - ok)
             yield DeadLetter(video_id, query_id, "finalize", "units_missing", f"{video_id}/{query_id}: units {missing} never landed")
             return
         try:
             self.writer.finalize_entry(video_id, query_id)
+        except EntryIncomplete:
+            if not held:
+                raise
+            # Units computed by another run: whichever run ends last finds them all landed.
+            self.left.inc()
+            return
         except Exception as exc:  # noqa: BLE001
             letter = DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
             self.failed.inc()
@@ -528,8 +520,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     """Run the job; exit status 0 (all done), 1 (some items dead-lettered), 2 (typed error), 130/143 (signal)."""
     # Everything cheap first: arguments, locations, device, manifest, the cache's own config.
-    storage_options = parse_storage_options(args.storage_option)
-    apply_storage_options(storage_options, [args.manifest, args.cache, args.svlm, args.compressor or ""])
+    use_storage_options(args, [args.manifest, args.cache, args.svlm, args.compressor])
     sampling = sampling_config_from_args(args)
     convert_threads = args.convert_threads
     if convert_threads is not None and convert_threads < 0:

@@ -81,6 +81,13 @@ def parse_storage_options(pairs: Iterable[str]) -> dict[str, Any]:
     return out
 
 
+def use_storage_options(args, urls: Iterable[str | None]) -> dict[str, Any]:
+    """Parse ``args.storage_option`` and apply it to the given URLs' protocols; returns the options."""
+    options = parse_storage_options(getattr(args, "storage_option", None) or [])
+    apply_storage_options(options, [u for u in urls if u])
+    return options
+
+
 def _protocol(url: str) -> str | None:
     return None if is_local_url(url) else url.split("://", 1)[0]
 
