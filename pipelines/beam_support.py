@@ -246,11 +246,13 @@ def dead_letter_counts(path: str) -> dict[str, int]:
 
 
 def write_json(url: str, doc: dict[str, Any]) -> None:
-    """Write a run summary (or any JSON document) to a local path or fsspec URL."""
-    import fsspec
+    """Write a JSON document whole (temporary file + rename locally, one PUT remotely).
 
-    with fsspec.open(url, "wt", encoding="utf-8") as fh:
-        fh.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    Run summaries go through ``pipelines.job_support.JobRun.write_summary`` (history + latest).
+    """
+    from tempo_ops.fs import write_bytes_atomic
+
+    write_bytes_atomic(url, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- metrics / progress

@@ -414,7 +414,7 @@ def _report(out: str, plans: list[ShardSetPlan], skipped: list[str], counts: dic
             f"no sample to write: of {counts['entries']} complete cache entries, {counts['not_in_manifest']} are not "
             f"in the manifest, {counts['unannotated']} have no answer, {counts['query_agnostic']} are query-agnostic"
         )
-    by_code = dead_letter_counts(dead_path)
+    by_code = dead_letter_counts(run.own_dead_letter_url)
     failures = sum(by_code.values())
     summary = {
         "out": out,

@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = sub_parser.parse_known_args(rest)
     else:
         args, extra = sub_parser.parse_args(rest), []
-    from pipelines.job_support import JobInterrupted
+    from pipelines.job_support import JobInterrupted, sigterm_raises
 
     try:
-        return int(module.run(args, extra) or 0)
+        with sigterm_raises():  # before a job's own handling starts (model load...), SIGTERM is one line too
+            return int(module.run(args, extra) or 0)
     except TempoError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
         return 2

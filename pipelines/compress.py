@@ -671,7 +671,7 @@ def write_summary(job: CompressJob, result, *, run: JobRun, runner: str, fingerp
     """
     wall = run.elapsed()
     metrics = counter_values(result, METRICS_NAMESPACE)
-    failures = dead_letter_counts(job.dead_letter_path)
+    failures = dead_letter_counts(run.own_dead_letter_url)
     segments = int(metrics.get("segments_decoded", 0))
     counts = {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")}
     counts["queries_pending"] = max(
@@ -682,6 +682,7 @@ def write_summary(job: CompressJob, result, *, run: JobRun, runner: str, fingerp
         "manifest": job.manifest,
         "cache": job.cache,
         "dead_letter_file": job.dead_letter_path,
+        "run_dead_letter_file": run.own_dead_letter_url,
         "fingerprint": fingerprint,
         "config": job.config,
         "counts": counts,

@@ -264,6 +264,11 @@ class JobRun:
     def history_url(self) -> str:
         return f"{self.base}.runs/"
 
+    @property
+    def own_dead_letter_url(self) -> str:
+        """This run's dead letters (the latest copy may already be a concurrent run's)."""
+        return sidecar_url(self.base, "deadletter.jsonl", self.run_id)
+
     def elapsed(self) -> float:
         return time.time() - self.started
 
@@ -358,6 +363,23 @@ def _signals_raise(state: _SignalState) -> Iterator[None]:
             signal.signal(s, h)
         if state.signum is not None:
             logging.disable(logging.NOTSET)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """SIGTERM raises JobInterrupted in the main thread (as SIGINT raises KeyboardInterrupt) inside the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        raise JobInterrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager
