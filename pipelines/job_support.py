@@ -214,15 +214,21 @@ def write_sidecar(base: str, suffix: str, data: bytes, run_id: str, storage_opti
 
 
 def find_fatal(exc: BaseException) -> TempoError | None:
-    """The fatal typed error (full disk, read-only output...) behind ``exc``, however a runner wrapped it."""
+    """The typed error behind ``exc`` however a runner wrapped it: a fatal one (full disk,
+    read-only output...) first, else any TempoError in the chain; None for a plain bug."""
     seen = set()
+    typed: TempoError | None = None
     cur: BaseException | None = exc
     while cur is not None and id(cur) not in seen:
         seen.add(id(cur))
         found = storage_error(cur)
         if found is not None:
             return found
+        if typed is None and isinstance(cur, TempoError):
+            typed = cur
         cur = cur.__cause__ or cur.__context__
+    if typed is not None:
+        return typed
     # Some runners re-raise a worker's error as text only: recognise the stable codes.
     text = str(exc)
     from tempo_ops.errors import CacheNotWritable, DiskFull
@@ -331,8 +337,6 @@ class JobRun:
                     cleanup()
                 except Exception as exc:  # noqa: BLE001 - best effort; leases lapse by themselves
                     print(f"[{self.job}] clean-up incomplete: {exc}", file=sys.stderr)
-        if isinstance(failure, JobInterrupted):
-            raise failure from None
         raise failure from None
 
 
