@@ -32,14 +32,13 @@ A line is a JSON object::
 - Blank lines are skipped; line numbers in problems are 1-based physical lines.
 
 Reading streams line by line through fsspec, so manifests with millions of lines are
-never held in memory (only a 64-bit hash and line number per seen video id is kept, to find
+never held in memory (only the seen video ids and their line numbers are kept, to find
 duplicates). ``limit=N`` stops reading after the first N entries (``tempo compress
 --limit``): only those lines are read and validated.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -301,24 +300,14 @@ def _lines(url: str) -> Iterator[tuple[int, str | None, str | None]]:
         raise ManifestError(f"cannot read the manifest: {exc}", item=url) from None
 
 
-def _id_hash(video_id: str) -> int:
-    """64-bit hash of a video id: duplicate detection without holding every id (collisions are checked)."""
-    return int.from_bytes(hashlib.blake2b(video_id.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
 class _SeenIds:
-    """Video ids seen so far, as 64-bit hash → first line (~100 bytes per id instead of the id itself).
-
-    Two different ids with the same hash would be reported as a duplicate; for a million ids
-    the chance is about 3e-8.
-    """
+    """Video ids seen so far → their first line (for duplicate detection)."""
 
     def __init__(self) -> None:
-        self._first: dict[int, int] = {}
+        self._first: dict[str, int] = {}
 
     def check(self, video_id: str, line: int) -> ManifestProblem | None:
-        h = _id_hash(video_id)
-        first = self._first.setdefault(h, line)
+        first = self._first.setdefault(video_id, line)
         if first == line:
             return None
         return ManifestProblem(line, "video_id", f"duplicate video_id {video_id!r} (first on line {first})")
