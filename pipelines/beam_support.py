@@ -102,6 +102,13 @@ def is_local_runner(options: PipelineOptions) -> bool:
     return runner_name(options) in _LOCAL_RUNNER_NAMES
 
 
+class SharedModel:
+    """Weak-referenceable holder of a model for ``apache_beam.utils.shared.Shared`` (one per worker process)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+
 # --------------------------------------------------------------------------- inputs
 class ReadManifest(beam.PTransform):
     """The manifest's entries (``schemas.manifest.VideoEntry``), read through fsspec like every other input.
@@ -211,7 +218,9 @@ class WriteDeadLetters(beam.PTransform):
     leaves ``beam-temp-*`` folders behind when interrupted).
     """
 
-    def __init__(self, base: str, run_id: str, storage_options: dict | None = None) -> None:
+    def __init__(self, base: str, run_id: str | None = None, storage_options: dict | None = None) -> None:
+        """``base`` + ``run_id``: history + latest files beside ``base``; without ``run_id``,
+        ``base`` is the one file to write (no history)."""
         super().__init__()
         self.base = base
         self.run_id = run_id
@@ -219,13 +228,22 @@ class WriteDeadLetters(beam.PTransform):
 
     def expand(self, letters):
         base, run_id, opts = self.base, self.run_id, self.storage_options
+
+        def write(ls: list[DeadLetter]) -> int:
+            if run_id is None:
+                from tempo_ops.fs import write_bytes_atomic
+
+                write_bytes_atomic(base, dead_letters_jsonl(ls), opts)
+                return len(ls)
+            return write_dead_letter_file(base, run_id, ls, opts)
+
         return (
             letters
             | "KeyByItem" >> beam.Map(lambda d: ((d.video_id, d.query_id), d))
             | "GroupByItem" >> beam.GroupByKey()
             | "MergePerItem" >> beam.Map(merge_dead_letters)
             | "AllInOne" >> beam.combiners.ToList()
-            | "Write" >> beam.Map(lambda ls: write_dead_letter_file(base, run_id, ls, opts))
+            | "Write" >> beam.Map(write)
         )
 
 
@@ -332,7 +350,8 @@ def format_progress(counts: dict[str, int], unit: str, elapsed: float) -> str:
         parts.append(f"ETA {(total - done) / rate:.0f}s")
     parts.append(f"{elapsed:.0f}s elapsed")
     extra = sorted({k.rsplit("_", 1)[0] for k in counts if k.endswith(("_done", "_total"))})
-    more = [
+    plain = sorted(k for k in counts if k not in ("done", "total") and not k.endswith(("_done", "_total")))
+    more = [f"{name} {counts[name]}" for name in plain] + [
         f"{name} {counts.get(name + '_done', 0)}/{counts[name + '_total']}" if name + "_total" in counts
         else f"{name} {counts.get(name + '_done', 0)}"
         for name in extra

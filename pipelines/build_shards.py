@@ -152,15 +152,16 @@ def plan_job(
 ) -> tuple[list[ShardSetPlan], list[DeadLetter], dict[str, int]]:
     """Plan every shard set from the cache's complete entries and the manifest's annotations.
 
-    Reads only each entry's metadata and relevance. Returns (plans in (budget, policy)
-    order, dead letters of entries that could not be planned, counts).
+    Reads only each entry's metadata and relevance; each sample also carries its video's
+    manifest metadata. Returns (plans in (budget, policy) order, dead letters of entries that
+    could not be planned, counts).
     """
     from pipelines.compress import GENERIC_QUERY_ID
 
     questions = {}
-    manifest_videos = set()
+    metadata = {}
     for video in manifest_schema.iter_manifest(manifest_url):
-        manifest_videos.add(video.video_id)
+        metadata[video.video_id] = video.metadata
         for q in video.queries:
             if q.answer is not None:  # only annotated questions become samples
                 questions[(video.video_id, q.query_id)] = q
@@ -174,7 +175,7 @@ def plan_job(
     video_frames: dict[str, int | None] = {}
     for video_id, query_id in sorted(reader.entries(complete_only=True)):
         counts["entries"] += 1
-        if query_id == GENERIC_QUERY_ID and video_id in manifest_videos:
+        if query_id == GENERIC_QUERY_ID and video_id in metadata:
             counts["query_agnostic"] += 1  # a video without questions: nothing to train on
             continue
         if (video_id, query_id) not in questions:
@@ -198,6 +199,7 @@ def plan_job(
                     ps = PlannedSample(
                         key, video_id, query_id, q.text, q.options, q.answer,
                         tuple(int(x) for x in res.k), estimate_sample_bytes(res.report.total, D, S),
+                        metadata=dict(metadata.get(video_id) or {}),
                     )
                     st = allocation_stats(res.k, frames_per_segment, b, frames=video_frames[video_id])
                     planned.append(((b, p), ps, st))

@@ -48,6 +48,7 @@ from pipelines.beam_support import (
     DeadLetter,
     ProgressReporter,
     ReadManifest,
+    SharedModel,
     WriteDeadLetters,
     add_runner_arguments,
     counter_values,
@@ -146,13 +147,6 @@ def load_compressor(spec: ModelSpec):
         max_batch_tokens=spec.max_batch_tokens,
         numerics=spec.numerics,
     )
-
-
-class _SharedModel:
-    """Weak-referenceable holder for ``shared.Shared``."""
-
-    def __init__(self, model) -> None:
-        self.model = model
 
 
 def _dead(exc: BaseException, *, video_id: str, query_id: str | None, stage: str, **details):
@@ -355,7 +349,7 @@ class CompressUnitFn(beam.DoFn):
         self.compressed = Metrics.counter(METRICS_NAMESPACE, "segments_compressed")
 
     def setup(self) -> None:
-        self.model = self.shared_handle.acquire(lambda: _SharedModel(load_compressor(self.spec))).model
+        self.model = self.shared_handle.acquire(lambda: SharedModel(load_compressor(self.spec))).model
 
     def process(self, element) -> Iterator:
         unit, segments = element
@@ -595,7 +589,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     t_load = time.monotonic()
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
-    driver_model = model_handle.acquire(lambda: _SharedModel(load_compressor(spec)))
+    driver_model = model_handle.acquire(lambda: SharedModel(load_compressor(spec)))
     config = cache_config(driver_model.model.fingerprint(), sampling)
     print(f"[compress] compressor loaded in {time.monotonic() - t_load:.1f}s", file=sys.stderr, flush=True)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
