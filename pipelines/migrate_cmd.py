@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.inspect_cache import _storage_options
+from pipelines.job_support import add_storage_option_argument, parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,14 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="form of the new store (float16, the default, keeps v1 values bit-exact)",
     )
     parser.add_argument("--delete-backup", action="store_true", help="delete the v1 store after a verified swap")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec storage option")
+    add_storage_option_argument(parser)
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     from tempo_ops.cache_maintenance import migrate_cache
 
     result = migrate_cache(
-        args.cache, _storage_options(args.storage_option) or None, form=args.storage_form, keep_backup=not args.delete_backup
+        args.cache, parse_storage_options(args.storage_option) or None, form=args.storage_form, keep_backup=not args.delete_backup
     )
     print(json.dumps(result, sort_keys=True))
     return 0

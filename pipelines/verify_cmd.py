@@ -14,7 +14,7 @@ import json
 import sys
 from typing import Any
 
-from pipelines.inspect_cache import _storage_options
+from pipelines.job_support import add_storage_option_argument, parse_storage_options
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="metadata, shard indexes and relevance only (no chunk data)")
     parser.add_argument("--json", action="store_true", help="emit one JSON document instead of text")
-    parser.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE", help="fsspec storage option")
+    add_storage_option_argument(parser)
 
 
 def shard_sets(out: str, storage_options: dict[str, Any] | None) -> list[str]:
@@ -48,7 +48,7 @@ def shard_sets(out: str, storage_options: dict[str, Any] | None) -> list[str]:
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     from tempo_ops.errors import ConfigError
 
-    opts = _storage_options(args.storage_option) or None
+    opts = parse_storage_options(args.storage_option) or None
     if args.shards:
         from tempo_ops.shards import verify_shard_set
 

@@ -3,7 +3,9 @@ atomic replacement, concurrent writers, storage forms, v1 compatibility and migr
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -419,3 +421,29 @@ def test_v1_cache_is_shardable_without_conversion(tmp_path: Path) -> None:
         cand, _ = block_data(s["meta"]["video_id"], s["meta"]["query_id"])
         k = s["alloc"]
         np.testing.assert_array_equal(s["tokens"], np.concatenate([cand[i, :n].astype(np.float16) for i, n in enumerate(k)]))
+
+
+# ---------------------------------------------------------------- fatal storage errors in the v2 write paths
+@pytest.mark.parametrize(("err", "code"), [(errno.ENOSPC, "disk_full"), (errno.EROFS, "cache_not_writable")])
+def test_fatal_storage_errors_stop_v2_writes_at_once(cache: str, monkeypatch, err: int, code: str) -> None:
+    from zarr.storage import LocalStore
+
+    from tempo_ops.errors import TempoError
+
+    w = open_writer(cache)
+    cand, rel = block_data("v", "q")
+    w.begin_entry("v", "q", "question q?", S, force=True)  # a new version beside the complete one
+    calls = [0]
+
+    async def failing_set(self, key, value):
+        calls[0] += 1
+        raise OSError(err, os.strerror(err), os.path.join(str(self.root), key))
+
+    monkeypatch.setattr(LocalStore, "set", failing_set)
+    with pytest.raises(TempoError) as info:
+        w.write_block("v", "q", 0, cand[:P], rel[:P])
+    assert info.value.code == code and info.value.fatal
+    assert calls[0] <= 2  # candidates and relevance puts run together; neither is retried
+    monkeypatch.undo()
+    e = CacheReader(cache).entry("v", "q")  # the previous complete version still reads, unchanged
+    np.testing.assert_array_equal(np.stack(e.read_all()), block_data("v", "q")[0].astype(np.float16))
