@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -417,6 +417,7 @@ def load_tempo_memory_tokens(
     *,
     hidden_size: int | None,
     svlm_state_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    weight_sink: Callable[[str, torch.Tensor], None] | None = None,
 ) -> MemoryTokens:
     """Read the compression tokens (and, with ``svlm_state_shapes``, the fine-tuned SVLM) of a Tempo checkpoint.
 
@@ -427,6 +428,10 @@ def load_tempo_memory_tokens(
             tensor under ``model.visual.`` / ``model.language_model.``; when given, exactly those
             tensors must be present in the checkpoint under ``TEMPO_SVLM_PREFIX`` with equal shapes,
             and they are returned in ``svlm_weights``. Only the shards that hold them are opened.
+        weight_sink: when given, each of those tensors is handed to ``weight_sink(name, tensor)``
+            as soon as it is read and not kept (``svlm_weights`` stays None; the digests are
+            still returned): at 2B parameters, holding them all next to the model doubled the
+            peak memory of loading.
     """
     config = read_tempo_config(loc)
     k = config["num_compression_tokens"]
@@ -461,6 +466,7 @@ def load_tempo_memory_tokens(
             item=loc.url,
         )
     weights: dict[str, torch.Tensor] = {}
+    digests: dict[str, str] = {}
     by_shard: dict[str, list[str]] = {}
     for key in sorted(expected):
         by_shard.setdefault(weight_map[key], []).append(key)
@@ -477,9 +483,14 @@ def load_tempo_memory_tokens(
                     raise CheckpointFormatError(
                         f"{key} has shape {tuple(tensor.shape)}, the base SVLM expects {shape}", item=loc.url
                     )
-                weights[name] = tensor
-    result.svlm_weights = weights
-    result.svlm_weight_digests = {name: tensor_sha256(t) for name, t in weights.items()}
+                digests[name] = tensor_sha256(tensor)
+                if weight_sink is None:
+                    weights[name] = tensor
+                else:
+                    weight_sink(name, tensor)
+                del tensor
+    result.svlm_weights = weights if weight_sink is None else None
+    result.svlm_weight_digests = digests
     return result
 
 
@@ -517,18 +528,22 @@ def load_memory_tokens(
     *,
     hidden_size: int | None,
     svlm_state_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    weight_sink: Callable[[str, torch.Tensor], None] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> MemoryTokens:
     """Memory tokens from a Tempo-6B-layout or our compressor checkpoint (detected from its files).
 
-    ``svlm_state_shapes`` applies to Tempo checkpoints only (see ``load_tempo_memory_tokens``).
+    ``svlm_state_shapes`` and ``weight_sink`` apply to Tempo checkpoints only (see
+    ``load_tempo_memory_tokens``).
     Tensors are returned in memory; remote copies are removed before returning.
     """
     with CheckpointLocation(url, storage_options=storage_options) as loc:
         if loc.exists(COMPRESSOR_CONFIG_FILE):
             result = load_compressor_memory_tokens(loc, hidden_size=hidden_size)
         elif loc.exists("config.json"):
-            result = load_tempo_memory_tokens(loc, hidden_size=hidden_size, svlm_state_shapes=svlm_state_shapes)
+            result = load_tempo_memory_tokens(
+                loc, hidden_size=hidden_size, svlm_state_shapes=svlm_state_shapes, weight_sink=weight_sink
+            )
         else:
             raise CheckpointNotFound(
                 f"neither {COMPRESSOR_CONFIG_FILE} (compressor checkpoint) nor config.json (Tempo checkpoint)",
