@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -370,7 +370,7 @@ def _positive_int(config: Mapping[str, Any], key: str, item: str) -> int:
     return value
 
 
-def _tempo_weight_map(loc: CheckpointLocation) -> dict[str, str]:
+def tempo_weight_map(loc: CheckpointLocation) -> dict[str, str]:
     """Tensor name → shard file name of a Tempo checkpoint (single file or indexed shards)."""
     if loc.exists(_SAFETENSORS_INDEX):
         index = loc.read_json(_SAFETENSORS_INDEX)
@@ -387,7 +387,41 @@ def _tempo_weight_map(loc: CheckpointLocation) -> dict[str, str]:
     raise CheckpointNotFound(f"neither {_SAFETENSORS_INDEX} nor {_SINGLE_SAFETENSORS}", item=loc.url)
 
 
-def _read_tensor(loc: CheckpointLocation, shard: str, key: str) -> torch.Tensor:
+def iter_tensors(loc: CheckpointLocation, weight_map: Mapping[str, str], keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` for ``keys`` from the shards ``weight_map`` names for them, one tensor
+    at a time (sorted by shard, then key), opening only those shards.
+
+    Tensors are in their stored dtype, on the CPU. Raises ``CheckpointFormatError`` when a key is
+    not in the index or its shard lacks it; ``CheckpointNotFound`` when a shard file is missing.
+    """
+    by_shard: dict[str, list[str]] = {}
+    for key in sorted(set(keys)):
+        if key not in weight_map:
+            raise CheckpointFormatError(f"no tensor {key} in the checkpoint index", item=loc.url)
+        by_shard.setdefault(weight_map[key], []).append(key)
+    for shard, names in sorted(by_shard.items()):
+        path = loc.local_file(shard)
+        try:
+            fh = safe_open(path, framework="pt")
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own untyped errors
+            raise CheckpointFormatError(f"cannot read {shard}: {exc}", item=loc.url) from exc
+        available = set(fh.keys())
+        for key in names:
+            if key not in available:
+                raise CheckpointFormatError(f"shard {shard} lacks tensor {key} named by the index", item=loc.url)
+            try:
+                tensor = fh.get_tensor(key)
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointFormatError(f"cannot read {key} from {shard}: {exc}", item=loc.url) from exc
+            yield key, tensor
+
+
+def read_tensors(loc: CheckpointLocation, weight_map: Mapping[str, str], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``iter_tensors`` collected into a dict name → tensor (all of them in memory at once)."""
+    return dict(iter_tensors(loc, weight_map, keys))
+
+
+def read_tensor(loc: CheckpointLocation, shard: str, key: str) -> torch.Tensor:
     path = loc.local_file(shard)
     try:
         with safe_open(path, framework="pt") as fh:
@@ -440,10 +474,10 @@ def load_tempo_memory_tokens(
         raise CheckpointFormatError(
             f"mm_hidden_size {d} differs from the SVLM hidden size {hidden_size}", item=loc.url
         )
-    weight_map = _tempo_weight_map(loc)
+    weight_map = tempo_weight_map(loc)
     if TEMPO_MEMORY_TOKENS_KEY not in weight_map:
         raise CheckpointFormatError(f"no tensor {TEMPO_MEMORY_TOKENS_KEY}", item=loc.url)
-    raw = _read_tensor(loc, weight_map[TEMPO_MEMORY_TOKENS_KEY], TEMPO_MEMORY_TOKENS_KEY)
+    raw = read_tensor(loc, weight_map[TEMPO_MEMORY_TOKENS_KEY], TEMPO_MEMORY_TOKENS_KEY)
     tokens = _check_tokens(raw, k=k, d=d, item=loc.url, what="compression tokens")
     result = MemoryTokens(tokens=tokens, source=f"tempo:{location_name(loc.url)}", kind="tempo", config=config)
     if svlm_state_shapes is None:
@@ -467,28 +501,16 @@ def load_tempo_memory_tokens(
         )
     weights: dict[str, torch.Tensor] = {}
     digests: dict[str, str] = {}
-    by_shard: dict[str, list[str]] = {}
-    for key in sorted(expected):
-        by_shard.setdefault(weight_map[key], []).append(key)
-    for shard, keys in sorted(by_shard.items()):
-        path = loc.local_file(shard)
-        with safe_open(path, framework="pt") as fh:
-            available = set(fh.keys())
-            for key in keys:
-                if key not in available:
-                    raise CheckpointFormatError(f"shard {shard} lacks tensor {key} named by the index", item=loc.url)
-                name, shape = expected[key]
-                tensor = fh.get_tensor(key)
-                if tuple(tensor.shape) != shape:
-                    raise CheckpointFormatError(
-                        f"{key} has shape {tuple(tensor.shape)}, the base SVLM expects {shape}", item=loc.url
-                    )
-                digests[name] = tensor_sha256(tensor)
-                if weight_sink is None:
-                    weights[name] = tensor
-                else:
-                    weight_sink(name, tensor)
-                del tensor
+    for key, tensor in iter_tensors(loc, weight_map, expected):
+        name, shape = expected[key]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointFormatError(f"{key} has shape {tuple(tensor.shape)}, the base SVLM expects {shape}", item=loc.url)
+        digests[name] = tensor_sha256(tensor)
+        if weight_sink is None:
+            weights[name] = tensor
+        else:
+            weight_sink(name, tensor)
+        del tensor
     result.svlm_weights = weights if weight_sink is None else None
     result.svlm_weight_digests = digests
     return result
@@ -518,7 +540,7 @@ def load_compressor_memory_tokens(loc: CheckpointLocation, *, hidden_size: int |
     k, d = config["num_memory_tokens"], config["hidden_size"]
     if hidden_size is not None and d != hidden_size:
         raise CheckpointFormatError(f"hidden_size {d} differs from the SVLM hidden size {hidden_size}", item=loc.url)
-    raw = _read_tensor(loc, MEMORY_TOKENS_FILE, MEMORY_TOKENS_TENSOR)
+    raw = read_tensor(loc, MEMORY_TOKENS_FILE, MEMORY_TOKENS_TENSOR)
     tokens = _check_tokens(raw, k=k, d=d, item=loc.url, what="memory tokens")
     return MemoryTokens(tokens=tokens, source=f"compressor:{location_name(loc.url)}", kind="compressor", config=config)
 
