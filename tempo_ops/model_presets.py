@@ -42,12 +42,13 @@ shapes only, and each tensor is generated, written into its safetensors file and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import math
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,26 +236,38 @@ def _positive(value: Any, name: str) -> int:
 
 
 def build_svlm(cfg: dict[str, Any], *, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16) -> Any:
-    """``Qwen3VLForConditionalGeneration`` of a config dict (on ``meta``: names and shapes only)."""
+    """``Qwen3VLForConditionalGeneration`` of a config dict, random (transformers' own init), eval mode.
+
+    On ``meta`` it has names and shapes only. Parameters are created in ``dtype`` on ``device``
+    directly (no float32 copy first: that would need 8.5 GB for the 2B model).
+    """
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
     config = Qwen3VLConfig.from_dict(cfg)
-    with torch.device(device):
-        return Qwen3VLForConditionalGeneration(config).to(dtype)
+    with torch.device(device), _default_dtype(dtype):
+        return Qwen3VLForConditionalGeneration(config).to(dtype).eval()
 
 
 def build_llm(cfg: dict[str, Any], *, device: str | torch.device = "meta", dtype: torch.dtype = torch.bfloat16) -> Any:
-    """``Qwen3ForCausalLM`` of a (Qwen3 or tempo_qwen) config dict."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """``Qwen3ForCausalLM`` of a (Qwen3 or tempo_qwen) config dict, as ``build_svlm`` builds (rope
+    scaling off, as the LLM stage loads it: ``tempo_ops.llm.checkpoint.qwen3_config``)."""
+    from transformers import Qwen3ForCausalLM
 
-    fields = {k: v for k, v in cfg.items() if not k.startswith("mm_") and k not in _TEMPO_ONLY_FIELDS}
-    fields["model_type"] = "qwen3"
-    config = Qwen3Config.from_dict(fields)
-    with torch.device(device):
-        return Qwen3ForCausalLM(config).to(dtype)
+    from tempo_ops.llm.checkpoint import qwen3_config
+
+    config = qwen3_config(cfg, item="model preset")
+    with torch.device(device), _default_dtype(dtype):
+        return Qwen3ForCausalLM(config).to(dtype).eval()
 
 
-_TEMPO_ONLY_FIELDS = ("num_compression_tokens", "visual_token_budget", "tokenizer_model_max_length", "architectures")
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 # --------------------------------------------------------------------------- tensors
