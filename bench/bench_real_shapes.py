@@ -224,13 +224,15 @@ def main(argv: list[str] | None = None) -> int:
             figures["disk_bytes"] = {
                 sub: sum(p.stat().st_size for p in (models / sub).iterdir()) for sub in ("svlm", "tempo")
             }
+            command = "python -m bench.bench_real_shapes " + " ".join(argv or sys.argv[1:])
             for name in ("compressor", "llm"):
                 figures[name] = _run_stage(name, models, Path(scratch))
                 print(f"{name}: {json.dumps(figures[name])}", flush=True)
+                # written after every stage: a run stopped during the slow LLM stage keeps the compressor's
+                write_result("real_shapes", {**figures, "complete": name == "llm"}, command)
         finally:
             if made is not None and not args.keep:
                 shutil.rmtree(made, ignore_errors=True)
-    write_result("real_shapes", figures, "python -m bench.bench_real_shapes " + " ".join(argv or sys.argv[1:]))
     return 0
 
 
