@@ -183,7 +183,7 @@ def _tokenizer(cfg: dict, tmp: str) -> Any:
     from tempo_ops import model_presets as mp
     from tempo_ops.svlm.tokenizer_build import write_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(write_tokenizer(tmp, mp._tokenizer_for(cfg))))
+    return AutoTokenizer.from_pretrained(str(write_tokenizer(tmp, mp.tokenizer_for(cfg))))
 
 
 def build_compressor(plan: Plan, tmp: str) -> Any:

@@ -187,7 +187,7 @@ def svlm_config(*, text_layers: int | None = None, vision_depth: int | None = No
     return cfg
 
 
-def _tokenizer_for(cfg: dict[str, Any]) -> Any:
+def tokenizer_for(cfg: dict[str, Any]) -> Any:
     """The tokenizer that matches a config's token ids: the released ids, or the compact test ones."""
     from tempo_ops.svlm.tokenizer_build import QWEN_FIRST_ADDED_ID, build_tokenizer
 
@@ -413,7 +413,7 @@ def write_random_svlm(out_dir: str | Path, *, seed: int = 0, cfg: dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     specs = svlm_specs(cfg)
     write_safetensors_streaming(out / "model.safetensors", specs, lambda s: make_tensor(s, seed))
-    tok = _tokenizer_for(cfg)
+    tok = tokenizer_for(cfg)
     if tok.get_vocab_size(with_added_tokens=True) > cfg["text_config"]["vocab_size"]:
         raise ConfigError("the tokenizer is larger than the vocabulary", item=str(out))
     write_tokenizer(out, tok)
@@ -488,7 +488,7 @@ def write_random_tempo(
         return make_tensor(TensorSpec(base, spec.shape, spec.init, spec.std) if base else spec, seed)
 
     write_sharded(out, specs, tensor_fn, max_shard_bytes=max_shard_bytes)
-    write_tokenizer(out, _tokenizer_for(svlm_cfg))
+    write_tokenizer(out, tokenizer_for(svlm_cfg))
     _write_json(out / "config.json", config)
     return out
 

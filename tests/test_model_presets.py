@@ -119,7 +119,7 @@ def test_released_tokenizer_ids(tmp_path):
 
     from tempo_ops.svlm.tokenizer_build import write_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(write_tokenizer(tmp_path, mp._tokenizer_for(mp.svlm_config()))))
+    tok = AutoTokenizer.from_pretrained(str(write_tokenizer(tmp_path, mp.tokenizer_for(mp.svlm_config()))))
     assert len(tok) == 151669 <= mp.svlm_config()["text_config"]["vocab_size"]
     for token, tid in (("<|endoftext|>", 151643), ("<|im_end|>", 151645), ("<|vision_start|>", 151652), ("<|video_pad|>", 151656)):
         assert tok.convert_tokens_to_ids(token) == tid
