@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import statistics
 import sys
@@ -277,7 +278,9 @@ def bench_decode(plan: Plan, tmp: str, deadline: float, gpu_segments_per_s: floa
         if time.perf_counter() > deadline:
             results[f"workers_{n}"] = "skipped: time budget spent"
             continue
-        with ProcessPoolExecutor(max_workers=n) as pool:
+        # spawn under CUDA: a forked child of a process holding a CUDA context must not touch it
+        ctx = multiprocessing.get_context("spawn") if plan.device == "cuda" else None
+        with ProcessPoolExecutor(max_workers=n, mp_context=ctx) as pool:
             list(pool.map(_decode_worker, [(path, i, n) for i in range(n)]))  # warm-up (imports)
             t0 = time.perf_counter()
             counts = list(pool.map(_decode_worker, [(path, i, n) for i in range(2 * n)]))
