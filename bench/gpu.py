@@ -220,6 +220,9 @@ def _queries(n: int) -> list[str]:
 
 def bench_compressor(plan: Plan, tmp: str, deadline: float, out: dict) -> float | None:
     """Segments/s per (batch, queries); returns the best 1-query segments/s (for the decode comparison)."""
+    if time.perf_counter() > deadline:
+        out["compressor"] = {f"batch_{b}_queries_{q}": "skipped: time budget spent" for q in plan.query_counts for b in plan.batch_sizes}
+        return None
     comp = build_compressor(plan, tmp)
     peak = peak_tflops(torch.cuda.get_device_name(0)) if plan.device == "cuda" else None
     results: dict = {}
