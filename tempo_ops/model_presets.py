@@ -423,7 +423,7 @@ def write_random_svlm(out_dir: str | Path, *, seed: int = 0, cfg: dict[str, Any]
     return out
 
 
-def compression_token_spec(embed: torch.Tensor, k: int = TEMPO_NUM_COMPRESSION_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
+def embedding_stats(embed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-dimension mean and std ``(D,) float32`` of an embedding table ``(V, D)``, in row blocks
     (never a float32 copy of the whole table)."""
     total = torch.zeros(embed.shape[1], dtype=torch.float64)
@@ -468,7 +468,7 @@ def write_random_tempo(
     svlm_part = svlm_specs(svlm_cfg)
     embed_spec = next(s for s in svlm_part if s.name == SVLM_EMBED_KEY)
     embed = make_tensor(embed_spec, seed)
-    mean, std = compression_token_spec(embed)
+    mean, std = embedding_stats(embed)
     del embed
     k = config["num_compression_tokens"]
 

@@ -172,7 +172,7 @@ def test_tempo_layout_and_weight_sink(one_layer):
     with safe_open(str(Path(one_layer["svlm"]) / "model.safetensors"), framework="pt") as fh:
         embed = fh.get_tensor("model.language_model.embed_tokens.weight")
     # compression tokens: N(mean, std) of the embedding table per dimension
-    mean, std = mp.compression_token_spec(embed)
+    mean, std = mp.embedding_stats(embed)
     assert torch.allclose(mean, embed.float().mean(0), atol=1e-5) and torch.allclose(std, embed.float().std(0), atol=1e-4)
     assert abs(float(mem.tokens.std()) - float(std.mean())) < 2e-3
 
