@@ -56,6 +56,8 @@ from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_arg
 from schemas import manifest as manifest_schema
 from tempo_ops import video
 from tempo_ops.errors import ConfigError, TempoError
+from tempo_ops.numerics import NUMERICS_MODES
+from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES, render_query
 
 METRICS_NAMESPACE = "tempo.compress"
 GENERIC_QUERY_ID = "_generic"  # videos without queries get one query-agnostic entry
@@ -74,6 +76,7 @@ class ModelSpec:
     dtype: str | None
     max_batch_tokens: int
     torch_threads: int | None
+    numerics: str | None = None  # None: reference for bf16, exact otherwise
 
 
 @dataclass(frozen=True)
@@ -87,14 +90,21 @@ class WorkUnit:
     n_units: int
     seg_start: int
     seg_stop: int
-    queries: tuple[tuple[str, str], ...]  # (query_id, text)
+    queries: tuple[tuple[str, str], ...]  # (query_id, rendered query text the compressor reads)
 
 
-def entry_queries(entry) -> list[tuple[str, str]]:
-    """(query_id, text) pairs of a manifest entry; a video without queries gets the generic one."""
-    if entry.queries:
-        return [(q.query_id, q.text) for q in entry.queries]
-    return [(GENERIC_QUERY_ID, "")]
+def entry_queries(entry, prompt_template: str | None = None) -> list[tuple[str, str, str]]:
+    """(query_id, rendered text, template name) of a manifest entry's queries.
+
+    The template is ``prompt_template`` (the job's override) if given, else the line's
+    ``prompt_template``, else ``plain``; the text is ``render_query(text, options, template)``.
+    A video without queries gets the generic entry: text ``""`` (the compressor reads
+    "Describe this content.") under ``plain``, whatever the template.
+    """
+    if not entry.queries:
+        return [(GENERIC_QUERY_ID, "", DEFAULT_TEMPLATE)]
+    template = prompt_template or entry.prompt_template or DEFAULT_TEMPLATE
+    return [(q.query_id, render_query(q.text, q.options, template), template) for q in entry.queries]
 
 
 def unit_ranges(n_segments: int, unit_segments: int) -> list[tuple[int, int]]:
@@ -122,6 +132,7 @@ def load_compressor(spec: ModelSpec):
         device=spec.device,
         dtype=spec.dtype,
         max_batch_tokens=spec.max_batch_tokens,
+        numerics=spec.numerics,
     )
 
 
@@ -160,11 +171,20 @@ class _CacheDoFn(beam.DoFn):
 class PlanVideoFn(_CacheDoFn):
     """VideoEntry → WorkUnits of its pending queries (dead letter if the video is unusable)."""
 
-    def __init__(self, cache_url: str, config: dict, sampling: video.SamplingConfig, unit_segments: int, force: bool):
+    def __init__(
+        self,
+        cache_url: str,
+        config: dict,
+        sampling: video.SamplingConfig,
+        unit_segments: int,
+        force: bool,
+        prompt_template: str | None = None,
+    ):
         super().__init__(cache_url, config)
         self.sampling = sampling
         self.unit_segments = unit_segments
         self.force = force
+        self.prompt_template = prompt_template
         self.videos = Metrics.counter(METRICS_NAMESPACE, "videos_planned")
         self.videos_failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed")
         self.skipped = Metrics.counter(METRICS_NAMESPACE, "queries_skipped_complete")
@@ -174,8 +194,17 @@ class PlanVideoFn(_CacheDoFn):
         self.units_landed = Metrics.counter(METRICS_NAMESPACE, "units_skipped_landed")
 
     def process(self, entry) -> Iterator:
-        queries = entry_queries(entry)
-        pending = [(q, t) for q, t in queries if self.force or not self.writer.is_complete(entry.video_id, q)]
+        try:
+            queries = entry_queries(entry, self.prompt_template)
+        except TempoError as exc:  # e.g. more options than letters
+            self.videos_failed.inc()
+            yield _dead(exc, video_id=entry.video_id, query_id=None, stage="plan", uri=entry.uri)
+            return
+        pending = [
+            (q, t, tpl)
+            for q, t, tpl in queries
+            if self.force or not self.writer.is_complete(entry.video_id, q, query_text=t, prompt_template=tpl)
+        ]
         self.skipped.inc(len(queries) - len(pending))
         if not pending:
             return
@@ -186,9 +215,11 @@ class PlanVideoFn(_CacheDoFn):
             self.writer.write_video(entry.video_id, video_meta(entry, plan))
             ranges = unit_ranges(plan.n_segments, self.unit_segments)
             landed = set(range(len(ranges)))
-            for qid, text in pending:
+            for qid, text, template in pending:
                 # Resume: an incomplete entry keeps the blocks that already landed.
-                self.writer.begin_entry(entry.video_id, qid, text, plan.n_segments, force=self.force, resume=True)
+                self.writer.begin_entry(
+                    entry.video_id, qid, text, plan.n_segments, prompt_template=template, force=self.force, resume=True
+                )
                 landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid))
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
             self.videos_failed.inc()
@@ -201,12 +232,13 @@ class PlanVideoFn(_CacheDoFn):
         # recomputed for all of them, so its batch (and so its bytes) equal an uninterrupted run's.
         self.units.inc(len(ranges) - len(landed))
         self.units_landed.inc(len(landed))
+        unit_queries = tuple((qid, text) for qid, text, _ in pending)
         for i, (a, b) in enumerate(ranges):
             if i in landed:
-                for qid, _ in pending:
+                for qid, _ in unit_queries:
                     yield beam.pvalue.TaggedOutput("unit_status", ((entry.video_id, qid), ("ok", i, len(ranges))))
             else:
-                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, tuple(pending))
+                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, unit_queries)
 
 
 def landed_units(ranges: list[tuple[int, int]], missing: list[tuple[int, int]]) -> set[int]:
@@ -349,6 +381,7 @@ class CompressJob:
     force: bool = False
     only_video_ids: frozenset[str] | None = None
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
+    prompt_template: str | None = None  # overrides the manifest's per-line template
     # Handle through which workers share one model per process; the driver of a local
     # in-process run pre-fills it with the model it loaded for the fingerprint.
     model_handle: shared.Shared = field(default_factory=shared.Shared, compare=False)
@@ -374,7 +407,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
         wanted = job.only_video_ids
         entries = entries | "Limit" >> beam.Filter(lambda e: e.video_id in wanted)
     planned = entries | "PlanVideo" >> beam.ParDo(
-        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force)
+        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force, job.prompt_template)
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
     decoded = (
         planned.units
@@ -423,6 +456,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument(
+        "--numerics",
+        choices=NUMERICS_MODES,
+        default=None,
+        help="reference: the released model's bf16 roundings (fp16 weight load, bf16 rope and position "
+        "embeddings); exact: transformers as is (default: reference with bfloat16, exact otherwise)",
+    )
+    parser.add_argument(
+        "--prompt-template",
+        choices=tuple(TEMPLATES),
+        default=None,
+        help="benchmark prompt template the queries are rendered with, overriding the manifest's "
+        "prompt_template (default: the manifest's, else plain)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
     parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
     parser.add_argument("--force", action="store_true", help="recompute (video, query) pairs that are already complete")
@@ -444,7 +491,9 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     from tempo_ops.store import CacheWriter
 
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
-    spec = ModelSpec(args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads)
+    spec = ModelSpec(
+        args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads, numerics=args.numerics
+    )
     print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr)
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
@@ -466,6 +515,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         force=args.force,
         only_video_ids=only,
         convert_threads=convert_threads,
+        prompt_template=args.prompt_template,
         model_handle=model_handle,
     )
     options = pipeline_options_from_args(

@@ -5,7 +5,7 @@
 - ``qwen3-vl-2b``: ``DIR/svlm`` in the layout of ``Qwen/Qwen3-VL-2B-Instruct`` — its published
   ``config.json`` (below), one ``model.safetensors`` (bf16, tied LM head not stored, as released),
   the processor files and a tokenizer whose special tokens sit at the released ids.
-- ``tempo-6b``: the above plus ``DIR/tempo`` in the Tempo-6B layout (DESIGN: "Reference checkpoint
+- ``tempo-6b``: the above plus ``DIR/tempo`` in the Tempo-6B layout (docs/METHOD.md, "Checkpoint
   layout"): ``config.json`` (``tempo_qwen`` = the published ``Qwen/Qwen3-4B`` config plus the
   ``mm_*`` fields), the compression tokens ``(1, 128, 2048)``, the SVLM without its LM head, the
   projector 2048 → 2560 and the Qwen3-4B LLM, in bf16 safetensors shards with an index.
@@ -27,7 +27,7 @@ Hugging Face repositories themselves cannot be reached from here):
   parameters, 36 layers, GQA 32 Q / 8 KV).
 - Tempo-6B: its ``config.json`` is **not** in any public source we can reach. The ``mm_*`` field
   names, K = 128, ``mm_hidden_size`` 2048 and D_llm = 2560 come from the method description
-  (DESIGN section 2). Not confirmed, and chosen here: ``mm_projector_type`` (default
+  (docs/METHOD.md, "LLM stage" and "Checkpoint layout"). Not confirmed, and chosen here: ``mm_projector_type`` (default
   ``"mlp2x_gelu"``, the LLaVA-family default; ``--projector linear`` for the other layout),
   ``visual_token_budget`` 8192, ``tokenizer_model_max_length`` 32768, the number of shards, and
   whether ``lm_head`` is stored separately (the layout lists ``lm_head``, so it is stored and
@@ -405,8 +405,7 @@ def svlm_specs(cfg: dict[str, Any]) -> list[TensorSpec]:
 
 def write_random_svlm(out_dir: str | Path, *, seed: int = 0, cfg: dict[str, Any] | None = None) -> Path:
     """Write a random-weight Qwen3-VL directory (config, ``model.safetensors`` bf16, tokenizer, processor files)."""
-    from tempo_ops.svlm.tiny import PREPROCESSOR_CONFIG, VIDEO_PREPROCESSOR_CONFIG
-    from tempo_ops.svlm.tokenizer_build import write_tokenizer
+    from tempo_ops.svlm.tiny import write_processor_files
 
     cfg = cfg if cfg is not None else svlm_config()
     out = Path(out_dir)
@@ -416,9 +415,7 @@ def write_random_svlm(out_dir: str | Path, *, seed: int = 0, cfg: dict[str, Any]
     tok = tokenizer_for(cfg)
     if tok.get_vocab_size(with_added_tokens=True) > cfg["text_config"]["vocab_size"]:
         raise ConfigError("the tokenizer is larger than the vocabulary", item=str(out))
-    write_tokenizer(out, tok)
-    _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
-    _write_json(out / "video_preprocessor_config.json", VIDEO_PREPROCESSOR_CONFIG)
+    write_processor_files(out, tok)  # tokenizer, chat template, image and video processor configs
     _write_json(out / "config.json", cfg)  # last: a directory with a config has its weights
     return out
 

@@ -560,6 +560,8 @@ def build_sample(
         n_tokens=int(packed.tokens.shape[0]),
         dim=int(entry_reader.D),
         cache_fingerprint=cache_fingerprint,
+        prompt_template=getattr(entry_reader, "prompt_template", None),
+        query_text=getattr(entry_reader, "query_text", None),
     )
     members = encode_sample(
         meta, packed.tokens, packed.allocation, packed.offsets, packed.timestamp_texts, list(entry_reader.timestamps)

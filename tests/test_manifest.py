@@ -123,6 +123,27 @@ def test_every_problem_is_reported(tmp_path):
         list(iter_manifest(url))  # fail fast on the first bad line
 
 
+def test_prompt_template_field(tmp_path):
+    url = _write(tmp_path / "m.jsonl", [
+        {"video_id": "a", "uri": "a.mp4", "prompt_template": "videomme"},
+        {"video_id": "b", "uri": "b.mp4", "prompt_template": None},
+        {"video_id": "c", "uri": "c.mp4"},
+    ])
+    assert validate_manifest(url) == []
+    entries = list(iter_manifest(url))
+    assert [e.prompt_template for e in entries] == ["videomme", None, None]
+    assert entries[0].to_dict()["prompt_template"] == "videomme"
+    bad = _write(tmp_path / "bad.jsonl", [
+        {"video_id": "a", "uri": "a.mp4", "prompt_template": "VideoMME"},
+        {"video_id": "b", "uri": "b.mp4", "prompt_template": 3},
+    ])
+    problems = validate_manifest(bad)
+    assert [(p.line, p.field) for p in problems] == [(1, "prompt_template"), (2, "prompt_template")]
+    assert "unknown prompt template 'VideoMME'" in problems[0].message and "longvideobench" in problems[0].message
+    with pytest.raises(ManifestError, match="prompt_template"):
+        parse_manifest_line(json.dumps({"video_id": "a", "uri": "a.mp4", "prompt_template": "nope"}), "/base", 1)
+
+
 def test_iter_manifest_rejects_duplicates(tmp_path):
     url = _write(tmp_path / "dup.jsonl", [{"video_id": "a", "uri": "x"}, {"video_id": "a", "uri": "y"}])
     it = iter_manifest(url)
@@ -217,10 +238,12 @@ def test_probe_cli(corpus, capsys):
     assert set(rows) == {"kitchen_short", "street_walk", "phone_portrait", "broken_upload"}
     assert "error [corrupt_container]" in rows["broken_upload"]
     assert "640x360" in rows["street_walk"] and "512x288" in rows["street_walk"]
-    assert " 90 " in rows["phone_portrait"] and "192x352" in rows["phone_portrait"]
+    # 360x202 coded, shown upright as 202x360: longer side <= 512 px, so not resized at all
+    assert " 90 " in rows["phone_portrait"] and rows["phone_portrait"].split()[4:6] == ["360x202", "202x360"]
     rc = cli.main(["probe", "--json", "--target-fps", "1", str(os.path.join(os.path.dirname(corpus), "videos", "kitchen_short.mp4"))])
     rec = json.loads(capsys.readouterr().out.strip())
     assert rc == 0
+    assert rec["resized"] == [320, 240] and rec["display_size"] == [320, 240]
     assert rec["n_sampled"] == 8 and rec["duration_s"] == 6.0 and rec["n_segments"] == 1 and rec["first_timestamp"] == "<3.0 seconds>"  # real_fps = 8 / 6 s
 
 
