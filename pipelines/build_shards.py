@@ -130,11 +130,14 @@ def plan_job(
 ) -> tuple[list[ShardSetPlan], list[DeadLetter], dict[str, int]]:
     """Plan every shard set from the cache's complete entries and the manifest's annotations.
 
-    Reads only each entry's metadata and relevance. Returns (plans in (budget, policy)
-    order, dead letters of entries that could not be planned, counts).
+    Reads only each entry's metadata and relevance; each sample also carries its video's
+    manifest metadata. Returns (plans in (budget, policy) order, dead letters of entries that
+    could not be planned, counts).
     """
     questions = {}
+    metadata = {}
     for video in manifest_schema.iter_manifest(manifest_url):
+        metadata[video.video_id] = video.metadata
         for q in video.queries:
             questions[(video.video_id, q.query_id)] = q
     frames_per_segment = int((getattr(reader, "config", None) or {}).get("sampling", {}).get("window", 8))
@@ -163,6 +166,7 @@ def plan_job(
                     ps = PlannedSample(
                         key, video_id, query_id, q.text, q.options, q.answer,
                         tuple(int(x) for x in res.k), estimate_sample_bytes(res.report.total, D, S),
+                        metadata=dict(metadata.get(video_id) or {}),
                     )
                     st = allocation_stats(res.k, frames_per_segment, b)
                     planned.append(((b, p), ps, st))

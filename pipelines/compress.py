@@ -43,6 +43,7 @@ from pipelines.beam_support import (
     DEAD_LETTER,
     DeadLetter,
     ProgressReporter,
+    SharedModel,
     WriteDeadLetters,
     add_runner_arguments,
     counter_values,
@@ -134,13 +135,6 @@ def load_compressor(spec: ModelSpec):
         max_batch_tokens=spec.max_batch_tokens,
         numerics=spec.numerics,
     )
-
-
-class _SharedModel:
-    """Weak-referenceable holder for ``shared.Shared``."""
-
-    def __init__(self, model) -> None:
-        self.model = model
 
 
 def _dead(exc: BaseException, *, video_id: str, query_id: str | None, stage: str, **details):
@@ -295,7 +289,7 @@ class CompressUnitFn(beam.DoFn):
         self.compressed = Metrics.counter(METRICS_NAMESPACE, "segments_compressed")
 
     def setup(self) -> None:
-        self.model = self.shared_handle.acquire(lambda: _SharedModel(load_compressor(self.spec))).model
+        self.model = self.shared_handle.acquire(lambda: SharedModel(load_compressor(self.spec))).model
 
     def process(self, element) -> Iterator:
         unit, segments = element
@@ -497,7 +491,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr)
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
-    driver_model = model_handle.acquire(lambda: _SharedModel(load_compressor(spec)))
+    driver_model = model_handle.acquire(lambda: SharedModel(load_compressor(spec)))
     config = cache_config(driver_model.model.fingerprint(), sampling)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
     unit_segments = args.unit_segments or writer.segments_per_shard

@@ -16,7 +16,9 @@ One sample = four tar members named ``{key}.{member}``, in this (sorted) order:
 - ``meta.json``  — ``SampleMeta`` fields (ids, question, options, answer, budget, policy,
   pack mode, cache fingerprint, format version, sizes, and ``prompt_template`` /
   ``query_text``: the template and the rendered prompt the compressor read, from the cache
-  entry — the LLM stage answers that same text; null for entries that did not record them);
+  entry — the LLM stage answers that same text; null for entries that did not record them;
+  ``metadata``: the video's manifest metadata, ``{}`` when absent; readers treat all three
+  as optional);
 - ``times.json`` — ``{"timestamp_texts": [S str], "timestamps_s": [S float],
   "offsets": [S+1 int]}``; segment i's tokens are ``tokens[offsets[i]:offsets[i+1]]``,
   preceded by ``timestamp_texts[i]`` in the LLM prompt;
@@ -95,6 +97,7 @@ class SampleMeta:
     extra: dict[str, Any] = field(default_factory=dict)
     prompt_template: str | None = None
     query_text: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""

@@ -27,7 +27,7 @@ import posixpath
 import tarfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -443,6 +443,7 @@ class PlannedSample:
     answer: str | None
     allocation: tuple[int, ...]
     est_bytes: int
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -562,6 +563,7 @@ def build_sample(
         cache_fingerprint=cache_fingerprint,
         prompt_template=getattr(entry_reader, "prompt_template", None),
         query_text=getattr(entry_reader, "query_text", None),
+        metadata=dict(planned.metadata),
     )
     members = encode_sample(
         meta, packed.tokens, packed.allocation, packed.offsets, packed.timestamp_texts, list(entry_reader.timestamps)
