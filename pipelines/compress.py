@@ -2,7 +2,7 @@
 
 Graph (each step adapts a pure function of ``tempo_ops``)::
 
-    ReadFromText(manifest) → ParseEntry → [limit filter]
+    ReadManifest       (fsspec, streamed, stops after --limit entries; Reshuffle to spread them)
       → PlanVideo        (probe, sample, segment; skip complete (video, query) pairs; write video
                           metadata; create entries; fan out work units of whole cache shards)
       → Reshuffle        (fuse break: units of one long video spread over workers)
@@ -10,7 +10,12 @@ Graph (each step adapts a pure function of ``tempo_ops``)::
       → CompressUnit     (model stage: every query of every segment through the shared prefix)
       → WriteBlock       (one writer per cache shard: unit boundaries are shard boundaries)
       → GroupByKey(video, query) → FinalizeEntry (completion marker only when every unit landed)
-    every step's failures → dead letters → merged per item → ``<cache>.deadletter.jsonl``
+    every step's failures → dead letters → merged per item → one writer → ``<cache>.deadletter.jsonl``
+    (and ``<cache>.runs/<run_id>.deadletter.jsonl``; summaries likewise, see pipelines/job_support.py)
+
+Fatal storage errors (``disk_full``, ``cache_not_writable``) stop the job at once with one
+line (exit 2); SIGINT/SIGTERM stop it with one line (exit 130/143) and a partial summary.
+Complete entries are never touched by either.
 
 Model loading: a DoFn ``setup`` that takes the compressor from ``apache_beam.utils.shared``
 (one model per worker process, shared by its threads). We do not use ``RunInference``:
@@ -30,7 +35,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +47,7 @@ from pipelines.beam_support import (
     DEAD_LETTER,
     DeadLetter,
     ProgressReporter,
+    ReadManifest,
     SharedModel,
     WriteDeadLetters,
     add_runner_arguments,
@@ -51,12 +56,19 @@ from pipelines.beam_support import (
     is_local_runner,
     pipeline_options_from_args,
     runner_name,
-    write_json,
+)
+from pipelines.job_support import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    JobRun,
+    add_storage_option_argument,
+    check_output_location,
+    use_storage_options,
 )
 from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
 from schemas import manifest as manifest_schema
 from tempo_ops import video
-from tempo_ops.errors import ConfigError, TempoError
+from tempo_ops.errors import ConfigError, FingerprintMismatch, TempoError
 from tempo_ops.numerics import NUMERICS_MODES
 from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES, render_query
 
@@ -182,10 +194,17 @@ class PlanVideoFn(_CacheDoFn):
         self.videos = Metrics.counter(METRICS_NAMESPACE, "videos_planned")
         self.videos_failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed")
         self.skipped = Metrics.counter(METRICS_NAMESPACE, "queries_skipped_complete")
-        self.pending = Metrics.counter(METRICS_NAMESPACE, "queries_pending")
+        self.planned = Metrics.counter(METRICS_NAMESPACE, "queries_planned")
+        # A video that fails before its units exist fails all of its pending queries.
+        self.queries_failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
         self.segments = Metrics.counter(METRICS_NAMESPACE, "segments_planned")
         self.units = Metrics.counter(METRICS_NAMESPACE, "units_planned")
         self.units_landed = Metrics.counter(METRICS_NAMESPACE, "units_skipped_landed")
+        self.progress = None
+
+    def setup(self) -> None:
+        super().setup()
+        self.progress = ProgressReporter("compress", unit="segments")
 
     def process(self, entry) -> Iterator:
         try:
@@ -202,6 +221,7 @@ class PlanVideoFn(_CacheDoFn):
         self.skipped.inc(len(queries) - len(pending))
         if not pending:
             return
+        self.planned.inc(len(pending))  # each ends completed or failed (queries_pending: neither)
         stage = "probe"
         try:
             plan = video.plan_video(entry.uri, self.sampling)
@@ -216,12 +236,18 @@ class PlanVideoFn(_CacheDoFn):
                 )
                 landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid))
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
+            letter = _dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
             self.videos_failed.inc()
-            yield _dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
+            self.queries_failed.inc(len(pending))
+            yield letter
             return
         self.videos.inc()
-        self.pending.inc(len(pending))
         self.segments.inc(plan.n_segments)
+        todo = sum(b - a for i, (a, b) in enumerate(ranges) if i not in landed)
+        self.progress.add(
+            quiet=True, total=todo, videos_planned_done=1, entries_total=len(pending),
+            blocks_total=(len(ranges) - len(landed)) * len(pending),
+        )
         # A unit is skipped only when it landed for every pending query; otherwise it is
         # recomputed for all of them, so its batch (and so its bytes) equal an uninterrupted run's.
         self.units.inc(len(ranges) - len(landed))
@@ -249,15 +275,49 @@ def video_meta(entry, plan) -> dict:
 
 
 class DecodeUnitFn(beam.DoFn):
-    """WorkUnit → (WorkUnit, [Segment]) — the CPU stage."""
+    """WorkUnit → (WorkUnit, [Segment]) — the CPU stage; first takes the unit's lease (tempo_ops/leases.py)."""
 
-    def __init__(self, sampling: video.SamplingConfig, convert_threads: int | None = None) -> None:
+    def __init__(
+        self, sampling: video.SamplingConfig, convert_threads: int | None = None, cache_url: str | None = None, run_id: str = ""
+    ) -> None:
         self.sampling = sampling
         self.convert_threads = convert_threads
+        self.cache_url = cache_url
+        self.run_id = run_id
         self.decode_ms = Metrics.distribution(METRICS_NAMESPACE, "decode_ms")
         self.decoded = Metrics.counter(METRICS_NAMESPACE, "segments_decoded")
+        self.held = Metrics.counter(METRICS_NAMESPACE, "units_held_elsewhere")
+        self._told: set[str] = set()
+
+    def _held_by(self, unit: WorkUnit):
+        """The live lease of another run computing ``unit``, or None once this run holds it."""
+        if self.cache_url is None:
+            return None
+        from tempo_ops import leases
+
+        holder = leases.acquire(self.cache_url, unit.video_id, unit.unit_index, self.run_id)
+        if holder is not None and holder.run_id not in self._told:
+            self._told.add(holder.run_id)
+            print(
+                f"[compress] another run ({holder.run_id}, pid {holder.pid} on {holder.host}) is computing part of "
+                f"this cache; its work units are left to it",
+                file=sys.stderr,
+                flush=True,
+            )
+        return holder
 
     def process(self, unit: WorkUnit) -> Iterator:
+        try:
+            holder = self._held_by(unit)
+        except Exception as exc:  # noqa: BLE001 - a lease that cannot be taken fails the unit like a read would
+            yield _dead(exc, video_id=unit.video_id, query_id=None, stage="lease", unit=unit.unit_index)
+            yield from _unit_failed(unit, [q for q, _ in unit.queries])
+            return
+        if holder is not None:
+            self.held.inc()
+            for qid, _ in unit.queries:
+                yield beam.pvalue.TaggedOutput("unit_status", ((unit.video_id, qid), ("held", unit.unit_index, unit.n_units)))
+            return
         t0 = time.perf_counter()
         try:
             segments = list(
@@ -310,8 +370,9 @@ class CompressUnitFn(beam.DoFn):
 class WriteBlockFn(_CacheDoFn):
     """One query's block of a unit → the cache; emits the unit's status for finalisation."""
 
-    def __init__(self, cache_url: str, config: dict) -> None:
+    def __init__(self, cache_url: str, config: dict, run_id: str = "") -> None:
         super().__init__(cache_url, config)
+        self.run_id = run_id
         self.bytes_written = Metrics.counter(METRICS_NAMESPACE, "bytes_written")
         self.progress = None
 
@@ -329,7 +390,13 @@ class WriteBlockFn(_CacheDoFn):
             yield key, ("failed", unit.unit_index, unit.n_units)
             return
         self.bytes_written.inc(int(candidates.shape[0] * candidates.shape[1] * candidates.shape[2] * 2 + relevance.size * 4))
-        self.progress.add(blocks=1, segments=int(candidates.shape[0]))
+        # Progress in video segments: a unit's segments count once, when its last query's block lands.
+        last = qid == unit.queries[-1][0]
+        self.progress.add(done=int(candidates.shape[0]) if last else 0, blocks_done=1)
+        if last and self.run_id:
+            from tempo_ops import leases
+
+            leases.release(self.cache_url, unit.video_id, unit.unit_index, self.run_id)
         yield key, ("ok", unit.unit_index, unit.n_units)
 
 
@@ -340,8 +407,11 @@ class FinalizeEntryFn(_CacheDoFn):
         super().__init__(cache_url, config)
         self.done = Metrics.counter(METRICS_NAMESPACE, "queries_completed")
         self.failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
+        self.left = Metrics.counter(METRICS_NAMESPACE, "queries_left_to_other_run")
 
     def process(self, element) -> Iterator:
+        from tempo_ops.errors import EntryIncomplete
+
         (video_id, query_id), statuses = element
         statuses = list(statuses)
         n_units = statuses[0][2]
@@ -349,18 +419,27 @@ class FinalizeEntryFn(_CacheDoFn):
         if any(s == "failed" for s, _, _ in statuses):
             self.failed.inc()  # its dead letter was recorded where it failed
             return
-        if len(ok) != n_units:
+        held = any(s == "held" for s, _, _ in statuses)
+        if not held and len(ok) != n_units:
             self.failed.inc()
             missing = sorted(set(range(n_units)) - ok)
             yield DeadLetter(video_id, query_id, "finalize", "units_missing", f"{video_id}/{query_id}: units {missing} never landed")
             return
         try:
             self.writer.finalize_entry(video_id, query_id)
+        except EntryIncomplete:
+            if not held:
+                raise
+            # Units computed by another run: whichever run ends last finds them all landed.
+            self.left.inc()
+            return
         except Exception as exc:  # noqa: BLE001
+            letter = DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
             self.failed.inc()
-            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
+            yield letter
             return
         self.done.inc()
+        ProgressReporter("compress").add(quiet=True, entries_done=1)
 
 
 # --------------------------------------------------------------------------- graph
@@ -373,8 +452,10 @@ class CompressJob:
     config: dict
     unit_segments: int
     force: bool = False
-    only_video_ids: frozenset[str] | None = None
+    limit: int | None = None  # --limit: only the first N entries are read
+
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
+    run_id: str = "run"
     prompt_template: str | None = None  # overrides the manifest's per-line template
     # Handle through which workers share one model per process; the driver of a local
     # in-process run pre-fills it with the model it loaded for the fingerprint.
@@ -382,6 +463,7 @@ class CompressJob:
 
     @property
     def dead_letter_path(self) -> str:
+        """The latest run's dead letters (each run's own copy: ``{cache}.runs/{run_id}.deadletter.jsonl``)."""
         return self.cache.rstrip("/") + ".deadletter.jsonl"
 
     @property
@@ -391,27 +473,22 @@ class CompressJob:
 
 def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     """Add the compression job's transforms to ``pipeline``."""
-    base = manifest_schema.manifest_base(job.manifest)
-    entries = (
-        pipeline
-        | "ReadManifest" >> beam.io.ReadFromText(job.manifest)
-        | "ParseEntry" >> beam.FlatMap(lambda line: [e for e in [manifest_schema.parse_manifest_line(line, base)] if e])
-    )
-    if job.only_video_ids is not None:
-        wanted = job.only_video_ids
-        entries = entries | "Limit" >> beam.Filter(lambda e: e.video_id in wanted)
+    entries = pipeline | "ReadManifest" >> ReadManifest(job.manifest, job.limit)
     planned = entries | "PlanVideo" >> beam.ParDo(
         PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force, job.prompt_template)
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
     decoded = (
         planned.units
         | "SpreadUnits" >> beam.Reshuffle()
-        | "DecodeUnit" >> beam.ParDo(DecodeUnitFn(job.sampling, job.convert_threads)).with_outputs(DEAD_LETTER, "unit_status", main="segments")
+        | "DecodeUnit"
+        >> beam.ParDo(DecodeUnitFn(job.sampling, job.convert_threads, job.cache, job.run_id)).with_outputs(
+            DEAD_LETTER, "unit_status", main="segments"
+        )
     )
     compressed = decoded.segments | "CompressUnit" >> beam.ParDo(
         CompressUnitFn(job.model, job.model_handle)
     ).with_outputs(DEAD_LETTER, "unit_status", main="blocks")
-    written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config)).with_outputs(
+    written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config, job.run_id)).with_outputs(
         DEAD_LETTER, main="status"
     )
     finalize_failures = (
@@ -423,7 +500,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     (
         (planned[DEAD_LETTER], decoded[DEAD_LETTER], compressed[DEAD_LETTER], written[DEAD_LETTER], finalize_failures)
         | "AllDeadLetters" >> beam.Flatten()
-        | "WriteDeadLetters" >> WriteDeadLetters(job.dead_letter_path)
+        | "WriteDeadLetters" >> WriteDeadLetters(job.cache, job.run_id)
     )
 
 
@@ -464,23 +541,43 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="benchmark prompt template the queries are rendered with, overriding the manifest's "
         "prompt_template (default: the manifest's, else plain)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
-    parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="process only the first N videos of the manifest (only those lines are read and validated)",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, probe and print the plan net of complete entries; loads no model (reads only the "
+        "SVLM's config.json) and checks the cache's sampling configuration, not the model fingerprint",
+    )
     parser.add_argument("--force", action="store_true", help="recompute (video, query) pairs that are already complete")
+    add_storage_option_argument(parser)
     add_runner_arguments(parser, default_mode="threads")  # threads share one model
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
+    """Run the job; exit status 0 (all done), 1 (some items dead-lettered), 2 (typed error), 130/143 (signal)."""
+    # Everything cheap first: arguments, locations, device, manifest, the cache's own config.
+    use_storage_options(args, [args.manifest, args.cache, args.svlm, args.compressor])
     sampling = sampling_config_from_args(args)
     convert_threads = args.convert_threads
     if convert_threads is not None and convert_threads < 0:
         raise ConfigError(f"--convert-threads must be 0 (inline) or more, got {convert_threads}")
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {args.limit}")
     if convert_threads is None and args.local_workers > 1:  # local workers share this machine's CPUs
         convert_threads = video.default_convert_threads() // args.local_workers  # 0: inline
-    validate_manifest_or_raise(args.manifest)
-    only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
+    check_output_location(args.cache, {"--manifest": args.manifest}, what="--cache")
+    validate_manifest_or_raise(args.manifest, args.limit)
     if args.dry_run:
-        return dry_run(args, sampling, only)
+        return dry_run(args, sampling)
+    existing = open_existing_cache(args.cache)
+    if existing is not None:
+        check_cache_sampling(existing, sampling)
+    check_device(args.device)
 
     from tempo_ops.store import CacheWriter
 
@@ -488,17 +585,20 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     spec = ModelSpec(
         args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads, numerics=args.numerics
     )
-    print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr)
+    print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr, flush=True)
+    t_load = time.monotonic()
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
     driver_model = model_handle.acquire(lambda: SharedModel(load_compressor(spec)))
     config = cache_config(driver_model.model.fingerprint(), sampling)
+    print(f"[compress] compressor loaded in {time.monotonic() - t_load:.1f}s", file=sys.stderr, flush=True)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
     unit_segments = args.unit_segments or writer.segments_per_shard
     if unit_segments % writer.segments_per_shard:
         raise ConfigError(
             f"--unit-segments {unit_segments} must be a multiple of the cache shard ({writer.segments_per_shard} segments)"
         )
+    run = JobRun.start("compress", args.cache)
     job = CompressJob(
         args.manifest,
         args.cache,
@@ -507,8 +607,9 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         config,
         unit_segments,
         force=args.force,
-        only_video_ids=only,
+        limit=args.limit,
         convert_threads=convert_threads,
+        run_id=run.run_id,
         prompt_template=args.prompt_template,
         model_handle=model_handle,
     )
@@ -517,60 +618,118 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     )
     if not (is_local_runner(options) and (args.local_workers == 1 or args.local_mode == "threads")):
         del driver_model  # workers are other processes: free the driver's copy
-    started = time.time()
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
     print(
-        f"[compress] run {run_id}: manifest {args.manifest} valid"
-        + (f" (limit {args.limit})" if only is not None else "")
-        + f", runner {runner_name(options)}",
+        f"[compress] run {run.run_id}: manifest {args.manifest} valid"
+        + (f" (first {args.limit} entries)" if args.limit is not None else "")
+        + f", starting runner {runner_name(options)}",
         file=sys.stderr,
+        flush=True,
     )
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, job)
-    result = pipeline.run()
-    if not is_local_runner(options):
-        print(f"[compress] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
-        return 0
-    result.wait_until_finish()
-    summary = write_summary(job, result, run_id=run_id, started=started, runner=runner_name(options), fingerprint=writer.fingerprint)
+    ProgressReporter.reset("compress")
+    from tempo_ops import leases
+
+    with run.interruptible(
+        partial=lambda: {"counts_so_far": ProgressReporter.snapshot("compress"), "cache": args.cache},
+        cleanup=lambda: leases.release_run(args.cache, run.run_id),
+    ):
+        pipeline = beam.Pipeline(options=options)
+        build_pipeline(pipeline, job)
+        result = pipeline.run()
+        if not is_local_runner(options):
+            print(f"[compress] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
+            return EXIT_OK
+        result.wait_until_finish()
+    leases.release_run(args.cache, run.run_id)  # those of units that failed
+    summary = write_summary(job, result, run=run, runner=runner_name(options), fingerprint=writer.fingerprint)
     print_summary(summary)
-    return 0 if summary["failures"]["items"] == 0 else 1
+    return EXIT_OK if summary["failures"]["items"] == 0 else EXIT_ITEMS_FAILED
 
 
-def validate_manifest_or_raise(url: str) -> None:
-    """Stream-validate the manifest (one pass); raise ManifestError listing every problem."""
-    problems = manifest_schema.validate_manifest(url)
+def validate_manifest_or_raise(url: str, limit: int | None = None) -> None:
+    """Stream-validate the manifest, or only its first ``limit`` entries (reading stops there);
+    raise ManifestError listing every problem. Nothing is kept in memory but id hashes."""
+    problems = manifest_schema.validate_manifest(url, limit=limit)
     if problems:
         raise manifest_schema.manifest_error(url, problems)
 
 
-def first_video_ids(url: str, limit: int) -> frozenset[str]:
-    if limit < 0:
-        raise ConfigError(f"--limit must be >= 0, got {limit}")
-    ids = []
-    for entry in manifest_schema.iter_manifest(url):
-        if len(ids) >= limit:
-            break
-        ids.append(entry.video_id)
-    return frozenset(ids)
+def check_device(device: str | None) -> None:
+    """DeviceUnavailable (``device_unavailable``) for a torch device this machine lacks, before any work."""
+    if device is None:
+        return
+    import torch
+
+    from tempo_ops.errors import DeviceUnavailable
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceUnavailable(f"not a torch device: {exc}", item=f"--device {device}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable("no CUDA GPU is available here (or torch was built without CUDA); use --device cpu",
+                                    item=f"--device {device}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"only {torch.cuda.device_count()} CUDA device(s) here", item=f"--device {device}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable("no MPS device is available here", item=f"--device {device}")
 
 
-def write_summary(job: CompressJob, result, *, run_id: str, started: float, runner: str, fingerprint: str) -> dict:
-    """Gather metrics + dead letters into the run summary and write it next to the cache."""
-    wall = time.time() - started
+def open_existing_cache(url: str):
+    """The CacheReader of the cache at ``url``, or None when there is none yet (nothing is created)."""
+    from tempo_ops.fs import url_to_fs
+    from tempo_ops.store import CacheReader
+
+    try:
+        fs, path = url_to_fs(url)
+        if not fs.exists(f"{path.rstrip('/')}/zarr.json"):
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return CacheReader(url)
+
+
+def check_cache_sampling(reader, sampling: video.SamplingConfig) -> None:
+    """FingerprintMismatch when the cache was written with other sampling (checked before any model loads)."""
+    from schemas.cache_layout import config_differences
+
+    stored = reader.config
+    given = {"sampling": sampling.to_dict(), "stored_dtype": "float16"}
+    fields = config_differences(
+        {"sampling": stored.get("sampling"), "stored_dtype": stored.get("stored_dtype")}, given
+    )
+    if fields:
+        raise FingerprintMismatch(
+            f"cache was written with a different configuration; differing fields: {', '.join(fields)}",
+            item=reader.url,
+            fields=fields,
+        )
+
+
+def write_summary(job: CompressJob, result, *, run: JobRun, runner: str, fingerprint: str) -> dict:
+    """Gather metrics + dead letters into the run summary and write it next to the cache (history + latest).
+
+    Counts: ``videos_*`` are videos, ``segments_*`` video segments (each once, whatever its
+    number of queries), ``queries_*`` (video, query) entries; ``queries_pending`` is what this
+    run planned but neither completed nor failed (0 unless a runner lost work).
+    """
+    wall = run.elapsed()
     metrics = counter_values(result, METRICS_NAMESPACE)
-    failures = dead_letter_counts(job.dead_letter_path)
+    failures = dead_letter_counts(run.own_dead_letter_url)
     segments = int(metrics.get("segments_decoded", 0))
+    counts = {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")}
+    counts["queries_pending"] = max(
+        0, counts.get("queries_planned", 0) - counts.get("queries_completed", 0) - counts.get("queries_failed", 0)
+    )
     summary = {
-        "job": "compress",
-        "run_id": run_id,
         "runner": runner,
         "manifest": job.manifest,
         "cache": job.cache,
         "dead_letter_file": job.dead_letter_path,
+        "run_dead_letter_file": run.own_dead_letter_url,
         "fingerprint": fingerprint,
         "config": job.config,
-        "counts": {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")},
+        "counts": counts,
         "failures": {"items": sum(failures.values()), "by_code": failures},
         "timing": {
             "wall_s": round(wall, 3),
@@ -579,8 +738,7 @@ def write_summary(job: CompressJob, result, *, run_id: str, started: float, runn
             "segments_per_s": round(segments / wall, 3) if wall > 0 else None,
         },
     }
-    write_json(job.summary_path, summary)
-    return summary
+    return run.write_summary(summary, status="complete" if not failures else "items_failed")
 
 
 def print_summary(summary: dict) -> None:
@@ -588,28 +746,54 @@ def print_summary(summary: dict) -> None:
     print(
         f"[compress] done in {t['wall_s']:.1f}s: videos {c.get('videos_planned', 0)} ok / {c.get('videos_failed', 0)} failed, "
         f"queries {c.get('queries_completed', 0)} completed / {c.get('queries_failed', 0)} failed / "
-        f"{c.get('queries_skipped_complete', 0)} already complete, segments {c.get('segments_decoded', 0)} "
-        f"({t['segments_per_s']} seg/s; decode {t['decode_s']}s, model {t['model_s']}s)",
+        f"{c.get('queries_skipped_complete', 0)} already complete, video segments {c.get('segments_decoded', 0)} "
+        f"({t['segments_per_s']} segments/s; decode {t['decode_s']}s, model {t['model_s']}s)",
         file=sys.stderr,
     )
     if f["items"]:
         print(f"[compress] {f['items']} failed item(s) by code {f['by_code']}: see {summary['dead_letter_file']}", file=sys.stderr)
-    print(f"[compress] summary: {summary['cache']}.summary.json", file=sys.stderr)
+    if c.get("units_held_elsewhere"):
+        print(
+            f"[compress] {c['units_held_elsewhere']} work unit(s) were being computed by another run; "
+            f"{c.get('queries_left_to_other_run', 0)} (video, query) entries are left for it to complete",
+            file=sys.stderr,
+        )
+    print(f"[compress] summary: {summary['cache']}.summary.json (history: {summary['history']})", file=sys.stderr)
 
 
-def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, only: frozenset[str] | None) -> int:
-    """Probe every input and print the plan (work units, segments, estimated cache bytes); no model."""
+def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig) -> int:
+    """Probe every input and print the plan net of complete entries (work units, segments, estimated bytes).
+
+    Loads no model: reads the SVLM's config.json for the token width. When a cache exists,
+    its sampling configuration is checked (FingerprintMismatch, as the real run would) and
+    its complete (video, query) entries are left out of the plan (unless ``--force``); the
+    model part of the fingerprint is computed, and checked, only by the real run.
+    """
     from tempo_ops.svlm.checkpoints import read_hidden_size
 
     hidden = read_hidden_size(args.svlm)
-    k = 128
-    unit_segments = args.unit_segments or 32
-    totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "bytes": 0}
+    existing = open_existing_cache(args.cache)
+    complete: set = set()
+    if existing is not None:
+        check_cache_sampling(existing, sampling)
+        if not args.force:
+            complete = set(existing.entries(complete_only=True))
+    k = int(existing.config["compressor"]["num_memory_tokens"]) if existing is not None else 128
+    unit_segments = args.unit_segments or (existing.segments_per_shard if existing is not None else 32)
+    totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "skipped_complete": 0, "bytes": 0}
     print(f"{'video_id':<24} {'segments':>8} {'units':>5} {'queries':>7} {'est. bytes':>12}  note")
-    for entry in manifest_schema.iter_manifest(args.manifest):
-        if only is not None and entry.video_id not in only:
+    for entry in manifest_schema.iter_manifest(args.manifest, limit=args.limit):
+        try:
+            queries = entry_queries(entry, args.prompt_template)
+        except TempoError as exc:
+            totals["failed"] += 1
+            print(f"{entry.video_id:<24} {'-':>8} {'-':>5} {'-':>7} {'-':>12}  error [{exc.code}] {exc.reason}")
             continue
-        n_queries = len(entry_queries(entry))
+        pending = [q for q, _, _ in queries if (entry.video_id, q) not in complete]
+        totals["skipped_complete"] += len(queries) - len(pending)
+        if not pending:
+            continue
+        n_queries = len(pending)
         try:
             plan = video.plan_video(entry.uri, sampling)
         except TempoError as exc:
@@ -625,8 +809,10 @@ def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, only: froz
         totals["bytes"] += est
         print(f"{entry.video_id:<24} {plan.n_segments:>8} {units:>5} {n_queries:>7} {est:>12}")
     print(
-        f"plan: {totals['videos']} videos ({totals['failed']} unusable), {totals['entries']} (video, query) entries, "
-        f"{totals['segments']} segments in {totals['units']} work units, ~{totals['bytes'] / 2**20:.1f} MiB of cache"
+        f"plan: {totals['videos']} videos ({totals['failed']} unusable), {totals['entries']} (video, query) entries "
+        f"to compute ({totals['skipped_complete']} already complete), {totals['segments']} segments in "
+        f"{totals['units']} work units, ~{totals['bytes'] / 2**20:.1f} MiB of cache"
+        + ("; the model fingerprint is checked by the real run" if existing is not None else "")
     )
     print(json.dumps({"dry_run": totals}), file=sys.stderr)
     return 0
