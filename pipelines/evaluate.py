@@ -220,9 +220,10 @@ class _EvalFn(beam.DoFn):
         self.llm_ms = Metrics.distribution(METRICS_NAMESPACE, "llm_ms")
         self.written = Metrics.counter(METRICS_NAMESPACE, "predictions_written")
         self.failed = Metrics.counter(METRICS_NAMESPACE, "predictions_failed")
-        self.progress = ProgressReporter("eval")
 
     def setup(self) -> None:
+        # Made here, not in __init__: a pickled reporter would count into a copy of the tally.
+        self.progress = ProgressReporter("eval", unit="predictions")
         self.llm = self.shared_handle.acquire(lambda: SharedModel(load_llm(self.spec))).model
         self.store = PredictionStore(self.out)
 
@@ -241,7 +242,7 @@ class _EvalFn(beam.DoFn):
             return
         self.written.inc(len(outcome.rows))
         self.progress.add(
-            predictions=len(outcome.rows), failed=len(outcome.failures), segments=sum(r["n_segments"] for r in outcome.rows)
+            done=len(outcome.rows), failed=len(outcome.failures), segments=sum(r["n_segments"] for r in outcome.rows)
         )
         yield len(outcome.rows)
 
@@ -402,6 +403,7 @@ def _run(args: argparse.Namespace, extra_args: list[str], job: JobRun, group_by:
         batches = [[plan.items[i] for i in b] for b in
                    plan_batches(plan.items, max_batch_tokens=args.max_batch_tokens, max_batch_size=args.batch_size)]
         counts["batches"] = len(batches)
+        ProgressReporter("eval", unit="predictions").add(quiet=True, total=len(plan.items))
         letters = [pipeline | "PlanDeadLetters" >> beam.Create(plan.dead)]
         if batches:
             results = (
