@@ -20,6 +20,13 @@ path; a ModelHandler would only wrap the same call.
 
 Re-runs: complete (video, query) pairs are skipped at planning; incomplete ones are begun
 again (the cache overwrites their partial data). ``--force`` recomputes everything.
+
+``--from-index I``: plan from the segment index's video records instead of probing, and load
+each unit's ``SegmentFeatures`` from the index instead of decoding (``LoadUnit``); the model
+stage then runs only the language model (``Compressor.compress_from_features``). Videos the
+index lacks are dead-lettered (``video_not_indexed``), or planned and decoded from the video
+with ``--fallback-video``. The skeleton (units, loading, dead letters, summary) is shared with
+``tempo index`` in ``pipelines/units.py``.
 """
 
 from __future__ import annotations
@@ -30,7 +37,6 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,55 +45,48 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
+from pipelines import units
 from pipelines.beam_support import (
     DEAD_LETTER,
     DeadLetter,
     ProgressReporter,
     WriteDeadLetters,
     add_runner_arguments,
-    counter_values,
-    dead_letter_counts,
     is_local_runner,
     pipeline_options_from_args,
     runner_name,
-    write_json,
 )
 from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
+from pipelines.units import (
+    GENERIC_QUERY_ID,
+    SOURCE_INDEX,
+    SOURCE_VIDEO,
+    LoadUnitFn,
+    ModelSpec,
+    SharedModel,
+    WorkUnit,
+    dead,
+    first_video_ids,
+    landed_units,
+    new_run_id,
+    print_failures,
+    read_entries,
+    run_pipeline,
+    statuses_problem,
+    unit_failed,
+    unit_landed,
+    unit_ranges,
+    validate_manifest_or_raise,
+    video_meta,
+)
 from schemas import manifest as manifest_schema
 from tempo_ops import video
-from tempo_ops.errors import ConfigError, TempoError
+from tempo_ops.errors import ConfigError, IndexMismatch, TempoError, VideoNotIndexed
 
 METRICS_NAMESPACE = "tempo.compress"
-GENERIC_QUERY_ID = "_generic"  # videos without queries get one query-agnostic entry
 logger = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------- elements
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything a worker needs to load the compressor (picklable, small)."""
-
-    svlm: str
-    compressor: str | None
-    seed: int
-    device: str | None
-    dtype: str | None
-    max_batch_tokens: int
-    torch_threads: int | None
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """A run of whole cache shards of one video, for all of its pending queries."""
-
-    video_id: str
-    uri: str
-    plan: Any  # video.VideoPlan
-    unit_index: int
-    n_units: int
-    seg_start: int
-    seg_stop: int
-    queries: tuple[tuple[str, str], ...]  # (query_id, text)
+__all__ = ["GENERIC_QUERY_ID", "ModelSpec", "WorkUnit", "landed_units", "unit_ranges", "video_meta"]  # re-exported
 
 
 def entry_queries(entry) -> list[tuple[str, str]]:
@@ -97,51 +96,39 @@ def entry_queries(entry) -> list[tuple[str, str]]:
     return [(GENERIC_QUERY_ID, "")]
 
 
-def unit_ranges(n_segments: int, unit_segments: int) -> list[tuple[int, int]]:
-    """Split ``n_segments`` into consecutive [start, stop) ranges of ``unit_segments`` (last may be short)."""
-    return [(s, min(s + unit_segments, n_segments)) for s in range(0, n_segments, unit_segments)]
-
-
 def cache_config(compressor_fingerprint: dict, sampling: video.SamplingConfig) -> dict:
     """The configuration a cache is fingerprinted with (docs/ARCHITECTURE.md)."""
     return {"compressor": compressor_fingerprint, "sampling": sampling.to_dict(), "stored_dtype": "float16"}
 
 
-def load_compressor(spec: ModelSpec):
-    """Load the compressor described by ``spec`` (called once per worker process)."""
-    import torch
-
-    from tempo_ops.svlm.compressor import Compressor
-
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
-    return Compressor.from_pretrained(
-        spec.svlm,
-        memory_tokens=spec.compressor,
-        seed=spec.seed,
-        device=spec.device,
-        dtype=spec.dtype,
-        max_batch_tokens=spec.max_batch_tokens,
-    )
+def begin_cache_entries(writer, video_id: str, n_segments: int, pending, ranges, *, force: bool) -> set[int]:
+    """Begin (or resume) the cache entries of ``pending`` (query_id, text) pairs; return the unit
+    indices of ``ranges`` that already landed for every one of them."""
+    landed = set(range(len(ranges)))
+    for qid, text in pending:
+        # Resume: an incomplete entry keeps the blocks that already landed.
+        writer.begin_entry(video_id, qid, text, n_segments, force=force, resume=True)
+        landed &= landed_units(ranges, writer.missing_segments(video_id, qid))
+    return landed
 
 
-class _SharedModel:
-    """Weak-referenceable holder for ``shared.Shared``."""
+def plan_entry(entry, sampling: video.SamplingConfig, index=None, fallback_video: bool = False) -> tuple[Any, dict, int, str]:
+    """``(plan or None, video record, n_segments, source)`` of a manifest entry.
 
-    def __init__(self, model) -> None:
-        self.model = model
-
-
-def _dead(exc: BaseException, *, video_id: str, query_id: str | None, stage: str, **details):
-    return beam.pvalue.TaggedOutput(
-        DEAD_LETTER, DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage=stage, **details)
-    )
-
-
-def _unit_failed(unit: WorkUnit, query_ids):
-    """Markers telling FinalizeEntry that a unit of these queries will not land (error already recorded)."""
-    for qid in query_ids:
-        yield beam.pvalue.TaggedOutput("unit_status", ((unit.video_id, qid), ("failed", unit.unit_index, unit.n_units)))
+    Without ``index``: probe the video. With an ``IndexReader``: the index's video record (no
+    video read); a video the index lacks raises VideoNotIndexed, or is probed with ``fallback_video``.
+    """
+    if index is not None:
+        try:
+            indexed = index.video(entry.video_id)
+        except VideoNotIndexed:
+            if not fallback_video:
+                raise
+        else:
+            meta = dict(indexed.meta, uri=entry.uri, metadata=entry.metadata)
+            return None, meta, indexed.n_segments, SOURCE_INDEX
+    plan = video.plan_video(entry.uri, sampling)
+    return plan, video_meta(entry, plan), plan.n_segments, SOURCE_VIDEO
 
 
 # --------------------------------------------------------------------------- DoFns (adapters only)
@@ -160,18 +147,38 @@ class _CacheDoFn(beam.DoFn):
 class PlanVideoFn(_CacheDoFn):
     """VideoEntry → WorkUnits of its pending queries (dead letter if the video is unusable)."""
 
-    def __init__(self, cache_url: str, config: dict, sampling: video.SamplingConfig, unit_segments: int, force: bool):
+    def __init__(
+        self,
+        cache_url: str,
+        config: dict,
+        sampling: video.SamplingConfig,
+        unit_segments: int,
+        force: bool,
+        index_url: str | None = None,
+        fallback_video: bool = False,
+    ):
         super().__init__(cache_url, config)
         self.sampling = sampling
         self.unit_segments = unit_segments
         self.force = force
+        self.index_url = index_url
+        self.fallback_video = fallback_video
+        self.index = None
         self.videos = Metrics.counter(METRICS_NAMESPACE, "videos_planned")
         self.videos_failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed")
+        self.from_index = Metrics.counter(METRICS_NAMESPACE, "videos_from_index")
         self.skipped = Metrics.counter(METRICS_NAMESPACE, "queries_skipped_complete")
         self.pending = Metrics.counter(METRICS_NAMESPACE, "queries_pending")
         self.segments = Metrics.counter(METRICS_NAMESPACE, "segments_planned")
         self.units = Metrics.counter(METRICS_NAMESPACE, "units_planned")
         self.units_landed = Metrics.counter(METRICS_NAMESPACE, "units_skipped_landed")
+
+    def setup(self) -> None:
+        super().setup()
+        if self.index_url is not None:
+            from tempo_ops.index_store import IndexReader
+
+            self.index = IndexReader(self.index_url)
 
     def process(self, entry) -> Iterator:
         queries = entry_queries(entry)
@@ -179,77 +186,30 @@ class PlanVideoFn(_CacheDoFn):
         self.skipped.inc(len(queries) - len(pending))
         if not pending:
             return
-        stage = "probe"
+        stage = "probe" if self.index is None else "index"
         try:
-            plan = video.plan_video(entry.uri, self.sampling)
+            plan, meta, n_segments, source = plan_entry(entry, self.sampling, self.index, self.fallback_video)
             stage = "write"  # from here on a failure is the cache's, not the video's
-            self.writer.write_video(entry.video_id, video_meta(entry, plan))
-            ranges = unit_ranges(plan.n_segments, self.unit_segments)
-            landed = set(range(len(ranges)))
-            for qid, text in pending:
-                # Resume: an incomplete entry keeps the blocks that already landed.
-                self.writer.begin_entry(entry.video_id, qid, text, plan.n_segments, force=self.force, resume=True)
-                landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid))
+            self.writer.write_video(entry.video_id, meta)
+            ranges = unit_ranges(n_segments, self.unit_segments)
+            landed = begin_cache_entries(self.writer, entry.video_id, n_segments, pending, ranges, force=self.force)
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
             self.videos_failed.inc()
-            yield _dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
+            yield dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
             return
         self.videos.inc()
+        self.from_index.inc(int(source == SOURCE_INDEX))
         self.pending.inc(len(pending))
-        self.segments.inc(plan.n_segments)
+        self.segments.inc(n_segments)
         # A unit is skipped only when it landed for every pending query; otherwise it is
         # recomputed for all of them, so its batch (and so its bytes) equal an uninterrupted run's.
         self.units.inc(len(ranges) - len(landed))
         self.units_landed.inc(len(landed))
         for i, (a, b) in enumerate(ranges):
             if i in landed:
-                for qid, _ in pending:
-                    yield beam.pvalue.TaggedOutput("unit_status", ((entry.video_id, qid), ("ok", i, len(ranges))))
+                yield from unit_landed(entry.video_id, [q for q, _ in pending], i, len(ranges))
             else:
-                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, tuple(pending))
-
-
-def landed_units(ranges: list[tuple[int, int]], missing: list[tuple[int, int]]) -> set[int]:
-    """Indices of unit ``ranges`` that overlap none of the ``missing`` segment ranges."""
-    return {i for i, (a, b) in enumerate(ranges) if not any(ma < b and a < mb for ma, mb in missing)}
-
-
-def video_meta(entry, plan) -> dict:
-    """Per-video attributes stored in the cache (schemas/CACHE_LAYOUT.md)."""
-    meta = plan.to_dict()
-    meta["uri"] = entry.uri
-    meta["metadata"] = entry.metadata
-    return meta
-
-
-class DecodeUnitFn(beam.DoFn):
-    """WorkUnit → (WorkUnit, [Segment]) — the CPU stage."""
-
-    def __init__(self, sampling: video.SamplingConfig, convert_threads: int | None = None) -> None:
-        self.sampling = sampling
-        self.convert_threads = convert_threads
-        self.decode_ms = Metrics.distribution(METRICS_NAMESPACE, "decode_ms")
-        self.decoded = Metrics.counter(METRICS_NAMESPACE, "segments_decoded")
-
-    def process(self, unit: WorkUnit) -> Iterator:
-        t0 = time.perf_counter()
-        try:
-            segments = list(
-                video.iter_segments(
-                    unit.uri,
-                    self.sampling,
-                    plan=unit.plan,
-                    segments=range(unit.seg_start, unit.seg_stop),
-                    convert_threads=self.convert_threads,
-                )
-            )
-        except Exception as exc:  # noqa: BLE001
-            yield _dead(exc, video_id=unit.video_id, query_id=None, stage="decode", unit=unit.unit_index)
-            yield from _unit_failed(unit, [q for q, _ in unit.queries])
-            return
-        self.decode_ms.update(int((time.perf_counter() - t0) * 1000))
-        self.decoded.inc(len(segments))
-        yield unit, segments
+                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, tuple(pending), source)
 
 
 class CompressUnitFn(beam.DoFn):
@@ -263,20 +223,24 @@ class CompressUnitFn(beam.DoFn):
         self.compressed = Metrics.counter(METRICS_NAMESPACE, "segments_compressed")
 
     def setup(self) -> None:
-        self.model = self.shared_handle.acquire(lambda: _SharedModel(load_compressor(self.spec))).model
+        self.model = self.shared_handle.acquire(lambda: SharedModel(units.load_compressor(self.spec))).model
 
     def process(self, element) -> Iterator:
-        unit, segments = element
+        unit, payload = element  # [Segment] decoded, or [SegmentFeatures] from the index
         t0 = time.perf_counter()
+        texts = [text for _, text in unit.queries]
         try:
-            result = self.model.compress(segments, [text for _, text in unit.queries])
+            if unit.source == SOURCE_INDEX:
+                result = self.model.compress_from_features(payload, texts)
+            else:
+                result = self.model.compress(payload, texts)
         except Exception as exc:  # noqa: BLE001
             for qid, _ in unit.queries:
-                yield _dead(exc, video_id=unit.video_id, query_id=qid, stage="model", unit=unit.unit_index)
-            yield from _unit_failed(unit, [q for q, _ in unit.queries])
+                yield dead(exc, video_id=unit.video_id, query_id=qid, stage="model", unit=unit.unit_index)
+            yield from unit_failed(unit, [q for q, _ in unit.queries])
             return
         self.model_ms.update(int((time.perf_counter() - t0) * 1000))
-        self.compressed.inc(len(segments) * len(unit.queries))
+        self.compressed.inc(len(payload) * len(unit.queries))
         for qi, (qid, _) in enumerate(unit.queries):
             yield unit, qid, result.candidates[qi], result.relevance[qi]
 
@@ -299,7 +263,7 @@ class WriteBlockFn(_CacheDoFn):
         try:
             self.writer.write_block(unit.video_id, qid, unit.seg_start, candidates, relevance)
         except Exception as exc:  # noqa: BLE001
-            yield _dead(exc, video_id=unit.video_id, query_id=qid, stage="write", unit=unit.unit_index)
+            yield dead(exc, video_id=unit.video_id, query_id=qid, stage="write", unit=unit.unit_index)
             yield key, ("failed", unit.unit_index, unit.n_units)
             return
         self.bytes_written.inc(int(candidates.shape[0] * candidates.shape[1] * candidates.shape[2] * 2 + relevance.size * 4))
@@ -317,16 +281,11 @@ class FinalizeEntryFn(_CacheDoFn):
 
     def process(self, element) -> Iterator:
         (video_id, query_id), statuses = element
-        statuses = list(statuses)
-        n_units = statuses[0][2]
-        ok = {u for s, u, _ in statuses if s == "ok"}
-        if any(s == "failed" for s, _, _ in statuses):
-            self.failed.inc()  # its dead letter was recorded where it failed
-            return
-        if len(ok) != n_units:
+        problem = statuses_problem(video_id, query_id, list(statuses))
+        if problem is not None:
             self.failed.inc()
-            missing = sorted(set(range(n_units)) - ok)
-            yield DeadLetter(video_id, query_id, "finalize", "units_missing", f"{video_id}/{query_id}: units {missing} never landed")
+            if isinstance(problem, DeadLetter):  # otherwise its dead letter was recorded where it failed
+                yield problem
             return
         try:
             self.writer.finalize_entry(video_id, query_id)
@@ -349,6 +308,8 @@ class CompressJob:
     force: bool = False
     only_video_ids: frozenset[str] | None = None
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
+    index: str | None = None  # --from-index: read SegmentFeatures from this segment index
+    fallback_video: bool = False  # with index: videos it lacks are decoded instead of dead-lettered
     # Handle through which workers share one model per process; the driver of a local
     # in-process run pre-fills it with the model it loaded for the fingerprint.
     model_handle: shared.Shared = field(default_factory=shared.Shared, compare=False)
@@ -364,46 +325,39 @@ class CompressJob:
 
 def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     """Add the compression job's transforms to ``pipeline``."""
-    base = manifest_schema.manifest_base(job.manifest)
-    entries = (
-        pipeline
-        | "ReadManifest" >> beam.io.ReadFromText(job.manifest)
-        | "ParseEntry" >> beam.FlatMap(lambda line: [e for e in [manifest_schema.parse_manifest_line(line, base)] if e])
-    )
-    if job.only_video_ids is not None:
-        wanted = job.only_video_ids
-        entries = entries | "Limit" >> beam.Filter(lambda e: e.video_id in wanted)
+    entries = read_entries(pipeline, job.manifest, job.only_video_ids)
     planned = entries | "PlanVideo" >> beam.ParDo(
-        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force)
+        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force, job.index, job.fallback_video)
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
-    decoded = (
+    loaded = (
         planned.units
         | "SpreadUnits" >> beam.Reshuffle()
-        | "DecodeUnit" >> beam.ParDo(DecodeUnitFn(job.sampling, job.convert_threads)).with_outputs(DEAD_LETTER, "unit_status", main="segments")
+        | "LoadUnit" >> beam.ParDo(LoadUnitFn(METRICS_NAMESPACE, job.sampling, job.convert_threads, job.index)).with_outputs(
+            DEAD_LETTER, "unit_status", main="inputs"
+        )
     )
-    compressed = decoded.segments | "CompressUnit" >> beam.ParDo(
+    compressed = loaded.inputs | "CompressUnit" >> beam.ParDo(
         CompressUnitFn(job.model, job.model_handle)
     ).with_outputs(DEAD_LETTER, "unit_status", main="blocks")
     written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config)).with_outputs(
         DEAD_LETTER, main="status"
     )
     finalize_failures = (
-        (planned.unit_status, written.status, decoded.unit_status, compressed.unit_status)
+        (planned.unit_status, written.status, loaded.unit_status, compressed.unit_status)
         | "AllUnitStatus" >> beam.Flatten()
         | "GroupUnitsPerEntry" >> beam.GroupByKey()
         | "FinalizeEntry" >> beam.ParDo(FinalizeEntryFn(job.cache, job.config))
     )
     (
-        (planned[DEAD_LETTER], decoded[DEAD_LETTER], compressed[DEAD_LETTER], written[DEAD_LETTER], finalize_failures)
+        (planned[DEAD_LETTER], loaded[DEAD_LETTER], compressed[DEAD_LETTER], written[DEAD_LETTER], finalize_failures)
         | "AllDeadLetters" >> beam.Flatten()
         | "WriteDeadLetters" >> WriteDeadLetters(job.dead_letter_path)
     )
 
 
 # --------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True, help="corpus manifest (JSON Lines; local path or fsspec URL)")
-    parser.add_argument("--cache", required=True, help="Zarr cache URL (local path, memory://, gs://...)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Compressor options shared by ``tempo compress``, ``tempo index`` and ``tempo ask``."""
     parser.add_argument("--svlm", required=True, help="base Qwen3-VL directory or URL")
     parser.add_argument(
         "--compressor",
@@ -411,9 +365,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory tokens: a Tempo-6B checkpoint or a tempo compressor checkpoint (default: fresh seeded init)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh memory-token init")
+    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model forward pass")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Work-unit, decoding and runner options shared by ``tempo compress`` and ``tempo index``."""
     add_sampling_arguments(parser)
     parser.add_argument("--unit-segments", type=int, default=None, help="segments per work unit (multiple of the cache shard)")
-    parser.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model forward pass")
     parser.add_argument(
         "--convert-threads",
         type=int,
@@ -421,21 +381,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads per worker converting and resizing decoded frames, 0: inline (default: usable CPUs "
         "up to 4, divided among --local_workers)",
     )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
-    parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
-    parser.add_argument("--force", action="store_true", help="recompute (video, query) pairs that are already complete")
+    parser.add_argument("--force", action="store_true", help="recompute work that is already complete")
     add_runner_arguments(parser, default_mode="threads")  # threads share one model
 
 
-def run(args: argparse.Namespace, extra_args: list[str]) -> int:
-    sampling = sampling_config_from_args(args)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="corpus manifest (JSON Lines; local path or fsspec URL)")
+    parser.add_argument("--cache", required=True, help="Zarr cache URL (local path, memory://, gs://...)")
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--from-index",
+        default=None,
+        metavar="INDEX",
+        help="compress from a segment index built by `tempo index` (no video read, no vision encoder; "
+        "the sampling options are the index's)",
+    )
+    parser.add_argument(
+        "--fallback-video",
+        action="store_true",
+        help="with --from-index: compress videos the index lacks from the video instead of dead-lettering them",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
+    add_job_arguments(parser)
+
+
+def convert_threads_from_args(args: argparse.Namespace) -> int | None:
+    """``--convert-threads`` checked; by default shared among local workers."""
     convert_threads = args.convert_threads
     if convert_threads is not None and convert_threads < 0:
         raise ConfigError(f"--convert-threads must be 0 (inline) or more, got {convert_threads}")
     if convert_threads is None and args.local_workers > 1:  # local workers share this machine's CPUs
         convert_threads = video.default_convert_threads() // args.local_workers  # 0: inline
+    return convert_threads
+
+
+def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
+    return ModelSpec(args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads)
+
+
+def index_sampling(index_url: str, fingerprint: dict) -> video.SamplingConfig:
+    """The sampling of a segment index, after checking it was built with this compressor's SVLM.
+
+    Raises IndexMismatch naming the differing fields (memory tokens may differ: the index
+    holds nothing that depends on them).
+    """
+    from schemas import index_layout
+    from tempo_ops.index_store import IndexReader
+
+    reader = IndexReader(index_url)
+    stored, ours = reader.config["svlm"], index_layout.svlm_section(fingerprint)
+    if stored != ours:
+        fields = index_layout.config_differences(stored, ours)
+        raise IndexMismatch(f"index was built with another SVLM / prompt / geometry; differing fields: {', '.join(fields)}", item=index_url)
+    return video.SamplingConfig(**reader.config["sampling"])
+
+
+def run(args: argparse.Namespace, extra_args: list[str]) -> int:
+    sampling = sampling_config_from_args(args)
+    convert_threads = convert_threads_from_args(args)
+    if args.fallback_video and not args.from_index:
+        raise ConfigError("--fallback-video needs --from-index")
     validate_manifest_or_raise(args.manifest)
     only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
     if args.dry_run:
@@ -443,12 +450,13 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
 
     from tempo_ops.store import CacheWriter
 
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
-    spec = ModelSpec(args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads)
+    spec = model_spec_from_args(args)
     print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr)
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
-    driver_model = model_handle.acquire(lambda: _SharedModel(load_compressor(spec)))
+    driver_model = model_handle.acquire(lambda: SharedModel(units.load_compressor(spec)))
+    if args.from_index:
+        sampling = index_sampling(args.from_index, driver_model.model.fingerprint())
     config = cache_config(driver_model.model.fingerprint(), sampling)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
     unit_segments = args.unit_segments or writer.segments_per_shard
@@ -466,6 +474,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         force=args.force,
         only_video_ids=only,
         convert_threads=convert_threads,
+        index=args.from_index,
+        fallback_video=args.fallback_video,
         model_handle=model_handle,
     )
     options = pipeline_options_from_args(
@@ -474,83 +484,52 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     if not (is_local_runner(options) and (args.local_workers == 1 or args.local_mode == "threads")):
         del driver_model  # workers are other processes: free the driver's copy
     started = time.time()
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    run_id = new_run_id()
     print(
         f"[compress] run {run_id}: manifest {args.manifest} valid"
         + (f" (limit {args.limit})" if only is not None else "")
+        + (f", from index {args.from_index}" if args.from_index else "")
         + f", runner {runner_name(options)}",
         file=sys.stderr,
     )
-    pipeline = beam.Pipeline(options=options)
-    build_pipeline(pipeline, job)
-    result = pipeline.run()
-    if not is_local_runner(options):
-        print(f"[compress] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
+    result = run_pipeline("compress", options, lambda p: build_pipeline(p, job))
+    if result is None:
         return 0
-    result.wait_until_finish()
     summary = write_summary(job, result, run_id=run_id, started=started, runner=runner_name(options), fingerprint=writer.fingerprint)
     print_summary(summary)
     return 0 if summary["failures"]["items"] == 0 else 1
 
 
-def validate_manifest_or_raise(url: str) -> None:
-    """Stream-validate the manifest (one pass); raise ManifestError listing every problem."""
-    problems = manifest_schema.validate_manifest(url)
-    if problems:
-        raise manifest_schema.manifest_error(url, problems)
-
-
-def first_video_ids(url: str, limit: int) -> frozenset[str]:
-    if limit < 0:
-        raise ConfigError(f"--limit must be >= 0, got {limit}")
-    ids = []
-    for entry in manifest_schema.iter_manifest(url):
-        if len(ids) >= limit:
-            break
-        ids.append(entry.video_id)
-    return frozenset(ids)
-
-
 def write_summary(job: CompressJob, result, *, run_id: str, started: float, runner: str, fingerprint: str) -> dict:
     """Gather metrics + dead letters into the run summary and write it next to the cache."""
-    wall = time.time() - started
-    metrics = counter_values(result, METRICS_NAMESPACE)
-    failures = dead_letter_counts(job.dead_letter_path)
-    segments = int(metrics.get("segments_decoded", 0))
-    summary = {
-        "job": "compress",
-        "run_id": run_id,
-        "runner": runner,
-        "manifest": job.manifest,
-        "cache": job.cache,
-        "dead_letter_file": job.dead_letter_path,
-        "fingerprint": fingerprint,
-        "config": job.config,
-        "counts": {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")},
-        "failures": {"items": sum(failures.values()), "by_code": failures},
-        "timing": {
-            "wall_s": round(wall, 3),
-            "decode_s": round(metrics.get("decode_ms", 0) / 1000, 3),
-            "model_s": round(metrics.get("model_ms", 0) / 1000, 3),
-            "segments_per_s": round(segments / wall, 3) if wall > 0 else None,
-        },
-    }
-    write_json(job.summary_path, summary)
-    return summary
+    outputs = {"manifest": job.manifest, "cache": job.cache, "index": job.index}
+    return units.write_summary(
+        "compress",
+        METRICS_NAMESPACE,
+        result,
+        run_id=run_id,
+        started=started,
+        runner=runner,
+        outputs=outputs,
+        dead_letter_path=job.dead_letter_path,
+        summary_path=job.summary_path,
+        config=job.config,
+        fingerprint=fingerprint,
+    )
 
 
 def print_summary(summary: dict) -> None:
-    c, t, f = summary["counts"], summary["timing"], summary["failures"]
+    c, t = summary["counts"], summary["timing"]
+    segments = c.get("segments_decoded", 0) + c.get("segments_read_from_index", 0)
     print(
         f"[compress] done in {t['wall_s']:.1f}s: videos {c.get('videos_planned', 0)} ok / {c.get('videos_failed', 0)} failed, "
         f"queries {c.get('queries_completed', 0)} completed / {c.get('queries_failed', 0)} failed / "
-        f"{c.get('queries_skipped_complete', 0)} already complete, segments {c.get('segments_decoded', 0)} "
-        f"({t['segments_per_s']} seg/s; decode {t['decode_s']}s, model {t['model_s']}s)",
+        f"{c.get('queries_skipped_complete', 0)} already complete, segments {segments} "
+        f"({c.get('segments_read_from_index', 0)} from the index; {t['segments_per_s']} seg/s; decode {t['decode_s']}s, "
+        f"index {t['index_read_s']}s, model {t['model_s']}s)",
         file=sys.stderr,
     )
-    if f["items"]:
-        print(f"[compress] {f['items']} failed item(s) by code {f['by_code']}: see {summary['dead_letter_file']}", file=sys.stderr)
-    print(f"[compress] summary: {summary['cache']}.summary.json", file=sys.stderr)
+    print_failures("compress", summary)
 
 
 def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, only: frozenset[str] | None) -> int:

@@ -351,11 +351,11 @@ def test_sdist_contains_everything_workers_import(tmp_path):
 
 def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatch):
     """A model error of one query and a write error of one video become one dead letter each."""
-    import pipelines.compress as compress_job
+    import pipelines.units as units_module
     from tempo_ops.errors import CacheWriteError, InferenceError
     from tempo_ops.store import CacheReader, CacheWriter
 
-    real_load = compress_job.load_compressor
+    real_load = units_module.load_compressor
 
     class FailingOnQuery:
         """The real compressor, except that it fails on the short clip's query."""
@@ -371,7 +371,7 @@ def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatc
                 raise InferenceError("out of memory (injected)", item="segment 0")
             return self.inner.compress(segments, queries)
 
-    monkeypatch.setattr(compress_job, "load_compressor", lambda spec: FailingOnQuery(real_load(spec)))
+    monkeypatch.setattr(units_module, "load_compressor", lambda spec: FailingOnQuery(real_load(spec)))
     real_write = CacheWriter.write_block
 
     def write_block(self, video_id, query_id, *args, **kwargs):

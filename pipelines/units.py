@@ -1,0 +1,303 @@
+"""Work units shared by the compression job (``tempo compress``) and the index job (``tempo index``).
+
+Both jobs read a manifest, plan every video into work units of whole output shards,
+spread the units over workers, load each unit's input (decode the video, or read the
+segment index), run the model, write one block per unit and target, and finalise a target
+only when every unit of it landed. The pieces here are that common skeleton; each job adds
+its own planning targets and writers.
+
+A *target* is what a unit's block is written for: a (video, query) cache entry, or the
+video's index record (``INDEX_TARGET``). Unit statuses are keyed by ``(video_id, target)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from pipelines.beam_support import (
+    DEAD_LETTER,
+    DeadLetter,
+    counter_values,
+    dead_letter_counts,
+    is_local_runner,
+    runner_name,
+    write_json,
+)
+from schemas import manifest as manifest_schema
+from tempo_ops import video
+from tempo_ops.errors import ConfigError
+
+GENERIC_QUERY_ID = "_generic"  # videos without queries get one query-agnostic entry
+INDEX_TARGET = "_index"  # the unit-status target of a video's index record (never a cache query id)
+SOURCE_VIDEO = "video"
+SOURCE_INDEX = "index"
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- elements
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything a worker needs to load the compressor (picklable, small)."""
+
+    svlm: str
+    compressor: str | None
+    seed: int
+    device: str | None
+    dtype: str | None
+    max_batch_tokens: int
+    torch_threads: int | None
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """A run of whole output shards of one video, for all of its pending targets.
+
+    ``source`` says where the unit's input comes from: ``"video"`` (decode ``uri`` with
+    ``plan``) or ``"index"`` (read the segments' features from the segment index).
+    ``queries``: (target id, query text) pairs.
+    """
+
+    video_id: str
+    uri: str
+    plan: Any  # video.VideoPlan (None for index units)
+    unit_index: int
+    n_units: int
+    seg_start: int
+    seg_stop: int
+    queries: tuple[tuple[str, str], ...]
+    source: str = SOURCE_VIDEO
+
+
+def unit_ranges(n_segments: int, unit_segments: int) -> list[tuple[int, int]]:
+    """Split ``n_segments`` into consecutive [start, stop) ranges of ``unit_segments`` (last may be short)."""
+    return [(s, min(s + unit_segments, n_segments)) for s in range(0, n_segments, unit_segments)]
+
+
+def landed_units(ranges: list[tuple[int, int]], missing: list[tuple[int, int]]) -> set[int]:
+    """Indices of unit ``ranges`` that overlap none of the ``missing`` segment ranges."""
+    return {i for i, (a, b) in enumerate(ranges) if not any(ma < b and a < mb for ma, mb in missing)}
+
+
+def video_meta(entry, plan) -> dict:
+    """Per-video attributes stored in the cache and the index (schemas/CACHE_LAYOUT.md)."""
+    meta = plan.to_dict()
+    meta["uri"] = entry.uri
+    meta["metadata"] = entry.metadata
+    return meta
+
+
+def load_compressor(spec: ModelSpec):
+    """Load the compressor described by ``spec`` (called once per worker process)."""
+    import torch
+
+    from tempo_ops.svlm.compressor import Compressor
+
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    return Compressor.from_pretrained(
+        spec.svlm,
+        memory_tokens=spec.compressor,
+        seed=spec.seed,
+        device=spec.device,
+        dtype=spec.dtype,
+        max_batch_tokens=spec.max_batch_tokens,
+    )
+
+
+class SharedModel:
+    """Weak-referenceable holder for ``shared.Shared``."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+
+def dead(exc: BaseException, *, video_id: str, query_id: str | None, stage: str, **details):
+    """A dead-letter tagged output for ``exc`` (the index target is reported as the video: query_id None)."""
+    qid = None if query_id == INDEX_TARGET else query_id
+    return beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter.from_exception(exc, video_id=video_id, query_id=qid, stage=stage, **details))
+
+
+def unit_failed(unit: WorkUnit, targets):
+    """Markers telling the finaliser that a unit of these targets will not land (error already recorded)."""
+    for t in targets:
+        yield beam.pvalue.TaggedOutput("unit_status", ((unit.video_id, t), ("failed", unit.unit_index, unit.n_units)))
+
+
+def unit_landed(video_id: str, targets, unit_index: int, n_units: int):
+    """Markers for a unit that landed in an earlier run (skipped at planning)."""
+    for t in targets:
+        yield beam.pvalue.TaggedOutput("unit_status", ((video_id, t), ("ok", unit_index, n_units)))
+
+
+def statuses_problem(video_id: str, target: str, statuses: list) -> DeadLetter | bool | None:
+    """What finalising should do with a target's unit statuses ``[(status, unit, n_units)]``.
+
+    True: a unit failed (its dead letter is recorded where it failed); a DeadLetter: units
+    never reported; None: every unit landed — finalise.
+    """
+    n_units = statuses[0][2]
+    if any(s == "failed" for s, _, _ in statuses):
+        return True
+    ok = {u for s, u, _ in statuses if s == "ok"}
+    if len(ok) != n_units:
+        missing = sorted(set(range(n_units)) - ok)
+        qid = None if target == INDEX_TARGET else target
+        return DeadLetter(video_id, qid, "finalize", "units_missing", f"{video_id}/{target}: units {missing} never landed")
+    return None
+
+
+class LoadUnitFn(beam.DoFn):
+    """WorkUnit → (WorkUnit, payload): decoded ``[Segment]`` (the CPU stage), or ``[SegmentFeatures]``
+    read from the segment index for index units (no video read, no decode)."""
+
+    def __init__(self, namespace: str, sampling: video.SamplingConfig, convert_threads: int | None = None, index_url: str | None = None) -> None:
+        self.sampling = sampling
+        self.convert_threads = convert_threads
+        self.index_url = index_url
+        self.index = None
+        self.decode_ms = Metrics.distribution(namespace, "decode_ms")
+        self.decoded = Metrics.counter(namespace, "segments_decoded")
+        self.index_ms = Metrics.distribution(namespace, "index_read_ms")
+        self.read = Metrics.counter(namespace, "segments_read_from_index")
+
+    def setup(self) -> None:
+        if self.index_url is not None:
+            from tempo_ops.index_store import IndexReader
+
+            self.index = IndexReader(self.index_url)
+
+    def process(self, unit: WorkUnit) -> Iterator:
+        t0 = time.perf_counter()
+        from_index = unit.source == SOURCE_INDEX
+        try:
+            if from_index:
+                payload = self.index.video(unit.video_id).features(unit.seg_start, unit.seg_stop)
+            else:
+                payload = list(
+                    video.iter_segments(
+                        unit.uri,
+                        self.sampling,
+                        plan=unit.plan,
+                        segments=range(unit.seg_start, unit.seg_stop),
+                        convert_threads=self.convert_threads,
+                    )
+                )
+        except Exception as exc:  # noqa: BLE001
+            yield dead(exc, video_id=unit.video_id, query_id=None, stage="index_read" if from_index else "decode", unit=unit.unit_index)
+            yield from unit_failed(unit, [q for q, _ in unit.queries])
+            return
+        ms = int((time.perf_counter() - t0) * 1000)
+        (self.index_ms if from_index else self.decode_ms).update(ms)
+        (self.read if from_index else self.decoded).inc(len(payload))
+        yield unit, payload
+
+
+# --------------------------------------------------------------------------- graph pieces
+def read_entries(pipeline: beam.Pipeline, manifest: str, only_video_ids: frozenset[str] | None):
+    """Manifest → parsed VideoEntry elements (limited to ``only_video_ids`` when given)."""
+    base = manifest_schema.manifest_base(manifest)
+    entries = (
+        pipeline
+        | "ReadManifest" >> beam.io.ReadFromText(manifest)
+        | "ParseEntry" >> beam.FlatMap(lambda line: [e for e in [manifest_schema.parse_manifest_line(line, base)] if e])
+    )
+    if only_video_ids is not None:
+        wanted = only_video_ids
+        entries = entries | "Limit" >> beam.Filter(lambda e: e.video_id in wanted)
+    return entries
+
+
+# --------------------------------------------------------------------------- driver
+def validate_manifest_or_raise(url: str) -> None:
+    """Stream-validate the manifest (one pass); raise ManifestError listing every problem."""
+    problems = manifest_schema.validate_manifest(url)
+    if problems:
+        raise manifest_schema.manifest_error(url, problems)
+
+
+def first_video_ids(url: str, limit: int) -> frozenset[str]:
+    if limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {limit}")
+    ids = []
+    for entry in manifest_schema.iter_manifest(url):
+        if len(ids) >= limit:
+            break
+        ids.append(entry.video_id)
+    return frozenset(ids)
+
+
+def new_run_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
+
+def run_pipeline(label: str, options, build: Callable[[beam.Pipeline], None]):
+    """Build and run a job; return the finished result, or None when submitted to a cluster."""
+    pipeline = beam.Pipeline(options=options)
+    build(pipeline)
+    result = pipeline.run()
+    if not is_local_runner(options):
+        print(f"[{label}] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
+        return None
+    result.wait_until_finish()
+    return result
+
+
+def write_summary(
+    job_name: str,
+    namespace: str,
+    result,
+    *,
+    run_id: str,
+    started: float,
+    runner: str,
+    outputs: dict[str, Any],
+    dead_letter_path: str,
+    summary_path: str,
+    config: dict,
+    fingerprint: str,
+) -> dict:
+    """Gather metrics + dead letters into the run summary and write it to ``summary_path``.
+
+    ``outputs``: job-specific fields (``manifest``, ``cache``, ``index``...).
+    """
+    wall = time.time() - started
+    metrics = counter_values(result, namespace)
+    failures = dead_letter_counts(dead_letter_path)
+    segments = int(metrics.get("segments_decoded", 0) + metrics.get("segments_read_from_index", 0))
+    summary = {
+        "job": job_name,
+        "run_id": run_id,
+        "runner": runner,
+        **outputs,
+        "dead_letter_file": dead_letter_path,
+        "summary_file": summary_path,
+        "fingerprint": fingerprint,
+        "config": config,
+        "counts": {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")},
+        "failures": {"items": sum(failures.values()), "by_code": failures},
+        "timing": {
+            "wall_s": round(wall, 3),
+            "decode_s": round(metrics.get("decode_ms", 0) / 1000, 3),
+            "index_read_s": round(metrics.get("index_read_ms", 0) / 1000, 3),
+            "model_s": round(metrics.get("model_ms", 0) / 1000, 3),
+            "segments_per_s": round(segments / wall, 3) if wall > 0 else None,
+        },
+    }
+    write_json(summary_path, summary)
+    return summary
+
+
+def print_failures(label: str, summary: dict) -> None:
+    f = summary["failures"]
+    if f["items"]:
+        print(f"[{label}] {f['items']} failed item(s) by code {f['by_code']}: see {summary['dead_letter_file']}", file=sys.stderr)
+    print(f"[{label}] summary: {summary['summary_file']}", file=sys.stderr)
