@@ -24,6 +24,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
     "validate-manifest": ("pipelines.manifest_cmd", "check a corpus manifest and report every problem", False),
     "make-tiny-models": ("pipelines.tiny_models_cmd", "build tiny random-weight models offline (tests, demo)", False),
     "compress": ("pipelines.compress", "run the compression job: manifest -> Zarr token cache", True),
+    "index": ("pipelines.index", "run the index job: manifest -> segment index (decode + vision encoder once)", True),
     "inspect": ("pipelines.inspect_cache", "show a token cache's configuration, counts and entries", False),
     "shards": ("pipelines.build_shards", "cut WebDataset training shards from a cache", True),
     "demo": ("pipelines.demo", "run the whole pipeline on generated sample videos and tiny models", False),
