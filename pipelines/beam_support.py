@@ -98,6 +98,13 @@ def is_local_runner(options: PipelineOptions) -> bool:
     return runner_name(options) in _LOCAL_RUNNER_NAMES
 
 
+class SharedModel:
+    """Weak-referenceable holder of a model for ``apache_beam.utils.shared.Shared`` (one per worker process)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+
 # --------------------------------------------------------------------------- dead letters
 DEAD_LETTER = "dead_letter"
 

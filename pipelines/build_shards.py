@@ -45,6 +45,7 @@ from schemas.shard_sample import sample_key, shard_set_name
 from tempo_ops.allocation import POLICIES, allocate_with_report, allocation_stats
 from tempo_ops.errors import ConfigError
 from tempo_ops.packing import PACK_MODES
+from tempo_ops.query_text import TEMPLATES, get_template, render_query
 from tempo_ops.shards import (
     PlannedSample,
     ShardRecord,
@@ -78,6 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-min", type=int, default=4, help="minimum tokens per segment (policy floor)")
     parser.add_argument("--k-max", type=int, default=None, help="maximum tokens per segment (default: the cache's K)")
     parser.add_argument("--force", action="store_true", help="rewrite complete shards and shard sets")
+    parser.add_argument(
+        "--prompt-template", default=None, choices=sorted(TEMPLATES),
+        help="query template rendered into each sample's context (default: the cache's, else plain)",
+    )
     add_runner_arguments(parser, default_mode="processes")  # tar writing is pure Python (GIL-bound)
 
 
@@ -127,14 +132,19 @@ def plan_job(
     *,
     k_min: int = 4,
     k_max: int | None = None,
+    prompt_template: str | None = None,
 ) -> tuple[list[ShardSetPlan], list[DeadLetter], dict[str, int]]:
     """Plan every shard set from the cache's complete entries and the manifest's annotations.
 
-    Reads only each entry's metadata and relevance. Returns (plans in (budget, policy)
-    order, dead letters of entries that could not be planned, counts).
+    Reads only each entry's metadata and relevance. Each sample carries its query rendered
+    with ``prompt_template`` (``render_query``) and its video's manifest metadata. Returns
+    (plans in (budget, policy) order, dead letters of entries that could not be planned, counts).
     """
+    template = get_template(prompt_template).name
     questions = {}
+    metadata = {}
     for video in manifest_schema.iter_manifest(manifest_url):
+        metadata[video.video_id] = video.metadata
         for q in video.queries:
             questions[(video.video_id, q.query_id)] = q
     frames_per_segment = int((getattr(reader, "config", None) or {}).get("sampling", {}).get("window", 8))
@@ -163,6 +173,8 @@ def plan_job(
                     ps = PlannedSample(
                         key, video_id, query_id, q.text, q.options, q.answer,
                         tuple(int(x) for x in res.k), estimate_sample_bytes(res.report.total, D, S),
+                        prompt_template=template, context=render_query(q.text, q.options, template),
+                        metadata=dict(metadata.get(video_id) or {}),
                     )
                     st = allocation_stats(res.k, frames_per_segment, b)
                     planned.append(((b, p), ps, st))
@@ -282,8 +294,12 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     out = args.out.rstrip("/")
     reader = CacheReader(args.cache)
     fingerprint = reader.fingerprint
+    from pipelines.evaluate import template_from_cache
+
+    template = args.prompt_template or template_from_cache(reader.config)
     plans, dead, counts = plan_job(
-        reader, args.manifest, budgets, policies, int(args.shard_size_mb * 1_000_000), k_min=args.k_min, k_max=args.k_max
+        reader, args.manifest, budgets, policies, int(args.shard_size_mb * 1_000_000), k_min=args.k_min, k_max=args.k_max,
+        prompt_template=template,
     )
     todo = [p for p in plans if args.force or not shard_set_complete(set_url(out, p.budget, p.policy), p.plan_sha256)]
     skipped_sets = [p.set_name for p in plans if p not in todo]

@@ -27,6 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
     "index": ("pipelines.index", "run the index job: manifest -> segment index (decode + vision encoder once)", True),
     "inspect": ("pipelines.inspect_cache", "show a token cache's configuration, counts and entries", False),
     "shards": ("pipelines.build_shards", "cut WebDataset training shards from a cache", True),
+    "eval": ("pipelines.evaluate", "evaluate the LLM stage at budgets x policies from a cache or shards", True),
     "demo": ("pipelines.demo", "run the whole pipeline on generated sample videos and tiny models", False),
 }
 

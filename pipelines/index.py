@@ -34,6 +34,7 @@ from pipelines.beam_support import (
     DEAD_LETTER,
     DeadLetter,
     ProgressReporter,
+    SharedModel,
     WriteDeadLetters,
     pipeline_options_from_args,
     runner_name,
@@ -49,7 +50,7 @@ from pipelines.compress import (
     model_spec_from_args,
 )
 from pipelines.probe_cmd import sampling_config_from_args
-from pipelines.units import GENERIC_QUERY_ID, INDEX_TARGET, LoadUnitFn, ModelSpec, SharedModel, WorkUnit
+from pipelines.units import GENERIC_QUERY_ID, INDEX_TARGET, LoadUnitFn, ModelSpec, WorkUnit
 from schemas import index_layout
 from tempo_ops import video
 from tempo_ops.errors import ConfigError

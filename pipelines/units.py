@@ -113,13 +113,6 @@ def load_compressor(spec: ModelSpec):
     )
 
 
-class SharedModel:
-    """Weak-referenceable holder for ``shared.Shared``."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-
-
 def dead(exc: BaseException, *, video_id: str, query_id: str | None, stage: str, **details):
     """A dead-letter tagged output for ``exc`` (the index target is reported as the video: query_id None)."""
     qid = None if query_id == INDEX_TARGET else query_id

@@ -130,6 +130,12 @@ class InvalidFrames(InputError):
     code = "invalid_frames"
 
 
+class LLMInputError(InputError):
+    """The LLM stage's inputs do not fit together (token width, allocation, timestamps, length)."""
+
+    code = "llm_input_invalid"
+
+
 # --------------------------------------------------------------------------- models
 class ModelError(TempoError):
     code = "model_error"

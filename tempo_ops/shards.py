@@ -27,7 +27,7 @@ import posixpath
 import tarfile
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -443,6 +443,9 @@ class PlannedSample:
     answer: str | None
     allocation: tuple[int, ...]
     est_bytes: int
+    prompt_template: str | None = None
+    context: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -560,6 +563,9 @@ def build_sample(
         n_tokens=int(packed.tokens.shape[0]),
         dim=int(entry_reader.D),
         cache_fingerprint=cache_fingerprint,
+        prompt_template=planned.prompt_template,
+        context=planned.context,
+        metadata=dict(planned.metadata),
     )
     members = encode_sample(
         meta, packed.tokens, packed.allocation, packed.offsets, packed.timestamp_texts, list(entry_reader.timestamps)

@@ -126,7 +126,7 @@ def test_tempo_checkpoint_layout(tiny):
 
     index = json.loads((tempo / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    assert shards == [f"model-{i:05d}-of-00003.safetensors" for i in (1, 2, 3)]
     from safetensors import safe_open
 
     total = 0

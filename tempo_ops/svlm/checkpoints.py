@@ -370,7 +370,7 @@ def _positive_int(config: Mapping[str, Any], key: str, item: str) -> int:
     return value
 
 
-def _tempo_weight_map(loc: CheckpointLocation) -> dict[str, str]:
+def tempo_weight_map(loc: CheckpointLocation) -> dict[str, str]:
     """Tensor name → shard file name of a Tempo checkpoint (single file or indexed shards)."""
     if loc.exists(_SAFETENSORS_INDEX):
         index = loc.read_json(_SAFETENSORS_INDEX)
@@ -387,7 +387,35 @@ def _tempo_weight_map(loc: CheckpointLocation) -> dict[str, str]:
     raise CheckpointNotFound(f"neither {_SAFETENSORS_INDEX} nor {_SINGLE_SAFETENSORS}", item=loc.url)
 
 
-def _read_tensor(loc: CheckpointLocation, shard: str, key: str) -> torch.Tensor:
+def read_tensors(loc: CheckpointLocation, weight_map: Mapping[str, str], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """Read ``keys`` from the shards ``weight_map`` names for them, opening only those shards.
+
+    Returns name → tensor (stored dtype, CPU). Raises ``CheckpointFormatError`` when a key is not
+    in the index or its shard lacks it; ``CheckpointNotFound`` when a shard file is missing.
+    """
+    by_shard: dict[str, list[str]] = {}
+    for key in sorted(set(keys)):
+        if key not in weight_map:
+            raise CheckpointFormatError(f"no tensor {key} in the checkpoint index", item=loc.url)
+        by_shard.setdefault(weight_map[key], []).append(key)
+    out: dict[str, torch.Tensor] = {}
+    for shard, names in sorted(by_shard.items()):
+        path = loc.local_file(shard)
+        try:
+            with safe_open(path, framework="pt") as fh:
+                available = set(fh.keys())
+                for key in names:
+                    if key not in available:
+                        raise CheckpointFormatError(f"shard {shard} lacks tensor {key} named by the index", item=loc.url)
+                    out[key] = fh.get_tensor(key)
+        except CheckpointFormatError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own untyped errors
+            raise CheckpointFormatError(f"cannot read {shard}: {exc}", item=loc.url) from exc
+    return out
+
+
+def read_tensor(loc: CheckpointLocation, shard: str, key: str) -> torch.Tensor:
     path = loc.local_file(shard)
     try:
         with safe_open(path, framework="pt") as fh:
@@ -435,10 +463,10 @@ def load_tempo_memory_tokens(
         raise CheckpointFormatError(
             f"mm_hidden_size {d} differs from the SVLM hidden size {hidden_size}", item=loc.url
         )
-    weight_map = _tempo_weight_map(loc)
+    weight_map = tempo_weight_map(loc)
     if TEMPO_MEMORY_TOKENS_KEY not in weight_map:
         raise CheckpointFormatError(f"no tensor {TEMPO_MEMORY_TOKENS_KEY}", item=loc.url)
-    raw = _read_tensor(loc, weight_map[TEMPO_MEMORY_TOKENS_KEY], TEMPO_MEMORY_TOKENS_KEY)
+    raw = read_tensor(loc, weight_map[TEMPO_MEMORY_TOKENS_KEY], TEMPO_MEMORY_TOKENS_KEY)
     tokens = _check_tokens(raw, k=k, d=d, item=loc.url, what="compression tokens")
     result = MemoryTokens(tokens=tokens, source=f"tempo:{location_name(loc.url)}", kind="tempo", config=config)
     if svlm_state_shapes is None:
@@ -461,23 +489,11 @@ def load_tempo_memory_tokens(
             item=loc.url,
         )
     weights: dict[str, torch.Tensor] = {}
-    by_shard: dict[str, list[str]] = {}
-    for key in sorted(expected):
-        by_shard.setdefault(weight_map[key], []).append(key)
-    for shard, keys in sorted(by_shard.items()):
-        path = loc.local_file(shard)
-        with safe_open(path, framework="pt") as fh:
-            available = set(fh.keys())
-            for key in keys:
-                if key not in available:
-                    raise CheckpointFormatError(f"shard {shard} lacks tensor {key} named by the index", item=loc.url)
-                name, shape = expected[key]
-                tensor = fh.get_tensor(key)
-                if tuple(tensor.shape) != shape:
-                    raise CheckpointFormatError(
-                        f"{key} has shape {tuple(tensor.shape)}, the base SVLM expects {shape}", item=loc.url
-                    )
-                weights[name] = tensor
+    for key, tensor in read_tensors(loc, weight_map, expected).items():
+        name, shape = expected[key]
+        if tuple(tensor.shape) != shape:
+            raise CheckpointFormatError(f"{key} has shape {tuple(tensor.shape)}, the base SVLM expects {shape}", item=loc.url)
+        weights[name] = tensor
     result.svlm_weights = weights
     result.svlm_weight_digests = {name: tensor_sha256(t) for name, t in weights.items()}
     return result
@@ -507,7 +523,7 @@ def load_compressor_memory_tokens(loc: CheckpointLocation, *, hidden_size: int |
     k, d = config["num_memory_tokens"], config["hidden_size"]
     if hidden_size is not None and d != hidden_size:
         raise CheckpointFormatError(f"hidden_size {d} differs from the SVLM hidden size {hidden_size}", item=loc.url)
-    raw = _read_tensor(loc, MEMORY_TOKENS_FILE, MEMORY_TOKENS_TENSOR)
+    raw = read_tensor(loc, MEMORY_TOKENS_FILE, MEMORY_TOKENS_TENSOR)
     tokens = _check_tokens(raw, k=k, d=d, item=loc.url, what="memory tokens")
     return MemoryTokens(tokens=tokens, source=f"compressor:{location_name(loc.url)}", kind="compressor", config=config)
 

@@ -173,30 +173,47 @@ def build_tiny_svlm(out_dir: str | Path, seed: int = 0, tokenizer: Any = None) -
     return out
 
 
-def _split_two_shards(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """Split tensors (in sorted key order) into two shards of roughly equal bytes."""
-    keys = sorted(state)
-    total = sum(state[k].numel() * state[k].element_size() for k in keys)
-    first: dict[str, torch.Tensor] = {}
-    second: dict[str, torch.Tensor] = {}
-    running = 0
-    for k in keys:
-        nbytes = state[k].numel() * state[k].element_size()
-        (first if running < total / 2 else second)[k] = state[k]
-        running += nbytes
-    return [first, second]
+def _tempo_shards(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Three shards, as a released checkpoint mixes them: (1) the causal LM, (2) the projector,
+    the compression tokens and the SVLM's vision tower, (3) the SVLM's language model.
+
+    So the LLM stage needs shards 1 and 2 only, and the compressor shards 2 and 3.
+    """
+    from tempo_ops.llm.checkpoint import LLM_PREFIXES
+
+    shards: list[dict[str, torch.Tensor]] = [{}, {}, {}]
+    for k in sorted(state):
+        if k.startswith(LLM_PREFIXES):
+            shards[0][k] = state[k]
+        elif k.startswith(TEMPO_PREFIX_SVLM + "model.language_model."):
+            shards[2][k] = state[k]
+        else:
+            shards[1][k] = state[k]
+    return shards
 
 
-def build_tiny_tempo(out_dir: str | Path, svlm_dir: str | Path, seed: int = 0, tokenizer: Any = None) -> Path:
+def build_tiny_tempo(
+    out_dir: str | Path,
+    svlm_dir: str | Path,
+    seed: int = 0,
+    tokenizer: Any = None,
+    *,
+    projector_type: str = "linear",
+) -> Path:
     """Build the tiny Tempo-6B-layout checkpoint from the tiny SVLM in ``svlm_dir``.
 
     Weights: ``model.vision_tower_aux_list.0.compression_tokens`` ``(1, 128, 64)`` (normal with the
     per-dimension mean/std of the SVLM's embedding table), the SVLM without its LM head under
-    ``model.vision_tower_aux_list.0.vlm.``, ``model.mm_projector.{weight,bias}`` (linear 64→96) and a
-    tiny Qwen3 LLM (``model.embed_tokens``, ``model.layers.*``, ``model.norm``, ``lm_head``).
+    ``model.vision_tower_aux_list.0.vlm.``, ``model.mm_projector.*`` (``projector_type``: ``linear``
+    64→96 by default, ``mlp{N}x_gelu``, or ``identity`` which needs equal widths) and a tiny Qwen3
+    LLM (``model.embed_tokens``, ``model.layers.*``, ``model.norm``, ``lm_head``), in three shards
+    (``_tempo_shards``) with ``model.safetensors.index.json``.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import Qwen3ForCausalLM
+
+    from tempo_ops.llm.checkpoint import tempo_config_from, write_safetensors_shards
+    from tempo_ops.llm.projector import PROJECTOR_PREFIX, build_projector
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -217,47 +234,34 @@ def build_tiny_tempo(out_dir: str | Path, svlm_dir: str | Path, seed: int = 0, t
     llm_cfg = tiny_llm_config(tok)
     torch.manual_seed(seed + 2)
     llm = Qwen3ForCausalLM(llm_cfg).to(torch.float32)
-    projector = torch.nn.Linear(SVLM_HIDDEN, TEMPO_LLM_HIDDEN)
-    bound = 1.0 / math.sqrt(SVLM_HIDDEN)
-    with torch.no_grad():
-        projector.weight.copy_(torch.rand((TEMPO_LLM_HIDDEN, SVLM_HIDDEN), generator=gen) * 2 * bound - bound)
-        projector.bias.copy_(torch.rand((TEMPO_LLM_HIDDEN,), generator=gen) * 2 * bound - bound)
+    projector = build_projector(projector_type, SVLM_HIDDEN, TEMPO_LLM_HIDDEN, item="tiny tempo")
+    with torch.no_grad():  # uniform(±1/sqrt(fan_in)) like nn.Linear, but from the seeded generator
+        for layer in [m for m in projector.modules() if isinstance(m, torch.nn.Linear)]:
+            bound = 1.0 / math.sqrt(layer.in_features)
+            layer.weight.copy_(torch.rand(layer.weight.shape, generator=gen) * 2 * bound - bound)
+            layer.bias.copy_(torch.rand(layer.bias.shape, generator=gen) * 2 * bound - bound)
 
     state: dict[str, torch.Tensor] = {TEMPO_KEY_COMPRESSION_TOKENS: compression}
     for k, v in svlm_state.items():
         if k.startswith("lm_head."):
             continue
         state[TEMPO_PREFIX_SVLM + k] = v.contiguous()
-    state["model.mm_projector.weight"] = projector.weight.detach().contiguous()
-    state["model.mm_projector.bias"] = projector.bias.detach().contiguous()
+    for k, v in projector.state_dict().items():
+        state[PROJECTOR_PREFIX + k] = v.detach().contiguous()
     for k, v in llm.state_dict().items():
         state[k] = v.detach().clone().contiguous()
 
-    shards = _split_two_shards(state)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        for k, v in shard.items():
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
-    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_safetensors_shards(out, _tempo_shards(state))
 
-    config = llm_cfg.to_dict()
-    config.update(
-        {
-            "model_type": "tempo_qwen",
-            "architectures": ["TempoQwenForCausalLM"],
-            "mm_vision_tower_aux_list": [TEMPO_SVLM_REF],
-            "num_compression_tokens": NUM_COMPRESSION_TOKENS,
-            "mm_projector_type": "linear",
-            "mm_hidden_size": SVLM_HIDDEN,
-            "visual_token_budget": VISUAL_TOKEN_BUDGET,
-            "tokenizer_model_max_length": TOKENIZER_MODEL_MAX_LENGTH,
-        }
-    )
-    config.pop("transformers_version", None)
+    mm_fields = {
+        "mm_vision_tower_aux_list": [TEMPO_SVLM_REF],
+        "num_compression_tokens": NUM_COMPRESSION_TOKENS,
+        "mm_projector_type": projector_type,
+        "mm_hidden_size": SVLM_HIDDEN,
+        "visual_token_budget": VISUAL_TOKEN_BUDGET,
+        "tokenizer_model_max_length": TOKENIZER_MODEL_MAX_LENGTH,
+    }
+    config = tempo_config_from(llm_cfg, mm_fields)
     _write_json(out / "config.json", config)
     write_tokenizer(out, tok)
     return out
