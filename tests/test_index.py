@@ -282,3 +282,55 @@ def test_incomplete_video_is_not_served(indexed, tmp_path):
     assert reader.video_ids() == ["b/c"]
     with pytest.raises(VideoNotIndexed, match="incomplete"):
         reader.video("a")
+
+
+def test_ask_on_the_demo_corpus(tiny_models, tmp_path, capsys):
+    """Index the demo corpus's first video, then ask a new multiple-choice question twice."""
+    from tempo_ops.allocation import allocate
+    from tempo_ops.ask import ask_query_id
+    from tempo_ops.index_store import IndexReader
+    from tempo_ops.query_text import render_query
+    from tempo_ops.store import CacheReader
+    from tempo_ops.synthetic import write_sample_corpus
+
+    manifest = write_sample_corpus(tmp_path / "corpus")
+    index, cache = tmp_path / "index.zarr", tmp_path / "cache.zarr"
+    assert tempo(["index", "--manifest", manifest, "--limit", "1", "--index", str(index), "--cache", str(cache), *_model_args(tiny_models)]) == 0
+    indexed = IndexReader(str(index)).video("kitchen_short")
+    question, options = "Which colour is the largest block?", ["A. red", "B. green", "C. blue"]
+    ask = [
+        "ask", "--index", str(index), "--cache", str(cache), "--video", "kitchen_short", "--question", question,
+        "--options", *options, "--prompt-template", "videomme", "--llm", tiny_models["tempo"], "--svlm", tiny_models["svlm"],
+        "--budget", "64", "--json",
+    ]
+    capsys.readouterr()
+    assert tempo(ask) == 0
+    first = json.loads(capsys.readouterr().out)
+    context = render_query(question, options, "videomme")
+    assert first["context"] == context and first["query_id"] == ask_query_id(context)
+    assert first["compressed_from_index"] is True
+    entry = CacheReader(str(cache)).entry("kitchen_short", first["query_id"])  # written for reuse
+    assert entry.query_text == context and entry.n_segments == indexed.n_segments == first["n_segments"]
+    assert first["allocation"] == allocate(entry.relevance(), 64, policy="ata").tolist()
+    assert first["tokens_allocated"] == sum(first["allocation"]) <= 64
+    assert first["parsed"] is None or first["parsed"] in "ABC"
+    assert first["rule"] == "mc" and isinstance(first["answer"], str)
+    tops = first["top_segments"]
+    assert tops and [t["tokens"] for t in tops] == sorted((t["tokens"] for t in tops), reverse=True)
+    assert all(t["timestamp_s"] == indexed.timestamps[t["segment"]] for t in tops)
+
+    assert tempo(ask) == 0  # the same question again: the cached entry is reused, same answer
+    second = json.loads(capsys.readouterr().out)
+    assert second["compressed_from_index"] is False
+    assert {k: second[k] for k in ("answer", "parsed", "allocation")} == {k: first[k] for k in ("answer", "parsed", "allocation")}
+
+    text = [a for a in ask if a != "--json"]
+    assert tempo(text) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("answer: ") and "\nparsed option: " in out and "top segments by allocated tokens:" in out
+    assert indexed.timestamp_texts[tops[0]["segment"]] in out.split("top segments by allocated tokens:")[1]
+
+    missing = [*ask]
+    missing[missing.index("kitchen_short")] = "street_walk"  # not indexed (--limit 1)
+    assert tempo(missing) == 2
+    assert "error [video_not_indexed]" in capsys.readouterr().err
