@@ -64,6 +64,7 @@ from pipelines.units import (
     SOURCE_VIDEO,
     LoadUnitFn,
     ModelSpec,
+    ModelStageFn,
     WorkUnit,
     dead,
     first_video_ids,
@@ -73,7 +74,6 @@ from pipelines.units import (
     read_entries,
     run_pipeline,
     statuses_problem,
-    unit_failed,
     unit_landed,
     unit_ranges,
     validate_manifest_or_raise,
@@ -212,18 +212,12 @@ class PlanVideoFn(_CacheDoFn):
                 yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, tuple(pending), source)
 
 
-class CompressUnitFn(beam.DoFn):
-    """(WorkUnit, [Segment]) → one block per query — the model stage."""
+class CompressUnitFn(ModelStageFn):
+    """(WorkUnit, [Segment] or [SegmentFeatures]) → one block per query — the model stage."""
 
     def __init__(self, spec: ModelSpec, shared_handle: shared.Shared) -> None:
-        self.spec = spec
-        self.shared_handle = shared_handle
-        self.model = None
-        self.model_ms = Metrics.distribution(METRICS_NAMESPACE, "model_ms")
+        super().__init__(METRICS_NAMESPACE, spec, shared_handle)
         self.compressed = Metrics.counter(METRICS_NAMESPACE, "segments_compressed")
-
-    def setup(self) -> None:
-        self.model = self.shared_handle.acquire(lambda: SharedModel(units.load_compressor(self.spec))).model
 
     def process(self, element) -> Iterator:
         unit, payload = element  # [Segment] decoded, or [SegmentFeatures] from the index
@@ -235,9 +229,7 @@ class CompressUnitFn(beam.DoFn):
             else:
                 result = self.model.compress(payload, texts)
         except Exception as exc:  # noqa: BLE001
-            for qid, _ in unit.queries:
-                yield dead(exc, video_id=unit.video_id, query_id=qid, stage="model", unit=unit.unit_index)
-            yield from unit_failed(unit, [q for q, _ in unit.queries])
+            yield from self.failed(unit, exc)
             return
         self.model_ms.update(int((time.perf_counter() - t0) * 1000))
         self.compressed.inc(len(payload) * len(unit.queries))

@@ -148,18 +148,12 @@ class PlanIndexVideoFn(beam.DoFn):
                 yield WorkUnit(vid, entry.uri, plan, i, len(ranges), a, b, tuple((t, "") for t in targets))
 
 
-class EncodeUnitFn(beam.DoFn):
+class EncodeUnitFn(units.ModelStageFn):
     """(WorkUnit, [Segment]) → (WorkUnit, [SegmentFeatures on CPU]) [+ the _generic block] — the model stage."""
 
     def __init__(self, spec: ModelSpec, shared_handle: shared.Shared) -> None:
-        self.spec = spec
-        self.shared_handle = shared_handle
-        self.model = None
-        self.model_ms = Metrics.distribution(METRICS_NAMESPACE, "model_ms")
+        super().__init__(METRICS_NAMESPACE, spec, shared_handle)
         self.encoded = Metrics.counter(METRICS_NAMESPACE, "segments_encoded")
-
-    def setup(self) -> None:
-        self.model = self.shared_handle.acquire(lambda: SharedModel(units.load_compressor(self.spec))).model
 
     def process(self, element) -> Iterator:
         unit, segments = element
@@ -170,9 +164,7 @@ class EncodeUnitFn(beam.DoFn):
             generic = self.model.compress_from_features(features, [""]) if GENERIC_QUERY_ID in targets else None
             features = [_to_cpu(f) for f in features]
         except Exception as exc:  # noqa: BLE001
-            for t in targets:
-                yield units.dead(exc, video_id=unit.video_id, query_id=t, stage="model", unit=unit.unit_index)
-            yield from units.unit_failed(unit, targets)
+            yield from self.failed(unit, exc)
             return
         self.model_ms.update(int((time.perf_counter() - t0) * 1000))
         self.encoded.inc(len(features))

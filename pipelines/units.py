@@ -26,6 +26,7 @@ from apache_beam.metrics import Metrics
 from pipelines.beam_support import (
     DEAD_LETTER,
     DeadLetter,
+    SharedModel,
     counter_values,
     dead_letter_counts,
     is_local_runner,
@@ -146,6 +147,27 @@ def statuses_problem(video_id: str, target: str, statuses: list) -> DeadLetter |
         qid = None if target == INDEX_TARGET else target
         return DeadLetter(video_id, qid, "finalize", "units_missing", f"{video_id}/{target}: units {missing} never landed")
     return None
+
+
+class ModelStageFn(beam.DoFn):
+    """Base of the model stages: one compressor per worker process (``apache_beam.utils.shared``),
+    and a failed unit → one dead letter per target plus its failed statuses."""
+
+    def __init__(self, namespace: str, spec: ModelSpec, shared_handle: Any) -> None:
+        self.spec = spec
+        self.shared_handle = shared_handle
+        self.model = None
+        self.model_ms = Metrics.distribution(namespace, "model_ms")
+
+    def setup(self) -> None:
+        self.model = self.shared_handle.acquire(lambda: SharedModel(load_compressor(self.spec))).model
+
+    @staticmethod
+    def failed(unit: WorkUnit, exc: BaseException) -> Iterator:
+        targets = [t for t, _ in unit.queries]
+        for t in targets:
+            yield dead(exc, video_id=unit.video_id, query_id=t, stage="model", unit=unit.unit_index)
+        yield from unit_failed(unit, targets)
 
 
 class LoadUnitFn(beam.DoFn):

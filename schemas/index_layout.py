@@ -29,11 +29,13 @@ from typing import Any
 from schemas.cache_layout import (
     REQUIRED_SAMPLING_FIELDS,
     canonical_json,  # noqa: F401 - re-exported: the index fingerprints like the cache
+    check_root,
     config_differences,  # noqa: F401
     config_fingerprint,  # noqa: F401
+    require_sections,
     to_jsonable,
 )
-from tempo_ops.errors import CacheLayoutError, ConfigError
+from tempo_ops.errors import ConfigError
 from tempo_ops.keys import sanitize_key
 
 LAYOUT_VERSION = 1
@@ -118,13 +120,7 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ConfigError("index config must be a dict", item="config")
     out = to_jsonable(config, item="config")
-    for section, fields in (("svlm", REQUIRED_SVLM_FIELDS), ("sampling", REQUIRED_SAMPLING_FIELDS)):
-        sub = out.get(section)
-        if not isinstance(sub, dict):
-            raise ConfigError(f"missing section {section!r}", item="config")
-        missing = [f for f in fields if f not in sub]
-        if missing:
-            raise ConfigError(f"missing field(s) {', '.join(section + '.' + m for m in missing)}", item="config")
+    require_sections(out, {"svlm": REQUIRED_SVLM_FIELDS, "sampling": REQUIRED_SAMPLING_FIELDS})
     if out.get("stored_dtype") not in STORED_DTYPES:
         raise ConfigError(f"stored_dtype must be one of {STORED_DTYPES}, got {out.get('stored_dtype')!r}", item="config")
     if not isinstance(out.get("compute_dtype"), str):
@@ -138,19 +134,11 @@ def check_layout(root_attrs: Mapping[str, Any] | None, item: str) -> dict[str, A
     Raises CacheLayoutError when the root is not a Tempo segment index or its
     ``layout_version`` is missing or not ``LAYOUT_VERSION``.
     """
-    if root_attrs is None:
-        raise CacheLayoutError("no Tempo segment index here (root zarr.json missing or unreadable)", item=item)
-    if root_attrs.get(ROOT_KIND) != INDEX_KIND:
-        raise CacheLayoutError(f"not a Tempo segment index (root attribute {ROOT_KIND!r} is not {INDEX_KIND!r})", item=item)
-    version = root_attrs.get(ROOT_LAYOUT_VERSION)
-    if version != LAYOUT_VERSION:
-        raise CacheLayoutError(
-            f"index layout_version {version!r} is not supported (this code reads {LAYOUT_VERSION})",
-            item=item,
-            found=version,
-            expected=LAYOUT_VERSION,
-        )
-    for name in (ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_UNIT, ROOT_D, ROOT_DEEPSTACK_LAYERS):
-        if name not in root_attrs:
-            raise CacheLayoutError(f"index root attribute {name!r} is missing", item=item)
-    return dict(root_attrs)
+    return check_root(
+        root_attrs,
+        item,
+        kind=INDEX_KIND,
+        label="Tempo segment index",
+        version=LAYOUT_VERSION,
+        required=(ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_UNIT, ROOT_D, ROOT_DEEPSTACK_LAYERS),
+    )

@@ -31,14 +31,22 @@ from schemas import cache_layout as CL
 from schemas import index_layout as L
 from tempo_ops.errors import (
     CacheLayoutError,
-    CacheNotWritable,
     EntryIncomplete,
-    FingerprintMismatch,
     InvalidCacheBlock,
     VideoNotIndexed,
 )
 from tempo_ops.fs import DEFAULT_RETRY, RetryPolicy, open_store
-from tempo_ops.store import _gather_limited, _get_attrs, _get_bytes, _list_children, _now, _put_bytes, _put_group
+from tempo_ops.store import (
+    _gather_limited,
+    _get_attrs,
+    _get_bytes,
+    _list_children,
+    _now,
+    _put_bytes,
+    _put_group,
+    create_root,
+    open_root_for_writing,
+)
 from tempo_ops.svlm.compressor import SegmentFeatures
 
 
@@ -149,37 +157,22 @@ class IndexWriter:
         """Open (create if absent) the index at ``url``; an existing one must have the same fingerprint."""
         cfg = L.validate_config(config)
         fingerprint = L.config_fingerprint(cfg)
-        try:
-            store = open_store(url, storage_options, policy=retry)
-            root = sync(_get_attrs(store, ""))
-        except OSError as exc:
-            raise CacheNotWritable(f"cannot open the index for writing: {exc}", item=url) from exc
-        if root is None:
-            root = cls._create_root(url, store, cfg, fingerprint, segments_per_unit, deepstack_layers)
-        root = L.check_layout(root, url)
-        if root[L.ROOT_FINGERPRINT] != fingerprint:
-            fields = L.config_differences(root[L.ROOT_CONFIG], cfg)
-            raise FingerprintMismatch(
-                f"index was written with a different configuration; differing fields: {', '.join(fields) or '(none)'}",
-                item=url,
-                fields=fields,
-            )
+        store, root = open_root_for_writing(
+            url,
+            storage_options,
+            retry,
+            cfg,
+            fingerprint,
+            create=lambda store: cls._create_root(url, store, cfg, fingerprint, segments_per_unit, deepstack_layers),
+            check=L.check_layout,
+            what="index",
+        )
         return cls(url, store, root, storage_options)
 
     @staticmethod
     def _create_root(url: str, store: Any, cfg: dict, fingerprint: str, segments_per_unit: int, layers: int) -> dict:
         if segments_per_unit < 1 or layers < 0:
             raise CacheLayoutError(f"segments_per_unit ({segments_per_unit}) must be >= 1", item=url)
-
-        async def list_root() -> list[str]:
-            return sorted([n async for n in store.list_dir("")])
-
-        try:
-            existing = [n for n in sync(list_root()) if n.rstrip("/") not in (L.VIDEOS, L.METADATA_FILE)]
-        except FileNotFoundError:
-            existing = []
-        if existing:
-            raise CacheLayoutError(f"not a Tempo segment index and not empty (holds {existing[:5]})", item=url)
         attrs = {
             L.ROOT_KIND: L.INDEX_KIND,
             L.ROOT_LAYOUT_VERSION: L.LAYOUT_VERSION,
@@ -191,16 +184,7 @@ class IndexWriter:
             L.ROOT_D: int(cfg["svlm"]["hidden_size"]),
             L.ROOT_DEEPSTACK_LAYERS: int(layers),
         }
-
-        async def create() -> None:
-            await _put_group(store, L.VIDEOS, {})
-            await _put_group(store, "", attrs)  # root last: the index exists once its root is written
-
-        try:
-            sync(create())
-        except OSError as exc:
-            raise CacheNotWritable(f"cannot create the index: {exc}", item=url) from exc
-        return attrs
+        return create_root(url, store, attrs, what="Tempo segment index")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen_writer, (self.url, self.root_attrs[L.ROOT_CONFIG], self.deepstack_layers, self.segments_per_unit, self.storage_options))
