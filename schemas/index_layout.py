@@ -98,9 +98,14 @@ def metadata_key(node_path: str) -> str:
     return f"{node_path}/{METADATA_FILE}" if node_path else METADATA_FILE
 
 
+MEMORY_TOKEN_FIELDS = ("memory_tokens_source", "memory_tokens_sha256", "num_memory_tokens")
+"""Fields of ``Compressor.fingerprint()`` an index does not depend on (it holds no memory-token output)."""
+
+
 def svlm_section(compressor_fingerprint: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of ``Compressor.fingerprint()`` an index depends on (memory tokens excluded)."""
-    return {k: compressor_fingerprint[k] for k in REQUIRED_SVLM_FIELDS}
+    """The part of ``Compressor.fingerprint()`` an index depends on: everything but the memory
+    tokens (so any field a later compressor version adds, e.g. a numerics mode, counts too)."""
+    return {k: v for k, v in compressor_fingerprint.items() if k not in MEMORY_TOKEN_FIELDS}
 
 
 def index_config(compressor_fingerprint: Mapping[str, Any], sampling: Mapping[str, Any], *, compute_dtype: str, stored_dtype: str) -> dict[str, Any]:
