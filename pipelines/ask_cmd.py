@@ -14,6 +14,7 @@ import sys
 import time
 
 from tempo_ops.allocation import POLICIES
+from tempo_ops.numerics import NUMERICS_MODES
 from tempo_ops.query_text import TEMPLATES
 
 
@@ -32,6 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top", type=int, default=5, help="top segments to list (default %(default)s)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument(
+        "--numerics", choices=NUMERICS_MODES, default=None, help="compressor numerics (default: reference with bfloat16, exact otherwise)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -49,12 +53,12 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     query_id = ask_query_id(context)
     indexed = IndexReader(args.index).video(args.video)  # VideoNotIndexed before any model loads
     compressor = Compressor.from_pretrained(
-        args.svlm, memory_tokens=args.compressor or args.llm, device=args.device, dtype=args.dtype
+        args.svlm, memory_tokens=args.compressor or args.llm, device=args.device, dtype=args.dtype, numerics=args.numerics
     )
     sampling = index_sampling(args.index, compressor.fingerprint())
     writer = CacheWriter.open(args.cache, cache_config(compressor.fingerprint(), sampling))
     t1 = time.perf_counter()
-    compressed = ensure_entry(compressor, indexed, writer, args.video, query_id, context)
+    compressed = ensure_entry(compressor, indexed, writer, args.video, query_id, context, args.prompt_template)
     t2 = time.perf_counter()
     del compressor
     llm = TempoLLM.from_pretrained(args.llm, device=args.device, dtype=args.dtype)

@@ -82,6 +82,8 @@ from pipelines.units import (
 from schemas import manifest as manifest_schema
 from tempo_ops import video
 from tempo_ops.errors import ConfigError, IndexMismatch, TempoError, VideoNotIndexed
+from tempo_ops.numerics import NUMERICS_MODES
+from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES, render_query
 
 METRICS_NAMESPACE = "tempo.compress"
 logger = logging.getLogger(__name__)
@@ -89,11 +91,18 @@ logger = logging.getLogger(__name__)
 __all__ = ["GENERIC_QUERY_ID", "ModelSpec", "WorkUnit", "landed_units", "unit_ranges", "video_meta"]  # re-exported
 
 
-def entry_queries(entry) -> list[tuple[str, str]]:
-    """(query_id, text) pairs of a manifest entry; a video without queries gets the generic one."""
-    if entry.queries:
-        return [(q.query_id, q.text) for q in entry.queries]
-    return [(GENERIC_QUERY_ID, "")]
+def entry_queries(entry, prompt_template: str | None = None) -> list[tuple[str, str, str]]:
+    """(query_id, rendered text, template name) of a manifest entry's queries.
+
+    The template is ``prompt_template`` (the job's override) if given, else the line's
+    ``prompt_template``, else ``plain``; the text is ``render_query(text, options, template)``.
+    A video without queries gets the generic entry: text ``""`` (the compressor reads
+    "Describe this content.") under ``plain``, whatever the template.
+    """
+    if not entry.queries:
+        return [(GENERIC_QUERY_ID, "", DEFAULT_TEMPLATE)]
+    template = prompt_template or entry.prompt_template or DEFAULT_TEMPLATE
+    return [(q.query_id, render_query(q.text, q.options, template), template) for q in entry.queries]
 
 
 def cache_config(compressor_fingerprint: dict, sampling: video.SamplingConfig) -> dict:
@@ -102,12 +111,12 @@ def cache_config(compressor_fingerprint: dict, sampling: video.SamplingConfig) -
 
 
 def begin_cache_entries(writer, video_id: str, n_segments: int, pending, ranges, *, force: bool) -> set[int]:
-    """Begin (or resume) the cache entries of ``pending`` (query_id, text) pairs; return the unit
-    indices of ``ranges`` that already landed for every one of them."""
+    """Begin (or resume) the cache entries of ``pending`` (query_id, text, template); return the
+    unit indices of ``ranges`` that already landed for every one of them."""
     landed = set(range(len(ranges)))
-    for qid, text in pending:
+    for qid, text, template in pending:
         # Resume: an incomplete entry keeps the blocks that already landed.
-        writer.begin_entry(video_id, qid, text, n_segments, force=force, resume=True)
+        writer.begin_entry(video_id, qid, text, n_segments, prompt_template=template, force=force, resume=True)
         landed &= landed_units(ranges, writer.missing_segments(video_id, qid))
     return landed
 
@@ -156,11 +165,13 @@ class PlanVideoFn(_CacheDoFn):
         force: bool,
         index_url: str | None = None,
         fallback_video: bool = False,
+        prompt_template: str | None = None,
     ):
         super().__init__(cache_url, config)
         self.sampling = sampling
         self.unit_segments = unit_segments
         self.force = force
+        self.prompt_template = prompt_template
         self.index_url = index_url
         self.fallback_video = fallback_video
         self.index = None
@@ -181,8 +192,17 @@ class PlanVideoFn(_CacheDoFn):
             self.index = IndexReader(self.index_url)
 
     def process(self, entry) -> Iterator:
-        queries = entry_queries(entry)
-        pending = [(q, t) for q, t in queries if self.force or not self.writer.is_complete(entry.video_id, q)]
+        try:
+            queries = entry_queries(entry, self.prompt_template)
+        except TempoError as exc:  # e.g. more options than letters
+            self.videos_failed.inc()
+            yield dead(exc, video_id=entry.video_id, query_id=None, stage="plan", uri=entry.uri)
+            return
+        pending = [
+            (q, t, tpl)
+            for q, t, tpl in queries
+            if self.force or not self.writer.is_complete(entry.video_id, q, query_text=t, prompt_template=tpl)
+        ]
         self.skipped.inc(len(queries) - len(pending))
         if not pending:
             return
@@ -205,11 +225,12 @@ class PlanVideoFn(_CacheDoFn):
         # recomputed for all of them, so its batch (and so its bytes) equal an uninterrupted run's.
         self.units.inc(len(ranges) - len(landed))
         self.units_landed.inc(len(landed))
+        unit_queries = tuple((qid, text) for qid, text, _ in pending)
         for i, (a, b) in enumerate(ranges):
             if i in landed:
-                yield from unit_landed(entry.video_id, [q for q, _ in pending], i, len(ranges))
+                yield from unit_landed(entry.video_id, [q for q, _ in unit_queries], i, len(ranges))
             else:
-                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, tuple(pending), source)
+                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, unit_queries, source)
 
 
 class CompressUnitFn(ModelStageFn):
@@ -302,6 +323,7 @@ class CompressJob:
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
     index: str | None = None  # --from-index: read SegmentFeatures from this segment index
     fallback_video: bool = False  # with index: videos it lacks are decoded instead of dead-lettered
+    prompt_template: str | None = None  # overrides the manifest's per-line template
     # Handle through which workers share one model per process; the driver of a local
     # in-process run pre-fills it with the model it loaded for the fingerprint.
     model_handle: shared.Shared = field(default_factory=shared.Shared, compare=False)
@@ -319,7 +341,9 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     """Add the compression job's transforms to ``pipeline``."""
     entries = read_entries(pipeline, job.manifest, job.only_video_ids)
     planned = entries | "PlanVideo" >> beam.ParDo(
-        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force, job.index, job.fallback_video)
+        PlanVideoFn(
+            job.cache, job.config, job.sampling, job.unit_segments, job.force, job.index, job.fallback_video, job.prompt_template
+        )
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
     loaded = (
         planned.units
@@ -360,6 +384,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model forward pass")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
+    parser.add_argument(
+        "--numerics",
+        choices=NUMERICS_MODES,
+        default=None,
+        help="reference: the released model's bf16 roundings (fp16 weight load, bf16 rope and position "
+        "embeddings); exact: transformers as is (default: reference with bfloat16, exact otherwise)",
+    )
 
 
 def add_job_arguments(parser: argparse.ArgumentParser) -> None:
@@ -394,6 +425,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="with --from-index: compress videos the index lacks from the video instead of dead-lettering them",
     )
+    parser.add_argument(
+        "--prompt-template",
+        choices=tuple(TEMPLATES),
+        default=None,
+        help="benchmark prompt template the queries are rendered with, overriding the manifest's "
+        "prompt_template (default: the manifest's, else plain)",
+    )
     parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
     add_job_arguments(parser)
 
@@ -410,7 +448,9 @@ def convert_threads_from_args(args: argparse.Namespace) -> int | None:
 
 def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
-    return ModelSpec(args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads)
+    return ModelSpec(
+        args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads, numerics=args.numerics
+    )
 
 
 def index_sampling(index_url: str, fingerprint: dict) -> video.SamplingConfig:
@@ -468,6 +508,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         convert_threads=convert_threads,
         index=args.from_index,
         fallback_video=args.fallback_video,
+        prompt_template=args.prompt_template,
         model_handle=model_handle,
     )
     options = pipeline_options_from_args(

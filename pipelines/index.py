@@ -54,6 +54,7 @@ from pipelines.units import GENERIC_QUERY_ID, INDEX_TARGET, LoadUnitFn, ModelSpe
 from schemas import index_layout
 from tempo_ops import video
 from tempo_ops.errors import ConfigError
+from tempo_ops.query_text import DEFAULT_TEMPLATE
 
 METRICS_NAMESPACE = "tempo.index"
 
@@ -112,7 +113,9 @@ class PlanIndexVideoFn(beam.DoFn):
     def process(self, entry) -> Iterator:
         vid = entry.video_id
         index_pending = self.force or not self.index_writer.is_complete(vid)
-        cache_pending = self.cache_writer is not None and (self.force or not self.cache_writer.is_complete(vid, GENERIC_QUERY_ID))
+        cache_pending = self.cache_writer is not None and (
+            self.force or not self.cache_writer.is_complete(vid, GENERIC_QUERY_ID, query_text="", prompt_template=DEFAULT_TEMPLATE)
+        )
         if not (index_pending or cache_pending):
             self.skipped.inc()
             return
@@ -131,7 +134,7 @@ class PlanIndexVideoFn(beam.DoFn):
                 targets.append(INDEX_TARGET)
             if cache_pending:
                 self.cache_writer.write_video(vid, meta)
-                landed &= begin_cache_entries(self.cache_writer, vid, plan.n_segments, [(GENERIC_QUERY_ID, "")], ranges, force=self.force)
+                landed &= begin_cache_entries(self.cache_writer, vid, plan.n_segments, [(GENERIC_QUERY_ID, "", DEFAULT_TEMPLATE)], ranges, force=self.force)
                 targets.append(GENERIC_QUERY_ID)
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
             self.videos_failed.inc()

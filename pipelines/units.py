@@ -56,6 +56,7 @@ class ModelSpec:
     dtype: str | None
     max_batch_tokens: int
     torch_threads: int | None
+    numerics: str | None = None  # None: reference for bf16, exact otherwise
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,7 @@ def load_compressor(spec: ModelSpec):
         device=spec.device,
         dtype=spec.dtype,
         max_batch_tokens=spec.max_batch_tokens,
+        numerics=spec.numerics,
     )
 
 

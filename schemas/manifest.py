@@ -5,7 +5,7 @@ A line is a JSON object::
     {"video_id": "cooking_01", "uri": "videos/cooking_01.mp4",
      "queries": [{"query_id": "q1", "text": "What is added first?",
                   "options": ["A. salt", "B. oil"], "answer": "B"}],
-     "metadata": {"source": "..."}, "manifest_version": 1}
+     "metadata": {"source": "..."}, "prompt_template": "videomme", "manifest_version": 1}
 
 - ``video_id`` (non-empty str, unique in the file) and ``uri`` (non-empty str) are required.
   A relative ``uri`` resolves against the manifest's directory (also for URLs such as
@@ -14,6 +14,12 @@ A line is a JSON object::
   unique within the video), ``text`` (str; may be empty), optional ``options`` (non-empty
   list of str, or null) and ``answer`` (str or null).
 - ``metadata``: optional JSON object (default ``{}``), passed through untouched.
+- ``prompt_template``: optional name of the benchmark prompt template the line's queries are
+  rendered with (``tempo_ops.query_text.TEMPLATES``: ``plain``, ``videomme``, ``lvbench``,
+  ``mlvu``, ``longvideobench``; null or absent → ``plain``). A corpus names its benchmark's
+  template on every line; ``tempo compress --prompt-template NAME`` overrides it for a run.
+  The compressor reads ``render_query(text, options, template)``, and the cache stores that
+  text and the template name with the entry. An unknown name is a manifest error.
 - ``manifest_version``: optional int, default 1; any other version is rejected.
 - Unknown keys (top level or in a query) are errors: they are usually typos
   (``"quries"``) that would otherwise silently drop data.
@@ -36,9 +42,10 @@ import fsspec
 
 from tempo_ops.errors import InputError, ManifestError
 from tempo_ops.keys import sanitize_key
+from tempo_ops.query_text import TEMPLATES
 
 MANIFEST_VERSION = 1
-_TOP_KEYS = {"video_id", "uri", "queries", "metadata", "manifest_version"}
+_TOP_KEYS = {"video_id", "uri", "queries", "metadata", "prompt_template", "manifest_version"}
 _QUERY_KEYS = {"query_id", "text", "options", "answer"}
 
 
@@ -57,13 +64,15 @@ class QueryEntry:
 
 @dataclass(frozen=True)
 class VideoEntry:
-    """One manifest line. ``uri`` is already resolved; ``line`` is the 1-based line number."""
+    """One manifest line. ``uri`` is already resolved; ``line`` is the 1-based line number;
+    ``prompt_template``: the line's template name, or None (the job's default applies)."""
 
     video_id: str
     uri: str
     queries: list[QueryEntry] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     line: int = 0
+    prompt_template: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +81,7 @@ class VideoEntry:
             "queries": [q.to_dict() for q in self.queries],
             "metadata": self.metadata,
             "line": self.line,
+            "prompt_template": self.prompt_template,
         }
 
 
@@ -137,6 +147,9 @@ def _check_line(obj: Any, line_no: int) -> list[ManifestProblem]:
             sanitize_key(obj["video_id"])
         except InputError as exc:
             bad("video_id", exc.reason)
+    template = obj.get("prompt_template")
+    if template is not None and (not isinstance(template, str) or template not in TEMPLATES):
+        bad("prompt_template", f"unknown prompt template {template!r} (known: {', '.join(TEMPLATES)})")
     metadata = obj.get("metadata", {})
     if metadata is not None and not isinstance(metadata, dict):
         bad("metadata", f"must be an object, got {type(metadata).__name__}")
@@ -206,6 +219,7 @@ def _entry(obj: dict[str, Any], line_no: int, base: str) -> VideoEntry:
         queries=queries,
         metadata=dict(obj.get("metadata") or {}),
         line=line_no,
+        prompt_template=obj.get("prompt_template"),
     )
 
 

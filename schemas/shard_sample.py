@@ -16,9 +16,10 @@ One sample = four tar members named ``{key}.{member}``, in this (sorted) order:
 - ``meta.json``  — ``SampleMeta`` fields (ids, question, options, answer, budget, policy,
   pack mode, cache fingerprint, format version, sizes; ``prompt_template`` and ``context``:
   the template and the rendered query text the LLM reads, ``tempo_ops.query_text.render_query``;
-  ``metadata``: the manifest's video metadata). The last three were added within version 1:
-  readers treat them as optional (absent → render ``question``/``options`` with the plain
-  template; empty metadata);
+  ``query_text``: the rendered prompt the compressor read, from the cache entry (null for
+  entries that did not record it); ``metadata``: the manifest's video metadata). These were
+  added within version 1: readers treat them as optional (absent → render
+  ``question``/``options`` with the plain template; empty metadata);
 - ``times.json`` — ``{"timestamp_texts": [S str], "timestamps_s": [S float],
   "offsets": [S+1 int]}``; segment i's tokens are ``tokens[offsets[i]:offsets[i+1]]``,
   preceded by ``timestamp_texts[i]`` in the LLM prompt;
@@ -98,6 +99,7 @@ class SampleMeta:
     prompt_template: str | None = None
     context: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    query_text: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""

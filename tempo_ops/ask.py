@@ -31,8 +31,11 @@ def ask_query_id(context: str) -> str:
     return ASK_QUERY_PREFIX + hashlib.sha256(context.encode("utf-8")).hexdigest()[:16]
 
 
-def ensure_entry(compressor: Any, indexed: Any, writer: Any, video_id: str, query_id: str, context: str) -> bool:
-    """Make the cache hold the complete (video_id, query_id) entry for ``context``.
+def ensure_entry(
+    compressor: Any, indexed: Any, writer: Any, video_id: str, query_id: str, context: str, prompt_template: str | None = None
+) -> bool:
+    """Make the cache hold the complete (video_id, query_id) entry for ``context`` (the question
+    rendered under ``prompt_template``; None: plain).
 
     ``indexed``: the video's ``IndexVideo``; ``writer``: a ``CacheWriter`` whose config matches
     ``compressor`` and the index's sampling. Returns True when it was compressed now, False
@@ -40,11 +43,12 @@ def ensure_entry(compressor: Any, indexed: Any, writer: Any, video_id: str, quer
     """
     from tempo_ops.errors import EntryNotFound
 
+    template = get_template(prompt_template).name
     try:
-        begun = writer.begin_entry(video_id, query_id, context, indexed.n_segments)
+        begun = writer.begin_entry(video_id, query_id, context, indexed.n_segments, prompt_template=template)
     except EntryNotFound:  # the cache has no record of this video yet
         writer.write_video(video_id, indexed.meta)
-        begun = writer.begin_entry(video_id, query_id, context, indexed.n_segments)
+        begun = writer.begin_entry(video_id, query_id, context, indexed.n_segments, prompt_template=template)
     if not begun:
         return False
     result = compressor.compress_from_features(indexed.features(), [context])

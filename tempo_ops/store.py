@@ -6,7 +6,8 @@ Write protocol (compression job)::
 
     w = CacheWriter.open(url, config)              # driver, once: creates root / checks fingerprint
     w.write_video(video_id, meta)                  # one worker per video
-    if w.begin_entry(video_id, query_id, text, S): # False: already complete, skip
+    if w.begin_entry(video_id, query_id, text, S,  # False: already complete, skip
+                     prompt_template=name):      # text = render_query(question, options, name)
         w.write_block(video_id, query_id, seg_start, cand (n, K, D), rel (n,))  # units in parallel,
         ...                                        #   seg_start % w.segments_per_shard == 0
         w.finalize_entry(video_id, query_id)       # one worker: verify all blocks, marker last
@@ -43,6 +44,7 @@ from tempo_ops.errors import (
     InvalidTokenRange,
 )
 from tempo_ops.fs import DEFAULT_RETRY, RangeByteRequest, RetryPolicy, SuffixByteRequest, open_store
+from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES
 from tempo_ops.store_shard import check_shard, decode_index, encode_shard, merge_pieces, plan_segment
 
 _PROTO = default_buffer_prototype()
@@ -368,19 +370,28 @@ class CacheWriter:
         query_text: str,
         n_segments: int,
         *,
+        prompt_template: str = DEFAULT_TEMPLATE,
         force: bool = False,
         resume: bool = False,
     ) -> bool:
         """Prepare the (video, query) entry for ``n_segments`` segments. False: already complete (skip).
 
+        ``query_text`` is the text the compressor read (the query rendered under
+        ``prompt_template``, a name in ``tempo_ops.query_text.TEMPLATES``); both are stored and
+        both are part of the entry's identity, like its shape.
+
         An incomplete entry (crashed run) is deleted and recreated empty — or, with
         ``resume=True`` and the same query text and shape, kept as is so the blocks that
         landed intact (see ``missing_segments``) need not be rewritten. With ``force`` a
         complete entry is recreated too (its marker is removed first). A complete entry whose
-        query text or shape differs is recomputed as well.
+        query text, prompt template or shape differs is recomputed as well.
         """
         if not isinstance(query_text, str):
             raise InvalidCacheBlock("query_text must be a string", item=f"{video_id}/{query_id}")
+        if not isinstance(prompt_template, str) or prompt_template not in TEMPLATES:
+            raise InvalidCacheBlock(
+                f"prompt_template must be one of {', '.join(TEMPLATES)}, got {prompt_template!r}", item=f"{video_id}/{query_id}"
+            )
         if not isinstance(n_segments, (int, np.integer)) or isinstance(n_segments, bool) or n_segments < 1:
             raise InvalidCacheBlock(f"n_segments must be a positive int, got {n_segments!r}", item=f"{video_id}/{query_id}")
         n_segments = int(n_segments)
@@ -399,6 +410,7 @@ class CacheWriter:
             L.ENTRY_VIDEO_ID: video_id,
             L.ENTRY_QUERY_ID: query_id,
             L.ENTRY_QUERY_TEXT: query_text,
+            L.ENTRY_PROMPT_TEMPLATE: prompt_template,
             L.ENTRY_N_SEGMENTS: n_segments,
             L.ENTRY_K: self._geo.K,
             L.ENTRY_D: self._geo.D,
@@ -598,10 +610,16 @@ class CacheWriter:
         attrs.update({L.ENTRY_COMPLETE: True, L.ENTRY_COMPLETED_AT: _now(), L.ENTRY_PACKAGE_VERSION: tempo_ops.__version__})
         sync(_put_group(store, epath, attrs))
 
-    def is_complete(self, video_id: str, query_id: str) -> bool:
-        """True when the entry carries the completion marker."""
+    def is_complete(
+        self, video_id: str, query_id: str, *, query_text: str | None = None, prompt_template: str | None = None
+    ) -> bool:
+        """True when the entry carries the completion marker (and, where given, was computed from
+        this ``query_text`` under this ``prompt_template``: otherwise it is stale)."""
         attrs = sync(_get_attrs(self.store, L.entry_path(video_id, query_id)))
-        return attrs is not None and attrs.get(L.ENTRY_COMPLETE) is True
+        if attrs is None or attrs.get(L.ENTRY_COMPLETE) is not True:
+            return False
+        wanted = {L.ENTRY_QUERY_TEXT: query_text, L.ENTRY_PROMPT_TEMPLATE: prompt_template}
+        return all(attrs.get(k) == v for k, v in wanted.items() if v is not None)
 
 
 def _reopen_writer(url: str, config: dict[str, Any], storage_options: dict[str, Any] | None) -> CacheWriter:
@@ -773,6 +791,8 @@ class EntryReader:
         self.query_id = query_id
         self.attrs = entry_attrs
         self.query_text: str = entry_attrs[L.ENTRY_QUERY_TEXT]
+        self.prompt_template: str | None = entry_attrs.get(L.ENTRY_PROMPT_TEMPLATE)
+        """Template ``query_text`` was rendered with (None: an entry written before templates were recorded)."""
         self.n_segments: int = int(entry_attrs[L.ENTRY_N_SEGMENTS])
         self.K: int = int(entry_attrs[L.ENTRY_K])
         self.D: int = int(entry_attrs[L.ENTRY_D])

@@ -349,29 +349,37 @@ def test_sdist_contains_everything_workers_import(tmp_path):
     assert "constraints.txt" in names
 
 
+class _WrappedCompressor:
+    """The real compressor, calling ``before(queries)`` first on every ``compress``."""
+
+    def __init__(self, inner, before):
+        self.inner, self.before = inner, before
+
+    def fingerprint(self):
+        return self.inner.fingerprint()
+
+    def compress(self, segments, queries):
+        self.before(queries)
+        return self.inner.compress(segments, queries)
+
+
+def _wrap_compressor(monkeypatch, before) -> None:
+    import pipelines.units as units_module  # the model stages load through pipelines.units
+
+    real_load = units_module.load_compressor
+    monkeypatch.setattr(units_module, "load_compressor", lambda spec: _WrappedCompressor(real_load(spec), before))
+
+
 def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatch):
     """A model error of one query and a write error of one video become one dead letter each."""
-    import pipelines.units as units_module
     from tempo_ops.errors import CacheWriteError, InferenceError
     from tempo_ops.store import CacheReader, CacheWriter
 
-    real_load = units_module.load_compressor
+    def fail_on_short_clip(queries):
+        if "Count the blocks." in queries:
+            raise InferenceError("out of memory (injected)", item="segment 0")
 
-    class FailingOnQuery:
-        """The real compressor, except that it fails on the short clip's query."""
-
-        def __init__(self, inner):
-            self.inner = inner
-
-        def fingerprint(self):
-            return self.inner.fingerprint()
-
-        def compress(self, segments, queries):
-            if "Count the blocks." in queries:
-                raise InferenceError("out of memory (injected)", item="segment 0")
-            return self.inner.compress(segments, queries)
-
-    monkeypatch.setattr(units_module, "load_compressor", lambda spec: FailingOnQuery(real_load(spec)))
+    _wrap_compressor(monkeypatch, fail_on_short_clip)
     real_write = CacheWriter.write_block
 
     def write_block(self, video_id, query_id, *args, **kwargs):
@@ -393,3 +401,59 @@ def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatc
     summary = _summary(cache)
     assert summary["failures"] == {"items": 2, "by_code": {"cache_write_error": 1, "inference_error": 1}}
     assert summary["counts"]["queries_failed"] == 2
+
+
+def test_queries_are_rendered_with_the_prompt_template(tiny_models, tmp_path, monkeypatch):
+    """The compressor reads the full benchmark prompt; the cache stores it and the template; the
+    template is part of the entry's identity (``--prompt-template`` overrides the manifest)."""
+    from tempo_ops.query_text import render_query
+    from tempo_ops.store import CacheReader
+
+    root = tmp_path / "c"
+    root.mkdir()
+    write_test_video(root / "a.mp4", n_frames=40, fps=10, width=80, height=64)
+    write_test_video(root / "b.mp4", n_frames=24, fps=8, width=48, height=48)
+    q = {"query_id": "q1", "text": "What is added first?", "options": ["salt", "oil", "sugar", "flour"], "answer": "B"}
+    many = {"query_id": "q2", "text": "Which?", "options": [f"o{i}" for i in range(27)]}  # more options than letters
+    lines = [
+        {"video_id": "a", "uri": "a.mp4", "queries": [q], "prompt_template": "videomme"},
+        {"video_id": "b", "uri": "b.mp4"},  # generic entry
+        {"video_id": "c", "uri": "a.mp4", "queries": [many], "prompt_template": "lvbench"},
+    ]
+    manifest = root / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    seen: list[str] = []
+    _wrap_compressor(monkeypatch, seen.extend)
+    cache = tmp_path / "cache.zarr"
+    videomme = render_query(q["text"], q["options"], "videomme")
+    assert videomme.startswith("Select the best answer") and "\nB. oil\n" in videomme
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 1  # line c cannot be rendered
+    (letter,) = _dead_letters(cache)
+    assert (letter["video_id"], letter["stage"], letter["code"]) == ("c", "plan", "config_error")
+    assert sorted(seen) == sorted([videomme, ""])
+    reader = CacheReader(str(cache))
+    e = reader.entry("a", "q1")
+    assert (e.query_text, e.prompt_template) == (videomme, "videomme")
+    g = reader.entry("b", "_generic")
+    assert (g.query_text, g.prompt_template) == ("", "plain")
+    # same template again: reused
+    seen.clear()
+    assert tempo(_compress_args(manifest, cache, tiny_models)) == 1
+    assert seen == [] and _summary(cache)["counts"]["queries_skipped_complete"] == 2
+    # the override renders the same query under another template: a new entry; the generic one is kept
+    assert tempo(_compress_args(manifest, cache, tiny_models, "--prompt-template", "longvideobench")) == 1
+    lvb = render_query(q["text"], q["options"], "longvideobench")
+    assert seen == [lvb] and lvb.endswith("Answer with the option's letter from the given choices directly.\n")
+    e = CacheReader(str(cache)).entry("a", "q1")
+    assert (e.query_text, e.prompt_template) == (lvb, "longvideobench")
+    counts = _summary(cache)["counts"]
+    assert counts["queries_completed"] == 1 and counts["queries_skipped_complete"] == 1
+
+
+def test_unknown_prompt_template_and_numerics_flags_are_refused(tiny_models, corpus, tmp_path, capsys):
+    for flag, value in (("--prompt-template", "nope"), ("--numerics", "fast")):
+        with pytest.raises(SystemExit) as err:
+            tempo(_compress_args(corpus, tmp_path / "x.zarr", tiny_models, flag, value))
+        assert err.value.code == 2
+        assert "invalid choice" in capsys.readouterr().err
+    assert not (tmp_path / "x.zarr").exists()

@@ -186,11 +186,12 @@ def test_fingerprint(comp, tiny_paths):
     fp = comp.fingerprint()
     assert set(fp) == {
         "svlm_name", "svlm_weights_sha256", "memory_tokens_source", "memory_tokens_sha256",
-        "prompt_sha256", "num_memory_tokens", "hidden_size", "reference_geometry",
+        "prompt_sha256", "num_memory_tokens", "hidden_size", "reference_geometry", "numerics",
     }
     assert json.loads(json.dumps(fp)) == fp
     assert fp["num_memory_tokens"] == 128 and fp["hidden_size"] == 64 and fp["reference_geometry"] is False
     assert fp["memory_tokens_source"] == "init:seed=0"
+    assert fp["numerics"] == "exact"  # float32 default
     assert fp["prompt_sha256"] == svlm_prompt.prompt_sha256()
     other = Compressor.from_pretrained(tiny_paths["svlm"], seed=1, device="cpu")
     assert other.fingerprint()["memory_tokens_sha256"] != fp["memory_tokens_sha256"]

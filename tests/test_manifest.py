@@ -123,6 +123,27 @@ def test_every_problem_is_reported(tmp_path):
         list(iter_manifest(url))  # fail fast on the first bad line
 
 
+def test_prompt_template_field(tmp_path):
+    url = _write(tmp_path / "m.jsonl", [
+        {"video_id": "a", "uri": "a.mp4", "prompt_template": "videomme"},
+        {"video_id": "b", "uri": "b.mp4", "prompt_template": None},
+        {"video_id": "c", "uri": "c.mp4"},
+    ])
+    assert validate_manifest(url) == []
+    entries = list(iter_manifest(url))
+    assert [e.prompt_template for e in entries] == ["videomme", None, None]
+    assert entries[0].to_dict()["prompt_template"] == "videomme"
+    bad = _write(tmp_path / "bad.jsonl", [
+        {"video_id": "a", "uri": "a.mp4", "prompt_template": "VideoMME"},
+        {"video_id": "b", "uri": "b.mp4", "prompt_template": 3},
+    ])
+    problems = validate_manifest(bad)
+    assert [(p.line, p.field) for p in problems] == [(1, "prompt_template"), (2, "prompt_template")]
+    assert "unknown prompt template 'VideoMME'" in problems[0].message and "longvideobench" in problems[0].message
+    with pytest.raises(ManifestError, match="prompt_template"):
+        parse_manifest_line(json.dumps({"video_id": "a", "uri": "a.mp4", "prompt_template": "nope"}), "/base", 1)
+
+
 def test_iter_manifest_rejects_duplicates(tmp_path):
     url = _write(tmp_path / "dup.jsonl", [{"video_id": "a", "uri": "x"}, {"video_id": "a", "uri": "y"}])
     it = iter_manifest(url)

@@ -306,7 +306,8 @@ def build_cache(tmp_path):
             rng = np.random.default_rng(len(v) * 10 + j)
             cand = rng.standard_normal((S, K_INT, D_INT)).astype(np.float16)
             rel = rng.random(S).astype(np.float32)
-            writer.begin_entry(v, q, f"text {q}", S)
+            template = "videomme" if v == "vid.a" else "plain"
+            writer.begin_entry(v, q, f"text {q} ({template})", S, prompt_template=template)
             for s0 in range(0, S, 4):
                 writer.write_block(v, q, s0, cand[s0 : s0 + 4], rel[s0 : s0 + 4])
             writer.finalize_entry(v, q)
@@ -352,6 +353,9 @@ def test_build_shards_job_end_to_end(tmp_path, capsys):
                 assert s["alloc"].tolist() == k.tolist()
                 assert np.array_equal(s["tokens"], np.concatenate([cand[i, :n] for i, n in enumerate(k)]))
                 assert s["meta"]["answer"] in ("A", "red", "3") and s["meta"]["budget"] == budget
+                template = "videomme" if s["meta"]["video_id"] == "vid.a" else "plain"
+                assert s["meta"]["prompt_template"] == template  # what the cache entry recorded
+                assert s["meta"]["query_text"] == f"text {s['meta']['query_id']} ({template})"
     summary = json.loads((tmp_path / "shards.summary.json").read_text())
     assert summary["failures"] == 0 and summary["counts"]["unannotated"] == 1 and summary["counts"]["not_in_manifest"] == 1
     assert summary["bytes_written"] > 0

@@ -236,6 +236,33 @@ def test_begin_entry_skip_recreate_and_force(cache: str) -> None:
     np.testing.assert_array_equal(CacheReader(cache).entry("v", "q").read_all(), _f16(block_data("v", "q")[0]))
 
 
+def test_prompt_template_is_stored_and_part_of_the_entry_identity(cache: str) -> None:
+    from tempo_ops.query_text import render_query
+
+    w = open_writer(cache)
+    write_entry(w, "v", "q")  # default template
+    assert CacheReader(cache).entry("v", "q").prompt_template == "plain"
+    text = render_query("What is added?", ["salt", "oil"], "videomme")
+    cand, rel = block_data("v", "q")
+    assert w.begin_entry("v", "q", text, S, prompt_template="videomme") is True  # another template: recompute
+    w.write_block("v", "q", 0, cand[:P], rel[:P])
+    w.write_block("v", "q", P, cand[P:], rel[P:])
+    w.finalize_entry("v", "q")
+    e = CacheReader(cache).entry("v", "q")
+    assert (e.query_text, e.prompt_template) == (text, "videomme")
+    assert e.attrs[L.ENTRY_PROMPT_TEMPLATE] == "videomme"
+    assert w.begin_entry("v", "q", text, S, prompt_template="videomme") is False  # same text + template: reuse
+    assert w.is_complete("v", "q", query_text=text, prompt_template="videomme")
+    assert not w.is_complete("v", "q", query_text=text, prompt_template="plain")  # stale for another template
+    assert not w.is_complete("v", "q", query_text="other", prompt_template="videomme")
+    # the same rendered text recorded under another template name is another entry too
+    assert w.begin_entry("v", "q", text, S, prompt_template="lvbench") is True
+    assert CacheReader(cache).entries() == []
+    for bad in ("nope", None, 3):
+        with pytest.raises(InvalidCacheBlock, match="prompt_template"):
+            w.begin_entry("v", "q", text, S, prompt_template=bad)
+
+
 def test_fingerprint_mismatch_names_fields(cache: str) -> None:
     open_writer(cache)
     other = make_config(memory_tokens_sha256="f" * 64)

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tempo_ops import numerics as num
 from tempo_ops.chunking import consecutive_chunks
 from tempo_ops.errors import (
     CheckpointFormatError,
@@ -141,6 +142,10 @@ class Compressor:
         max_batch_tokens: cap on Σ(attended sequence length) over the rows of one forward pass
             (prefix passes: G·P; suffix passes: Σ(P + suffix + K); at least one row always runs).
         reference_geometry: passed to ``frames_to_video_inputs`` (DESIGN.md 2 frame geometry).
+        numerics: ``"reference"`` hooks the released model's bf16 roundings into ``model``
+            (``tempo_ops.numerics.install_reference_numerics``), keeps an fp16-rounded device copy
+            of the memory tokens and subtracts the Yes/No rows in bf16; ``"exact"`` runs the model
+            as given. The fp16 pass of the SVLM weights is done by ``from_pretrained``.
         svlm_location, memory_tokens_location: full paths/URLs they were loaded from (informational).
     """
 
@@ -158,6 +163,7 @@ class Compressor:
         dtype: torch.dtype,
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
         reference_geometry: bool = True,
+        numerics: str = num.EXACT,
         svlm_location: str | None = None,
         memory_tokens_location: str | None = None,
     ) -> None:
@@ -176,14 +182,18 @@ class Compressor:
         self.dtype = dtype
         self.max_batch_tokens = max_batch_tokens
         self.reference_geometry = bool(reference_geometry)
+        self.numerics = num.resolve_numerics(numerics, dtype)
         self.svlm_name = svlm_name
         self.svlm_weights_sha256 = svlm_weights_sha256
         self.memory_tokens_source = memory_tokens_source
         self.svlm_location = svlm_location or svlm_name
         self.memory_tokens_location = memory_tokens_location
         self._memory_tokens = memory_tokens.detach().to("cpu", torch.float32).contiguous()
-        self._memory_on_device = self._memory_tokens[0].to(device, dtype)
-        self._relevance_direction = (yes_no_rows[0].float() - yes_no_rows[1].float()).to(device)
+        reference = self.numerics == num.REFERENCE
+        device_tokens = num.pass_through_fp16(self._memory_tokens[0]) if reference else self._memory_tokens[0]
+        self._memory_on_device = device_tokens.to(device, dtype)
+        self._relevance_direction = num.relevance_direction(yes_no_rows, self.numerics).to(device)
+        self._numerics_hooks = num.install_reference_numerics(model) if reference else None
         self._yes_no_rows = yes_no_rows.detach().to("cpu", torch.float32).clone()
         config = model.config
         self._video_token_id = int(config.video_token_id)
@@ -209,6 +219,7 @@ class Compressor:
         max_batch_tokens: int | None = DEFAULT_MAX_BATCH_TOKENS,
         tempo_svlm_weights: bool = True,
         reference_geometry: bool = True,
+        numerics: str | None = None,
         storage_options: Mapping[str, Any] | None = None,
     ) -> Compressor:
         """Load the base SVLM and the memory tokens (local paths or fsspec URLs).
@@ -224,11 +235,18 @@ class Compressor:
             device, dtype: default CUDA + bf16 when available, else CPU + float32 (dtype may be
                 a string such as ``"bfloat16"``).
             max_batch_tokens: see the class docstring; None → ``DEFAULT_MAX_BATCH_TOKENS``.
+            numerics: ``"reference"`` (default when the dtype is bf16) or ``"exact"`` (default
+                otherwise); see ``tempo_ops.numerics``. In reference numerics every weight
+                (SVLM, fine-tuned SVLM weights, memory tokens, Yes/No rows) passes through
+                float16 on load before the cast to ``dtype``.
         """
         dev, dt = resolve_device_dtype(device, dtype)
+        mode = num.resolve_numerics(numerics, dt)
         if max_batch_tokens is None:
             max_batch_tokens = DEFAULT_MAX_BATCH_TOKENS
-        loaded = checkpoints.load_svlm(svlm_path, device=dev, dtype=dt, storage_options=storage_options)
+        # Reference numerics: load in float16 (the fp16 pass), cast to the run dtype below.
+        load_dtype = torch.float16 if mode == num.REFERENCE else dt
+        loaded = checkpoints.load_svlm(svlm_path, device=dev, dtype=load_dtype, storage_options=storage_options)
         model = loaded.model
         hidden = loaded.hidden_size
         digests = dict(loaded.weight_digests)
@@ -247,6 +265,8 @@ class Compressor:
                 _install_weights(model, mem.svlm_weights, item=os.fspath(memory_tokens))
                 digests.update(mem.svlm_weight_digests or {})
                 source += "+svlm"
+        if load_dtype != dt:
+            model.to(dt)  # rope inv_freq buffers are float32 until here: rounded once, to bf16, by the hooks
         return cls(
             model,
             loaded.tokenizer,
@@ -259,6 +279,7 @@ class Compressor:
             dtype=dt,
             max_batch_tokens=max_batch_tokens,
             reference_geometry=reference_geometry,
+            numerics=mode,
             svlm_location=loaded.location,
             memory_tokens_location=None if memory_tokens is None else os.fspath(memory_tokens),
         )
@@ -280,6 +301,7 @@ class Compressor:
                 "svlm_location": self.svlm_location,
                 "memory_tokens_location": self.memory_tokens_location,
                 "reference_geometry": self.reference_geometry,
+                "numerics": self.numerics,
             },
             storage_options=storage_options,
         )
@@ -316,6 +338,7 @@ class Compressor:
             "num_memory_tokens": self.num_memory_tokens,
             "hidden_size": self.hidden_size,
             "reference_geometry": self.reference_geometry,
+            "numerics": self.numerics,
         }
 
     # ------------------------------------------------------------------ inputs

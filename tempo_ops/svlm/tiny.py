@@ -167,7 +167,17 @@ def build_tiny_svlm(out_dir: str | Path, seed: int = 0, tokenizer: Any = None) -
     torch.manual_seed(seed)
     model = Qwen3VLForConditionalGeneration(cfg).to(torch.float32).eval()
     model.save_pretrained(out, safe_serialization=True)
-    write_tokenizer(out, tok)
+    write_processor_files(out, tok)
+    return out
+
+
+def write_processor_files(out_dir: str | Path, tokenizer: Any = None) -> Path:
+    """Write the tiny SVLM's processor files only (tokenizer, chat template, image and video
+    processor configs) into ``out_dir``: enough for ``AutoProcessor.from_pretrained`` under any
+    transformers version (the parity tests load them with the reference's 4.57)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(out, tokenizer if tokenizer is not None else build_tokenizer())
     _write_json(out / "preprocessor_config.json", PREPROCESSOR_CONFIG)
     _write_json(out / "video_preprocessor_config.json", VIDEO_PREPROCESSOR_CONFIG)
     return out
