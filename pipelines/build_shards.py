@@ -137,7 +137,8 @@ def plan_job(
     """Plan every shard set from the cache's complete entries and the manifest's annotations.
 
     Reads only each entry's metadata and relevance. Each sample carries its query rendered
-    with ``prompt_template`` (``render_query``) and its video's manifest metadata. Returns
+    with ``prompt_template`` (``render_query``; None: the template the entry records) and its
+    video's manifest metadata. Returns
     (plans in (budget, policy) order, dead letters of entries that could not be planned, counts).
     """
     template = get_template(prompt_template).name
@@ -163,6 +164,8 @@ def plan_job(
             continue
         try:
             entry = reader.entry(video_id, query_id)
+            # An explicit template wins; else the one the entry's compressor read (the LLM answers that same text).
+            entry_template = template if prompt_template is not None else get_template(getattr(entry, "prompt_template", None)).name
             scores = np.asarray(entry.relevance(), dtype=np.float32)
             S, K, D = int(entry.n_segments), int(entry.K), int(entry.D)
             key = sample_key(video_id, query_id)
@@ -173,7 +176,7 @@ def plan_job(
                     ps = PlannedSample(
                         key, video_id, query_id, q.text, q.options, q.answer,
                         tuple(int(x) for x in res.k), estimate_sample_bytes(res.report.total, D, S),
-                        prompt_template=template, context=render_query(q.text, q.options, template),
+                        prompt_template=entry_template, context=render_query(q.text, q.options, entry_template),
                         metadata=dict(metadata.get(video_id) or {}),
                     )
                     st = allocation_stats(res.k, frames_per_segment, b)

@@ -563,7 +563,7 @@ def build_sample(
         n_tokens=int(packed.tokens.shape[0]),
         dim=int(entry_reader.D),
         cache_fingerprint=cache_fingerprint,
-        prompt_template=getattr(entry_reader, "prompt_template", None) or planned.prompt_template,
+        prompt_template=planned.prompt_template,
         context=planned.context,
         metadata=dict(planned.metadata),
         query_text=getattr(entry_reader, "query_text", None),
