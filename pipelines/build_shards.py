@@ -45,7 +45,6 @@ from schemas.shard_sample import sample_key, shard_set_name
 from tempo_ops.allocation import POLICIES, allocate_with_report, allocation_stats
 from tempo_ops.errors import ConfigError
 from tempo_ops.packing import PACK_MODES
-from tempo_ops.query_text import TEMPLATES, get_template, render_query
 from tempo_ops.shards import (
     PlannedSample,
     ShardRecord,
@@ -79,10 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-min", type=int, default=4, help="minimum tokens per segment (policy floor)")
     parser.add_argument("--k-max", type=int, default=None, help="maximum tokens per segment (default: the cache's K)")
     parser.add_argument("--force", action="store_true", help="rewrite complete shards and shard sets")
-    parser.add_argument(
-        "--prompt-template", default=None, choices=sorted(TEMPLATES),
-        help="query template rendered into each sample's context (default: the cache's, else plain)",
-    )
     add_runner_arguments(parser, default_mode="processes")  # tar writing is pure Python (GIL-bound)
 
 
@@ -132,16 +127,13 @@ def plan_job(
     *,
     k_min: int = 4,
     k_max: int | None = None,
-    prompt_template: str | None = None,
 ) -> tuple[list[ShardSetPlan], list[DeadLetter], dict[str, int]]:
     """Plan every shard set from the cache's complete entries and the manifest's annotations.
 
-    Reads only each entry's metadata and relevance. Each sample carries its query rendered
-    with ``prompt_template`` (``render_query``; None: the template the entry records) and its
-    video's manifest metadata. Returns
-    (plans in (budget, policy) order, dead letters of entries that could not be planned, counts).
+    Reads only each entry's metadata and relevance; each sample also carries its video's
+    manifest metadata. Returns (plans in (budget, policy) order, dead letters of entries that
+    could not be planned, counts).
     """
-    template = get_template(prompt_template).name
     questions = {}
     metadata = {}
     for video in manifest_schema.iter_manifest(manifest_url):
@@ -164,8 +156,6 @@ def plan_job(
             continue
         try:
             entry = reader.entry(video_id, query_id)
-            # An explicit template wins; else the one the entry's compressor read (the LLM answers that same text).
-            entry_template = template if prompt_template is not None else get_template(getattr(entry, "prompt_template", None)).name
             scores = np.asarray(entry.relevance(), dtype=np.float32)
             S, K, D = int(entry.n_segments), int(entry.K), int(entry.D)
             key = sample_key(video_id, query_id)
@@ -176,7 +166,6 @@ def plan_job(
                     ps = PlannedSample(
                         key, video_id, query_id, q.text, q.options, q.answer,
                         tuple(int(x) for x in res.k), estimate_sample_bytes(res.report.total, D, S),
-                        prompt_template=entry_template, context=render_query(q.text, q.options, entry_template),
                         metadata=dict(metadata.get(video_id) or {}),
                     )
                     st = allocation_stats(res.k, frames_per_segment, b)
@@ -297,12 +286,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     out = args.out.rstrip("/")
     reader = CacheReader(args.cache)
     fingerprint = reader.fingerprint
-    from pipelines.evaluate import template_from_cache
-
-    template = args.prompt_template or template_from_cache(reader.config)
     plans, dead, counts = plan_job(
-        reader, args.manifest, budgets, policies, int(args.shard_size_mb * 1_000_000), k_min=args.k_min, k_max=args.k_max,
-        prompt_template=template,
+        reader, args.manifest, budgets, policies, int(args.shard_size_mb * 1_000_000), k_min=args.k_min, k_max=args.k_max
     )
     todo = [p for p in plans if args.force or not shard_set_complete(set_url(out, p.budget, p.policy), p.plan_sha256)]
     skipped_sets = [p.set_name for p in plans if p not in todo]

@@ -7,7 +7,10 @@ Steps, each the real command a user would run:
 3. ``tempo probe``           — per-video sampling/segmentation summary;
 4. ``tempo compress``        — the Beam job on the local runner → Zarr cache (+ dead letters, summary);
 5. ``tempo inspect``         — what the cache holds;
-6. ``tempo shards``          — WebDataset shards at two budgets with ``ata`` and ``uniform``.
+6. ``tempo shards``          — WebDataset shards at two budgets with ``ata`` and ``uniform``;
+7. ``tempo eval``            — the LLM stage answers every annotated query at the same two budgets
+                               and two policies: accuracy table, predictions, summary and plots
+                               (random tiny weights: the accuracy means nothing).
 Nothing is downloaded. Re-running reuses the models and corpus and resumes the cache.
 """
 
@@ -45,21 +48,21 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     cache = out / "cache.zarr"
     shards = out / "shards"
 
-    _step("1/6 tiny models (built locally, seeded, no download)")
+    _step("1/7 tiny models (built locally, seeded, no download)")
     if not (models / "svlm" / "config.json").exists():
         if _call(["make-tiny-models", str(models)]) != 0:
             return 1
     else:
         print(f"reusing {models}")
 
-    _step("2/6 sample corpus (generated videos + one corrupt file)")
+    _step("2/7 sample corpus (generated videos + one corrupt file)")
     manifest = write_sample_corpus(out / "corpus")
     print(f"manifest: {manifest}")
 
-    _step("3/6 probe, sample and segment")
+    _step("3/7 probe, sample and segment")
     _call(["probe", "--manifest", str(manifest)])
 
-    _step("4/6 compress (Beam, local FnApiRunner)")
+    _step("4/7 compress (Beam, local FnApiRunner)")
     rc = _call(
         [
             "compress",
@@ -76,11 +79,11 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     if rc not in (0, 1):  # 1 = some items failed (the corrupt file): expected here
         return rc
 
-    _step("5/6 inspect the cache")
+    _step("5/7 inspect the cache")
     if _call(["inspect", str(cache)]) != 0:
         return 1
 
-    _step("6/6 training shards (ata and uniform at two budgets)")
+    _step("6/7 training shards (ata and uniform at two budgets)")
     rc = _call(
         [
             "shards",
@@ -99,12 +102,42 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     if rc != 0:
         return rc
 
+    _step("7/7 evaluate the LLM stage (ata and uniform at the same two budgets)")
+    evaluation = out / "eval"
+    rc = _call(
+        [
+            "eval",
+            "--cache",
+            str(cache),
+            "--manifest",
+            str(manifest),
+            "--llm",
+            str(models / "tempo"),
+            "--budgets",
+            args.budgets,
+            "--policies",
+            "ata,uniform",
+            "--out",
+            str(evaluation),
+        ]
+    )
+    if rc != 0:
+        return rc
+    print(
+        "note: the tiny models have random weights, so these accuracies mean nothing; they show the "
+        "pipeline end to end. Point --llm at a real Tempo checkpoint for meaningful numbers."
+    )
+
     print(f"\nDemo finished in {time.time() - started:.0f}s. Outputs:")
     for label, path in [
         ("cache", cache),
         ("dead letters", Path(str(cache) + ".deadletter.jsonl")),
         ("compress summary", Path(str(cache) + ".summary.json")),
         ("shards", shards),
+        ("eval predictions", evaluation / "predictions.jsonl"),
+        ("eval summary", evaluation / "summary.json"),
+        ("accuracy plot", evaluation / "accuracy_vs_budget.png"),
+        ("tokens/frame plot", evaluation / "tokens_per_frame_vs_budget.png"),
         ("models", models),
     ]:
         print(f"  {label:<17} {os.path.relpath(path)}")

@@ -56,11 +56,11 @@ from pipelines.build_shards import parse_budgets, parse_list, parse_policies
 from schemas import manifest as manifest_schema
 from tempo_ops.allocation import allocate_with_report
 from tempo_ops.errors import ConfigError
-from tempo_ops.llm.evaluate import EvalItem, evaluate_batch, make_item, plan_batches
+from tempo_ops.llm.evaluate import EvalItem, evaluate_batch, make_item, plan_batches, resolve_context
 from tempo_ops.llm.predictions import PredictionStore
 from tempo_ops.llm.report import format_table, render_plots, summarize
 from tempo_ops.packing import PACK_MODES
-from tempo_ops.query_text import TEMPLATES, get_template
+from tempo_ops.query_text import TEMPLATES
 
 METRICS_NAMESPACE = "tempo.eval"
 SUMMARY = "summary.json"
@@ -92,15 +92,6 @@ def load_llm(spec: LLMSpec) -> Any:
     )
 
 
-def template_from_cache(cache_config: dict[str, Any]) -> str | None:
-    """The prompt template a cache records for its queries, if it records one."""
-    for doc in (cache_config, cache_config.get("compressor") or {}, cache_config.get("query") or {}):
-        value = doc.get("prompt_template") if isinstance(doc, dict) else None
-        if isinstance(value, str):
-            return value
-    return None
-
-
 # --------------------------------------------------------------------------- planning (driver)
 @dataclass
 class Plan:
@@ -115,7 +106,7 @@ def plan_from_cache(
     budgets: Sequence[int],
     policies: Sequence[str],
     *,
-    template: str,
+    template: str | None,
     done: set[str],
     k_min: int = 4,
     k_max: int | None = None,
@@ -123,11 +114,14 @@ def plan_from_cache(
     """Every (complete entry with an answered query) × budget × policy not in ``done``.
 
     Reads each entry's metadata and relevance only; allocation happens here (milliseconds).
+    The context is ``resolve_context``'s: the entry's recorded query text unless ``template``
+    asks for another template than the entry was compressed with (counted in
+    ``counts["context_differs_from_cache_query"]``).
     """
-    questions: dict[tuple[str, str], tuple[Any, dict[str, Any]]] = {}
+    questions: dict[tuple[str, str], tuple[Any, dict[str, Any], str | None]] = {}
     for video in manifest_schema.iter_manifest(manifest_url):
         for q in video.queries:
-            questions[(video.video_id, q.query_id)] = (q, video.metadata)
+            questions[(video.video_id, q.query_id)] = (q, video.metadata, getattr(video, "prompt_template", None))
     window = int((getattr(reader, "config", None) or {}).get("sampling", {}).get("window", 8))
     plan = Plan(counts={"entries": 0, "not_in_manifest": 0, "unanswered": 0, "planned": 0, "skipped_done": 0,
                         "context_differs_from_cache_query": 0})
@@ -137,7 +131,7 @@ def plan_from_cache(
         if found is None:
             plan.counts["not_in_manifest"] += 1
             continue
-        q, metadata = found
+        q, metadata, line_template = found
         if q.answer is None:
             plan.counts["unanswered"] += 1
             continue
@@ -145,6 +139,10 @@ def plan_from_cache(
             entry = reader.entry(video_id, query_id)
             scores = np.asarray(entry.relevance(), dtype=np.float32)
             K = int(entry.K)
+            name, context = resolve_context(
+                q.text, q.options, template=template or line_template,
+                recorded_template=getattr(entry, "prompt_template", None), recorded_text=entry.query_text,
+            )
             items = []
             for b in budgets:
                 for p in policies:
@@ -152,13 +150,13 @@ def plan_from_cache(
                     items.append(
                         make_item(
                             video_id, query_id, b, p, res.k, question=q.text, options=q.options, answer=q.answer,
-                            prompt_template=template, metadata=metadata, frames_per_segment=window,
+                            prompt_template=name, metadata=metadata, frames_per_segment=window, context=context,
                         )
                     )
         except Exception as exc:  # noqa: BLE001 - any failure of one entry is its dead letter
             plan.dead.append(DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="plan"))
             continue
-        if items and entry.query_text != items[0].context:
+        if context != entry.query_text:
             plan.counts["context_differs_from_cache_query"] += 1
         for item in items:
             if item.key in done:
@@ -172,16 +170,18 @@ def plan_from_cache(
 def item_from_sample(sample: dict[str, Any], *, template: str | None, frames_per_segment: int) -> EvalItem:
     """The ``EvalItem`` of one decoded shard sample (``schemas.shard_sample.decode_sample``).
 
-    The context is the sample's own (``meta.context``, what the compressor read) unless a
-    ``template`` is given, which re-renders the question and options.
+    The context is ``resolve_context``'s, from the sample's recorded ``prompt_template`` and
+    ``query_text`` (what the compressor read), exactly as for the cache source.
     """
     meta = sample["meta"]
-    use = template or meta.get("prompt_template")
-    context = meta.get("context") if template is None else None
+    name, context = resolve_context(
+        meta["question"], meta.get("options"), template=template,
+        recorded_template=meta.get("prompt_template"), recorded_text=meta.get("query_text"),
+    )
     return make_item(
         meta["video_id"], meta["query_id"], int(meta["budget"]), str(meta["policy"]),
         np.asarray(sample["alloc"], dtype=np.int64), question=meta["question"], options=meta.get("options"),
-        answer=meta["answer"], prompt_template=use, metadata=meta.get("metadata") or {},
+        answer=meta["answer"], prompt_template=name, metadata=meta.get("metadata") or {},
         frames_per_segment=frames_per_segment, context=context,
     )
 
@@ -305,7 +305,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default="ata", help="comma-separated allocation policies (cache source)")
     parser.add_argument(
         "--prompt-template", default=None, choices=sorted(TEMPLATES),
-        help="query template (default: the one the cache or shard records, else plain)",
+        help="query template (default: the one each cache entry or shard sample records, else plain)",
     )
     parser.add_argument("--group-by", default="", help="comma-separated manifest metadata fields to break accuracy down by")
     parser.add_argument("--force", action="store_true", help="redo predictions already written")
@@ -331,6 +331,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         raise ConfigError("--cache needs --manifest (the answers)", item="eval")
     if args.batch_size < 1 or args.max_batch_tokens < 1:
         raise ConfigError("--batch-size and --max-batch-tokens must be >= 1", item="eval")
+    if args.k_min < 0 or (args.k_max is not None and args.k_max < max(1, args.k_min)):
+        raise ConfigError(f"need 0 <= --k-min <= --k-max, got {args.k_min}, {args.k_max}", item="k-min")
     group_by = parse_list(args.group_by, what="group-by") if args.group_by.strip() else []
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
     spec = LLMSpec(args.llm, args.device, args.dtype, args.numerics, args.max_length, threads)
@@ -343,15 +345,17 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         from tempo_ops.store import CacheReader
 
         reader = CacheReader(args.cache)
-        template = get_template(args.prompt_template or template_from_cache(reader.config)).name
+        template = args.prompt_template
         source = {"cache": args.cache, "cache_fingerprint": reader.fingerprint}
     else:
         index = read_index(args.shards)
         template = args.prompt_template
         source = {"shards": args.shards, "plan_sha256": index.get("plan_sha256"), "cache_fingerprint": index.get("cache_fingerprint")}
+    llm_identity = {k: v for k, v in driver_llm.model.fingerprint().items() if k != "name"}
+    # What predictions depend on: weights and numerics, the cached data (not where it lives), packing.
     config = {
-        "llm": driver_llm.model.fingerprint(),
-        "source": source,
+        "llm": llm_identity,
+        "source": {k: v for k, v in source.items() if k not in ("cache", "shards")},
         "prompt_template": template,
         "pack_mode": args.pack_mode,
         "k_min": args.k_min,
@@ -425,6 +429,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         "run_id": run_id,
         "runner": runner_name(options),
         "config": config,
+        "source": source,
+        "llm": args.llm,
         "counts": {**counts, "written": written, "failed": int(metrics.get("predictions_failed", 0))},
         "failures": {"items": sum(failures.values()), "by_code": failures},
         "dead_letter_file": dead_path,
@@ -464,7 +470,7 @@ def print_report(summary: dict[str, Any]) -> None:
     if differs:
         print(
             f"note: for {differs} entries the compressor read another query text than the LLM's context "
-            "(cache built without this prompt template)"
+            "(entries compressed under another prompt template; rendered anew for the LLM)"
         )
     print(f"predictions: {summary['predictions_file']}")
     print(f"summary:     {summary['predictions_file'].rsplit('/', 1)[0]}/{SUMMARY}")

@@ -23,13 +23,13 @@ _DEFAULTS = SamplingConfig()
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the frame sampling / resize / segment options (defaults: DESIGN.md section 2)."""
+    """Add the frame sampling / resize / segment options (defaults: docs/METHOD.md "Sampling")."""
     group = parser.add_argument_group("sampling")
     group.add_argument("--target-fps", type=float, default=_DEFAULTS.target_fps, help="sampled frames per second (default %(default)s)")
     group.add_argument("--min-frames", type=int, default=_DEFAULTS.min_frames, help="fewest sampled frames per video (default %(default)s)")
     group.add_argument("--max-frames", type=int, default=_DEFAULTS.max_frames, help="most sampled frames per video (default %(default)s)")
-    group.add_argument("--max-edge", type=int, default=_DEFAULTS.max_edge, help="longest frame side after resize, px (default %(default)s)")
-    group.add_argument("--frame-multiple", type=int, default=_DEFAULTS.multiple, help="frame sides are multiples of this, px (default %(default)s)")
+    group.add_argument("--max-edge", type=int, default=_DEFAULTS.max_edge, help="frames whose longer side exceeds this many px are scaled so it becomes this; smaller frames keep their size (default %(default)s)")
+    group.add_argument("--frame-multiple", type=int, default=_DEFAULTS.multiple, help="sides of scaled frames are rounded to multiples of this, px; --max-edge must be one (default %(default)s)")
     group.add_argument("--window", type=int, default=_DEFAULTS.window, help="sampled frames per segment (default %(default)s)")
     group.add_argument(
         "--frame-accuracy",

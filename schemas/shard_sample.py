@@ -14,12 +14,11 @@ One sample = four tar members named ``{key}.{member}``, in this (sorted) order:
 
 - ``alloc.npy``  — ``(S,) int16`` tokens kept per segment (npy, no pickle);
 - ``meta.json``  — ``SampleMeta`` fields (ids, question, options, answer, budget, policy,
-  pack mode, cache fingerprint, format version, sizes; ``prompt_template`` and ``context``:
-  the template and the rendered query text the LLM reads, ``tempo_ops.query_text.render_query``;
-  ``query_text``: the rendered prompt the compressor read, from the cache entry (null for
-  entries that did not record it); ``metadata``: the manifest's video metadata). These were
-  added within version 1: readers treat them as optional (absent → render
-  ``question``/``options`` with the plain template; empty metadata);
+  pack mode, cache fingerprint, format version, sizes, and ``prompt_template`` /
+  ``query_text``: the template and the rendered prompt the compressor read, from the cache
+  entry — the LLM stage answers that same text; null for entries that did not record them;
+  ``metadata``: the video's manifest metadata, ``{}`` when absent; readers treat all three
+  as optional);
 - ``times.json`` — ``{"timestamp_texts": [S str], "timestamps_s": [S float],
   "offsets": [S+1 int]}``; segment i's tokens are ``tokens[offsets[i]:offsets[i+1]]``,
   preceded by ``timestamp_texts[i]`` in the LLM prompt;
@@ -97,9 +96,8 @@ class SampleMeta:
     format_version: int = SHARD_FORMAT_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
     prompt_template: str | None = None
-    context: str | None = None
-    metadata: dict[str, Any] = field(default_factory=dict)
     query_text: str | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""

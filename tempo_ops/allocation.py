@@ -3,12 +3,17 @@
 Every policy maps relevance scores ``(S,)`` and a budget ``B`` (tokens, excluding timestamp
 text) to a per-segment token count ``k`` ``(S,) int64`` with ``0 <= k_i <= k_max``; segment
 ``i`` then keeps ``k_i`` of its ``k_max`` cached candidates (see ``tempo_ops.packing``).
-All policies are deterministic and vectorised (no Python loop over segments).
+All policies are deterministic and vectorised (no Python loop over segments); the
+non-``ata`` policies break ties by segment index.
 
 Policies (``POLICIES``):
 
-- ``ata`` — the reference Adaptive Token Allocation rule, step for step, in float32
-  (DESIGN.md 2). Within budget whenever ``S <= B``. Reference edges reproduced and
+- ``ata`` — the reference Adaptive Token Allocation rule, bit for bit (docs/METHOD.md "ATA"):
+  the reference's torch CPU float32 operations in its order, so float32 roundings and the
+  remainder's tie order (torch's default, unstable ``argsort``; not index order once 17 or
+  more weights are compared) are the reference's. Within budget whenever ``S <= B``
+  (a remainder that float32 rounding made negative would add nothing, as in the reference;
+  not observed). Reference edges reproduced and
   reported by ``allocate_with_report``: with ``S > B`` every segment gets 1 token (over
   budget); with equal scores and ``S > B`` every segment gets 0 tokens (all dropped).
 - ``uniform`` — ``floor(B/S)`` each, the remainder ``B mod S`` one token each to the first
@@ -245,41 +250,43 @@ _PolicyOut = tuple[np.ndarray, int, bool, bool]
 
 
 def _ata(s64: np.ndarray, budget: int, k_min: int, k_max: int) -> _PolicyOut:
-    """The reference rule (DESIGN.md 2, steps 1-6), float32 like the reference."""
+    """The reference rule (docs/METHOD.md "ATA", steps 1-6), bit for bit.
+
+    Every floating-point step is the torch CPU float32 operation the reference calls, in
+    the same order (normalised scores, their ``.sum().item()``, ``w = ŝ / float``, the
+    floors, and ``torch.argsort(w, descending=True)`` -- torch's default, *unstable*
+    sort, which decides ties), so roundings and tie orders are the reference's; only the
+    integer bookkeeping is vectorised.
+    """
+    import torch  # local import: keeps `import tempo_ops.allocation` light for the other policies
+
     n = s64.size
-    s = s64.astype(np.float32)
+    s = torch.from_numpy(s64.astype(np.float32))  # == torch.tensor(list_of_floats, dtype=float32)
     # 1. Lower the floor when it alone would exceed the budget.
     if n * k_min > budget:
         k_min = max(1, budget // n)
-    lo = s.min()
-    span = np.float32(s.max() - lo)
+    lo, hi = s.min(), s.max()
+    span = hi - lo
     # 2. All scores equal: an even split, no floor (0 tokens each when S > B: reference edge).
-    if span < _EQUAL_SCORES_EPS:
+    if bool(span < _EQUAL_SCORES_EPS):
         return np.full(n, min(k_max, budget // n), dtype=np.int64), k_min, True, False
-    # 3.-4. Normalise to [0, 1] and interpolate between the floor and k_max.
+    # 3.-4. Normalise to [0, 1] and interpolate between the floor and k_max. (The floors
+    # are taken in numpy: floor is exact, so it equals torch.floor on the same float32s.)
     s_hat = (s - lo) / span
-    k = k_min + np.floor(s_hat * np.float32(k_max - k_min)).astype(np.int64)
+    k = k_min + np.floor((s_hat * (k_max - k_min)).numpy()).astype(np.int64)
     remainder_step = False
     if int(k.sum()) > budget:
         # 5. Share what is left above the floor in proportion to the normalised scores.
         remainder_step = True
         extra = budget - n * k_min
-        total_hat = s_hat.sum(dtype=np.float32)
-        if total_hat < _ZERO_SUM_EPS:
-            w = np.full(n, np.float32(1.0) / np.float32(n), dtype=np.float32)
-        else:
-            w = s_hat / total_hat
-        base = np.floor(w * np.float32(extra)).astype(np.int64)
+        total_hat = s_hat.sum().item()  # a Python float, as in the reference
+        # (Uniform weights for a zero sum: unreachable, the top score normalises to 1.)
+        w = torch.full((n,), 1.0 / n) if total_hat < _ZERO_SUM_EPS else s_hat / total_hat
+        base = np.floor((w * extra).numpy()).astype(np.int64)
         rem = extra - int(base.sum())
-        if rem > 0:
-            order = np.argsort(-w, kind="stable")  # largest w first, ties: lower index first
+        if rem > 0:  # (rem <= 0, reachable only through float32 rounding, adds nothing)
+            order = torch.argsort(w, descending=True).numpy()  # unstable: torch's tie order
             base[order[:rem]] += 1
-        elif rem < 0:
-            # Only reachable through float32 rounding with huge budgets: take the excess back
-            # from the smallest weights so the sum never exceeds the budget when S <= B.
-            order = np.argsort(w, kind="stable")
-            order = order[base[order] > 0][:-rem]
-            base[order] -= 1
         k = k_min + base
     # 6. Clamp.
     return np.clip(k, k_min, k_max), k_min, False, remainder_step

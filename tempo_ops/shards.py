@@ -443,8 +443,6 @@ class PlannedSample:
     answer: str | None
     allocation: tuple[int, ...]
     est_bytes: int
-    prompt_template: str | None = None
-    context: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
 
@@ -563,10 +561,9 @@ def build_sample(
         n_tokens=int(packed.tokens.shape[0]),
         dim=int(entry_reader.D),
         cache_fingerprint=cache_fingerprint,
-        prompt_template=planned.prompt_template,
-        context=planned.context,
-        metadata=dict(planned.metadata),
+        prompt_template=getattr(entry_reader, "prompt_template", None),
         query_text=getattr(entry_reader, "query_text", None),
+        metadata=dict(planned.metadata),
     )
     members = encode_sample(
         meta, packed.tokens, packed.allocation, packed.offsets, packed.timestamp_texts, list(entry_reader.timestamps)

@@ -35,6 +35,9 @@ MAX_FRAME_NUMBER = 2 ** len(_DATA_CELLS) - 1  # 65535
 _BRIGHT, _DARK = 208, 48
 _PATTERNS = ("gradient", "blocks", "texture")
 _CODECS = {"h264": "libx264", "libx264": "libx264", "mpeg4": "mpeg4", "hevc": "libx265", "vp9": "libvpx-vp9"}
+_CONTAINERS = ("mp4", "avi")
+_VOP_START = b"\x00\x00\x01\xb6"  # MPEG-4 Part 2 start code of a picture (VOP)
+_DIVX_PACKED_USER_DATA = b"\x00\x00\x01\xb2DivX503b1393p"  # user data that flags packed B-frames
 
 
 def _cell_edges(size: int, parts: int) -> list[int]:
@@ -162,8 +165,11 @@ def write_test_video(
     preset: str | None = None,
     bit_rate: int | None = None,
     faststart: bool = False,
+    container: str = "mp4",
+    bframes: int | None = None,
+    packed_bframes: bool = False,
 ) -> str:
-    """Write an MP4 whose frame ``i`` shows the number ``i`` (see module docstring).
+    """Write a video (MP4 or AVI) whose frame ``i`` shows the number ``i`` (see module docstring).
 
     Args:
         path: local path or fsspec URL (e.g. ``memory://v/a.mp4``).
@@ -180,6 +186,12 @@ def write_test_video(
         preset: x264 preset (e.g. ``"ultrafast"`` for long benchmark videos).
         bit_rate: target bit rate in bit/s (None: encoder default / quality mode).
         faststart: put the MP4 index before the data (as streaming uploads do); local paths only.
+        container: ``"mp4"`` or ``"avi"``.
+        bframes: most consecutive B-frames (None: encoder default). For ``"mpeg4"`` this also
+            makes closed GOPs (as Xvid/DivX write them).
+        packed_bframes: ``"mpeg4"`` in ``"avi"`` with B-frames only: store them the way
+            DivX 5 / Xvid "packed bitstream" files do (:func:`pack_bframes`), a real archive
+            format whose decoded frames carry out-of-order timestamps.
 
     Returns:
         ``str(path)``.
@@ -201,6 +213,10 @@ def write_test_video(
     if odd and encoder != "libx264":
         raise ValueError(f"{codec} needs even width and height, got {width}x{height}")
     pix_fmt = "yuv444p" if odd else "yuv420p"
+    if container not in _CONTAINERS:
+        raise ValueError(f"unknown container {container!r}; expected one of {_CONTAINERS}")
+    if packed_bframes and (encoder != "mpeg4" or container != "avi" or not bframes or vfr):
+        raise ValueError("packed_bframes needs codec='mpeg4', container='avi', bframes >= 1 and a constant frame rate")
 
     url = os.fspath(path)
     local = "://" not in url
@@ -208,9 +224,9 @@ def write_test_video(
     rate = Fraction(fps).limit_denominator(1001)
     if faststart and not local:
         raise ValueError("faststart needs a local path")
-    container = av.open(sink, "w", format="mp4", options={"movflags": "faststart"} if faststart else None)
+    out = av.open(sink, "w", format=container, options={"movflags": "faststart"} if faststart else None)
     try:
-        stream = container.add_stream(encoder, rate=rate)
+        stream = out.add_stream(encoder, rate=rate)
         stream.width, stream.height = width, height
         stream.pix_fmt = pix_fmt
         if gop is not None:
@@ -222,6 +238,11 @@ def write_test_video(
             if gop is not None:
                 # Fixed key-frame interval: no scene-cut key frames in between.
                 options["x264-params"] = f"keyint={int(gop)}:min-keyint={int(gop)}:scenecut=0"
+        if bframes is not None:
+            stream.codec_context.max_b_frames = int(bframes)
+            if encoder == "mpeg4" and bframes:
+                # Closed GOPs (FFmpeg allows them only without scene-change key frames).
+                options.update({"flags": "+cgop", "sc_threshold": "1000000000"})
         if options:
             stream.codec_context.options = options
         if bit_rate is not None:
@@ -244,11 +265,93 @@ def write_test_video(
                 frame.time_base = tb
                 yield frame
 
-        _encode_all(container, stream, frames())
+        if packed_bframes:
+            _mux_packed(out, stream, frames(), rate)
+        else:
+            _encode_all(out, stream, frames())
     finally:
-        container.close()
+        out.close()
     _flush_sink(url, sink)
     return url
+
+
+def _vop_type(data: bytes) -> str:
+    """``"I"``, ``"P"``, ``"B"`` or ``"S"``: the coding type of the first VOP in ``data``."""
+    at = data.find(_VOP_START)
+    if at < 0 or at + 4 >= len(data):
+        raise ValueError("no MPEG-4 picture (VOP) start code in packet")
+    return "IPBS"[data[at + 4] >> 6]
+
+
+def _not_coded_vop(data: bytes, time_increment_bits: int) -> bytes:
+    """An N-VOP ("not coded" P picture) with the time fields of the first VOP of ``data``."""
+    pos = (data.find(_VOP_START) + 4) * 8
+
+    def bit() -> int:
+        nonlocal pos
+        value = (data[pos >> 3] >> (7 - (pos & 7))) & 1
+        pos += 1
+        return value
+
+    bits = [0, 1]  # vop_coding_type P
+    bit(), bit()
+    while True:  # modulo_time_base: ones, then a zero
+        bits.append(bit())
+        if bits[-1] == 0:
+            break
+    bits += [bit() for _ in range(1 + time_increment_bits + 1)]  # marker, vop_time_increment, marker
+    bits += [0, 0]  # vop_coded = 0, then stuffing: a zero and ones up to the byte boundary
+    bits += [1] * (-len(bits) % 8)
+    body = bytes(int("".join(map(str, bits[i : i + 8])), 2) for i in range(0, len(bits), 8))
+    return _VOP_START + body
+
+
+def pack_bframes(packets: list[tuple[bytes, bool]], time_increment_bits: int) -> list[tuple[bytes, bool]]:
+    """Re-store MPEG-4 Part 2 packets ``(data, is_key)`` (decode order) as a packed bitstream.
+
+    DivX 5 / Xvid AVI files hold one chunk per displayed frame: a reference picture shares
+    its chunk with the first B-picture that follows it in decode order, later B-pictures
+    get a chunk each, and an N-VOP (a "not coded" picture) fills the reference's own display
+    slot; key chunks carry the ``DivX...p`` user data that tells decoders so. Returns the
+    chunks ``(data, is_key)`` in order (as many as there are frames).
+    """
+    types = [_vop_type(d) for d, _ in packets]
+    chunks: list[tuple[bytes, bool]] = []
+    j = 0
+    while j < len(packets):
+        data, key = packets[j]
+        if key:
+            at = data.find(_VOP_START)
+            data = data[:at] + _DIVX_PACKED_USER_DATA + data[at:]
+        bs = []
+        j += 1
+        while j < len(packets) and types[j] == "B":
+            bs.append(packets[j][0])
+            j += 1
+        if not bs:
+            chunks.append((data, key))
+            continue
+        chunks.append((data + bs[0], key))
+        chunks.extend((b, False) for b in bs[1:])
+        chunks.append((_not_coded_vop(data, time_increment_bits), False))
+    return chunks
+
+
+def _mux_packed(container, stream, frames, rate: Fraction) -> None:
+    """Encode ``frames`` and mux them as packed B-frames (:func:`pack_bframes`), one chunk per frame."""
+    import av
+
+    packets = [(bytes(p), bool(p.is_keyframe)) for frame in frames for p in stream.encode(frame)]
+    packets += [(bytes(p), bool(p.is_keyframe)) for p in stream.encode()]
+    # The encoder's vop_time_increment field is just wide enough for its time base denominator.
+    bits = max(1, (stream.codec_context.time_base.denominator - 1).bit_length())
+    for k, (data, key) in enumerate(pack_bframes(packets, bits)):
+        packet = av.Packet(data)
+        packet.stream = stream
+        packet.time_base = 1 / rate
+        packet.pts = packet.dts = k
+        packet.is_keyframe = key
+        container.mux(packet)
 
 
 def write_audio_only(path: str | os.PathLike, *, duration_s: float = 1.0, sample_rate: int = 16000) -> str:

@@ -1,30 +1,41 @@
-"""Video front end: probe, sample, resize and segment videos (DESIGN.md section 2).
+"""Video front end: probe, sample, resize and segment videos (docs/METHOD.md "Sampling" .. "Segments and timestamps").
 
-Rules (exactly the reference's, see DESIGN.md "Frame sampling" and "Segments"):
+Rules (exactly the reference's, see docs/METHOD.md "Sampling", "Resize", "Segments and timestamps"):
 
 - ``n = round(duration_s * target_fps)`` (Python ``round``: halves to even), clamped to
-  ``[min_frames, max_frames]``; indices ``floor(linspace(0, N - 1, n))`` over the N source
-  frames; ``real_fps = n / duration_s``. A one-frame video yields ``[0]``. When N < n the
-  indices repeat (e.g. N=3, n=8 -> ``[0, 0, 0, 0, 1, 1, 1, 2]``) and are kept that way.
+  ``[min_frames, max_frames]``; indices ``np.round(linspace(0, N - 1, n))`` (round to
+  nearest, halves to even) over the N source frames, clipped to ``[0, N - 1]``;
+  ``real_fps = n / duration_s``. A one-frame video yields ``[0]``. When N < n the indices
+  repeat (e.g. N=3, n=8 -> ``[0, 0, 1, 1, 1, 1, 2, 2]``) and are kept that way.
 - Unknown frame rate: if a video reports no usable rate and none can be derived from its
-  frame count and duration, :data:`ASSUMED_FPS` (30 frames/s) is assumed, so
-  ``duration_s = N / 30``.
-- Resize (:func:`resize_shape`): scale so the longer *display* edge is at most
-  ``max_edge``; each side is then rounded (Python ``round``) to a multiple of ``multiple``;
-  a side that would come out larger than the source side is rounded down instead (never
-  enlarge, e.g. 511x511 -> 496x496, 100x56 -> 96x48); finally each side is at least
-  ``multiple`` -- the 16-px minimum wins over "never enlarge" (1x1 -> 16x16). Bicubic
-  (PIL ``Image.resize(..., BICUBIC)``, as the reference resizes PIL images).
+  frame count and duration, the sampling rule uses ``target_fps`` in its place (as the
+  reference does), so ``duration_s = N / target_fps``; decoding then maps frame numbers
+  to times at :data:`ASSUMED_FPS` (30 frames/s) where it needs a time at all.
+- Resize (:func:`resize_shape`): a frame whose longer *display* side is at most
+  ``max_edge`` (512) is not resized at all, whatever its size. A larger one is scaled by
+  ``r = max_edge / longer side`` and each side rounded (Python ``round``) to a multiple of
+  ``multiple`` (16), at least ``multiple``; there is no "never enlarge" clause
+  (530x110 -> 512x112). Bicubic (PIL ``Image.resize(..., BICUBIC)``, as the reference
+  resizes PIL images). The version of these rules is :data:`SAMPLING_RULE`, recorded in
+  :meth:`SamplingConfig.to_dict` (and so in the cache fingerprint).
 - Segments: windows of ``window`` (8) sampled frames, stride 8; a trailing window of
   exactly one frame is padded by repeating it (T = 2); other short tails stay short.
   ``t_i = (8 i + 4) / real_fps`` rendered ``<{t:.1f} seconds>``.
 
-Frame index <-> time. Frame ``i`` is the frame *displayed* at time
-``start_s + i / fps`` where ``start_s`` is the first decoded frame's presentation time and
-``fps`` the stream's average rate: we pick the last decoded frame whose presentation time
-is <= that time (plus 1/8 of a frame period, to absorb timestamp rounding). For constant
-frame rate this is exactly the i-th frame; for variable frame rate it samples by
-presentation time. A target before the first frame takes the first frame.
+Frame identity. At a constant frame rate, frame ``i`` is the ``i``-th frame, in display
+order, of a plain sequential decode of every frame -- in every seek mode. The decoder's
+timestamps are not trusted for this: frames are counted (from the start, or after a seek
+from the key frame the decoder restarts at, numbered by its own timestamp), because some
+real files carry out-of-order timestamps (MPEG-4 Part 2 in AVI with packed B-frames, as
+DivX/Xvid write them; H.264 with B-frames in AVI), where picking by timestamp returned
+frame ``i - 1`` for a third to half of the indices. Frame ``i`` is reported at time
+``start_s + i / fps`` (``start_s``: the first frame's presentation time). In containers that
+store no presentation times (:data:`NO_PTS_FORMATS`, e.g. AVI) a key frame's time is the
+container index's nearest key-frame time, since the decoder's may be off (a key frame
+flushed at the end of the stream). Variable frame rate is sampled by presentation time
+instead: frame ``i`` is the last decoded frame whose presentation time is <= ``start_s +
+i / fps`` (plus 1/8 of a frame period, to absorb timestamp rounding); a target before the
+first frame takes the first frame.
 
 Frame count: the container's frame count (``stream.frames``, exact for MP4/MOV) when
 present; otherwise ``round(duration * fps)``; otherwise the video packets are counted.
@@ -40,13 +51,16 @@ not decode every frame:
   :data:`SEEK_MIN_SKIP_S`, we seek to it (``backward=True, any_frame=False``) and decode
   forward; without an index we seek when the gap exceeds ``max(SEEK_GAP_S, observed
   key-frame interval)``. If a seek lands after the wanted time it is retried further back.
-- Skipping non-reference pictures (exact mode, H.264/HEVC, constant frame rate): a packet
+- Skipping non-reference pictures (exact mode, H.264/HEVC, constant frame rate, a container
+  that stores presentation times): a packet
   whose presentation time is not within one frame period before or two after a wanted time
   is decoded with ``skip_frame="NONREF"``: if it holds a picture no other picture references
   (most B-frames of a typical x264 encode), that picture is never decoded, as no sample can
   show it; reference pictures are still decoded, so every later frame is exact. A pick that
   lands more than two periods before its wanted time (a timestamp gap a skipped picture
-  might have filled) is redone from its key frame with nothing skipped.
+  might have filled) is redone from its key frame with nothing skipped. Skipping needs
+  timestamps: should a decoded frame's timestamp not follow the previous one's, skipping
+  stops for the rest of the video and the pick is redone by counting.
 
 Both give the frames of a sequential decode of every frame (``seek_mode="never"``), which
 the tests check. Decoded frames are converted (colour conversion, rotation, bicubic resize)
@@ -132,15 +146,21 @@ SEEK_GAP_S = 2.0
 SEEK_MIN_SKIP_S = 0.5
 _IO_BUFFER = 1 << 20
 FRAME_ACCURACIES = ("exact", "keyframe")
+# Version of the sampling / resize / frame-identity rules (part of the cache fingerprint, so
+# a cache written under other rules refuses to mix). 2: round-to-nearest indices, no resize
+# at <= max_edge, no "never enlarge", frame i = the i-th frame in display order.
+SAMPLING_RULE = 2
 
 
 # --------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How frames are sampled, resized and grouped (DESIGN.md section 2).
+    """How frames are sampled, resized and grouped (docs/METHOD.md "Sampling", "Resize").
 
     target_fps: sampling rate in frames/s; min_frames/max_frames: clamp of the frame count;
-    max_edge: longest output side in px; multiple: output sides are multiples of it;
+    max_edge: frames whose longer side is at most this (px) keep their size, larger ones are
+    scaled so the longer side becomes max_edge; multiple: the sides of a scaled frame are
+    multiples of it (max_edge must be one too);
     window: sampled frames per segment; frame_accuracy: ``"exact"`` (the reference rule)
     or ``"keyframe"`` (the last key frame at or before each wanted frame; see the module
     docstring).
@@ -163,16 +183,16 @@ class SamplingConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}", item="sampling")
         if self.min_frames > self.max_frames:
             raise ConfigError(f"min_frames ({self.min_frames}) > max_frames ({self.max_frames})", item="sampling")
-        if self.max_edge < self.multiple:
-            raise ConfigError(f"max_edge ({self.max_edge}) < multiple ({self.multiple})", item="sampling")
+        if self.max_edge % self.multiple:
+            raise ConfigError(f"max_edge ({self.max_edge}) must be a multiple of multiple ({self.multiple})", item="sampling")
         if not isinstance(self.frame_accuracy, str) or self.frame_accuracy not in FRAME_ACCURACIES:
             raise ConfigError(
                 f"frame_accuracy must be one of {', '.join(FRAME_ACCURACIES)}, got {self.frame_accuracy!r}", item="sampling"
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able dict of the fields (part of the cache fingerprint)."""
-        return {**asdict(self), "target_fps": float(self.target_fps)}
+        """JSON-able dict of the fields plus ``sampling_rule`` (part of the cache fingerprint)."""
+        return {**asdict(self), "target_fps": float(self.target_fps), "sampling_rule": SAMPLING_RULE}
 
 
 @dataclass(frozen=True)
@@ -213,35 +233,39 @@ def sample_frame_indices(
     """Source frame indices to sample (sorted, may repeat when N < n).
 
     ``n = round(N / fps * target_fps)`` clamped to ``[min_frames, max_frames]``;
-    ``floor(linspace(0, N - 1, n))``. One-frame video -> ``[0]``. ``source_fps`` None or
-    not positive -> :data:`ASSUMED_FPS`.
+    ``np.round(linspace(0, N - 1, n))`` (halves to even), clipped to ``[0, N - 1]``.
+    One-frame video -> ``[0]``. ``source_fps`` None or not positive -> ``target_fps`` (the
+    reference's stand-in for an unknown rate, so every frame is sampled up to max_frames).
     """
     if not isinstance(total_frames, (int, np.integer)) or total_frames < 1:
         raise VideoTooShort(f"no frames to sample (total_frames={total_frames!r})", item="sample_frame_indices")
     total = int(total_frames)
     if total == 1:
         return [0]
-    fps = _usable_fps(source_fps) or ASSUMED_FPS
+    fps = _usable_fps(source_fps) or float(target_fps)
     duration = total / fps
     n = min(max(int(round(duration * target_fps)), min_frames), max_frames)
-    return [int(i) for i in np.floor(np.linspace(0, total - 1, n))]
+    return [int(i) for i in np.clip(np.round(np.linspace(0, total - 1, n)), 0, total - 1)]
 
 
 def resize_shape(width: int, height: int, max_edge: int = 512, multiple: int = 16) -> tuple[int, int]:
     """Output ``(w, h)`` in px for a ``width x height`` (display) frame; rules in module docstring.
 
-    640x360 -> (512, 288); 511x511 -> (496, 496); 1x1 -> (16, 16); 4000x16 -> (512, 16).
+    A frame whose longer side is at most ``max_edge`` keeps its size (75x41 -> (75, 41)).
+    Otherwise ``r = max_edge / longer side`` and each side becomes
+    ``round(side * r / multiple) * multiple`` (Python ``round``), at least ``multiple``;
+    the short side may round up past its source: 640x360 -> (512, 288),
+    530x110 -> (512, 112), 4000x16 -> (512, 16).
     """
     if width < 1 or height < 1:
         raise AbsurdDimensions(f"frame size must be positive, got {width}x{height}", item="resize_shape")
-    scale = min(1.0, max_edge / max(width, height))
+    longer = max(width, height)
+    if longer <= max_edge:
+        return width, height
+    ratio = max_edge / longer
 
     def side(src: int) -> int:
-        out = int(round(src * scale / multiple)) * multiple
-        if out > src:  # rounding up past the source size would enlarge: round down instead
-            out = (src // multiple) * multiple
-        out = min(out, (max_edge // multiple) * multiple)
-        return max(multiple, out)  # the minimum wins over "never enlarge"
+        return max(multiple, int(round(src * ratio / multiple)) * multiple)
 
     return side(width), side(height)
 
@@ -311,7 +335,7 @@ def plan_video(
     config = config or SamplingConfig()
     info = uri_or_info if isinstance(uri_or_info, VideoInfo) else probe_video(uri_or_info, storage_options=storage_options)
     indices = sample_frame_indices(info.frame_count, info.fps, config.target_fps, config.min_frames, config.max_frames)
-    duration = info.duration_s if info.duration_s > 0 else info.frame_count / (info.fps or ASSUMED_FPS)
+    duration = info.frame_count / (info.fps or config.target_fps)  # the reference's len / avg_fps
     real_fps = len(indices) / duration
     bounds = segment_bounds(len(indices), config.window)
     timestamps = [segment_timestamp(i, real_fps, config.window) for i in range(len(bounds))]
@@ -553,6 +577,15 @@ class _FramePicker:
     more than two periods before its target (a gap in the stream, which a skipped picture
     might have filled), that pick is redone from the preceding key frame with nothing
     skipped, so the frames are exactly those of a full decode.
+
+    Frame numbers (exact mode, constant frame rate, not skipping): a decoded frame's number is
+    counted, not read from its timestamp: 0 for the first frame of the stream, and after a
+    seek the frame the decoder restarts at (a key frame, whose timestamp is reliable) is
+    numbered ``round((t - start_s) * fps)`` and each later frame one more. So frame ``i`` is
+    the ``i``-th frame of a plain sequential decode even where the decoder's timestamps run
+    out of order (MPEG-4 Part 2 in AVI with packed B-frames); its time is reported as
+    ``start_s + i / fps``. While skipping, timestamps are needed; should one run backwards,
+    skipping stops for good and the pick is redone by counting.
     """
 
     def __init__(
@@ -571,8 +604,16 @@ class _FramePicker:
         self.tol = self.period / 8
         self.tb = float(stream.time_base) if stream.time_base else None
         self.keyframes = self._index_keyframes()
+        # Where the container stores no presentation times, the decoder's are guesses (a key
+        # frame flushed at the end of the stream may carry the last packet's): a key frame's
+        # time is then the container index's key-frame time nearest to it.
+        self.snap_keys = bool(
+            self.keyframes and not info.variable_frame_rate and set(container.format.name.split(",")) & NO_PTS_FORMATS
+        )
         self.targets = sorted(targets) if targets and self.tb is not None and seek_mode != "never" else []
         self.skipping = bool(self.targets)
+        self.counting = not keyframes_only and not info.variable_frame_rate and not self.skipping
+        self.next_number: int | None = 0  # number of the next decoded frame (None: from its timestamp)
         self.gop_s = 0.0  # largest key-frame interval seen while decoding
         self._last_key: float | None = None
         self.frames = self._decode()
@@ -621,8 +662,19 @@ class _FramePicker:
                 break
             # A decoder that ignores skip_frame still returns non-key frames: drop them.
         t = _frame_time(frame)
-        if t is None:  # no timestamp: assume the nominal period after the previous frame
+        if t is not None and frame.key_frame and self.snap_keys:
+            k = bisect.bisect_left(self.keyframes, t)
+            t = min(self.keyframes[max(k - 1, 0) : k + 1], key=lambda key: abs(key - t))
+        if self.counting:
+            number = self.next_number
+            if number is None:  # first frame after a seek: a key frame, numbered by its timestamp
+                number = _returned_index(t, self.info) if t is not None else 0
+            self.next_number = number + 1
+            t = self.info.start_s + number * self.period
+        elif t is None:  # no timestamp: assume the nominal period after the previous frame
             t = (self.last_time + self.period) if self.last_time is not None else self.info.start_s
+        elif self.skipping and self.last_time is not None and t <= self.last_time:
+            raise _TimestampsOutOfOrder
         if frame.key_frame:
             if self._last_key is not None and t > self._last_key:
                 self.gop_s = max(self.gop_s, t - self._last_key)
@@ -663,7 +715,7 @@ class _FramePicker:
                 raise CorruptVideo(f"seek failed ({_ff_reason(exc)})", item=self.uri) from None
             self.seeks += 1
             self.frames = self._decode()
-            self.prev, self.last_time = None, None
+            self.prev, self.last_time, self.next_number = None, None, None
             first = self._next_frame()
             if pos <= 0 or (first is not None and first[1] <= target + self.tol):
                 self.pending = first
@@ -684,6 +736,17 @@ class _FramePicker:
 
     def pick(self, target: float) -> tuple[Any, float]:
         """``(frame, time_s)`` displayed at ``target`` s (the previous pick is no longer valid)."""
+        try:
+            return self._pick(target)
+        except _TimestampsOutOfOrder:
+            # Timestamps cannot tell skipped pictures apart here: decode everything from the
+            # key frame before the target on, numbering frames by counting.
+            self.skipping, self.counting = False, not self.info.variable_frame_rate
+            self.redone += 1
+            self._seek(target)
+            return self._advance(target)
+
+    def _pick(self, target: float) -> tuple[Any, float]:
         if self._should_seek(target):
             self._seek(target)
         frame, t = self._advance(target)
@@ -732,6 +795,10 @@ class _FramePicker:
             return self.prev
 
 
+class _TimestampsOutOfOrder(Exception):
+    """Internal: a decoded frame's timestamp is not after the previous one's (see _FramePicker)."""
+
+
 def _to_output(frame: Any, rotation: int, width: int, height: int) -> np.ndarray:
     """Decoded frame -> upright, resized ``(height, width, 3) uint8`` (PIL bicubic)."""
     from PIL import Image
@@ -747,6 +814,9 @@ def _to_output(frame: Any, rotation: int, width: int, height: int) -> np.ndarray
 # Decoders whose ``skip_frame="NONREF"`` discards exactly the pictures no other picture
 # references (H.264 nal_ref_idc 0, HEVC sub-layer non-reference pictures).
 NONREF_SKIP_CODECS = frozenset({"h264", "hevc"})
+# Containers that store no presentation times (the demuxer guesses them): skipping, which
+# relies on timestamps, is off there.
+NO_PTS_FORMATS = frozenset({"avi", "h264", "hevc", "m4v"})
 
 
 def _target_time(info: VideoInfo, index: int) -> float:
@@ -764,7 +834,8 @@ def _open_picker(
     frame + slice threads (``thread_type="AUTO"``; FFmpeg's frame threads return the same
     frames in the same order). Exact mode otherwise: non-reference pictures no target can
     show are skipped (:class:`_FramePicker`) for codecs in :data:`NONREF_SKIP_CODECS` at a
-    constant frame rate, unless ``seek_mode="never"`` (decode every frame).
+    constant frame rate in containers that store presentation times (not
+    :data:`NO_PTS_FORMATS`), unless ``seek_mode="never"`` (decode every frame).
     """
     info = plan.info
     accuracy = plan.config.frame_accuracy
@@ -774,7 +845,12 @@ def _open_picker(
         ctx.skip_frame = "NONKEY"  # non-key frames are dropped before decoding
     elif threaded:
         ctx.thread_type = "AUTO"
-    elif info.codec in NONREF_SKIP_CODECS and info.fps and not info.variable_frame_rate:
+    elif (
+        info.codec in NONREF_SKIP_CODECS
+        and info.fps
+        and not info.variable_frame_rate
+        and not set(container.format.name.split(",")) & NO_PTS_FORMATS
+    ):
         targets = [_target_time(info, plan.frame_indices[p]) for p in positions]
     return _FramePicker(container, stream, info, seek_mode, keyframes_only=accuracy == "keyframe", targets=targets)
 

@@ -1,4 +1,4 @@
-"""A reusable fake-gcs-server on loopback for tests (DESIGN.md 5).
+"""A reusable fake-gcs-server on loopback for tests (docs/METHOD.md "Environment").
 
 Usage (in a test module)::
 

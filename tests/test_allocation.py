@@ -18,25 +18,31 @@ from tempo_ops.allocation import (
 from tempo_ops.errors import AllocationError
 
 
-def reference_ata_torch(scores, budget, k_min=4, k_max=128):
-    """A literal, loop-based transcription of the reference rule in torch float32 (oracle)."""
-    s = torch.tensor(scores, dtype=torch.float32)
-    n = s.numel()
+def reference_ata_torch(scores, budget, k_min=4, k_max=128, *, stable=False):
+    """The reference rule transcribed literally: torch CPU float32 tensor ops, plain loops (oracle).
+
+    docs/METHOD.md "ATA" step 5: scores as a float32 tensor, ŝ with tensor operands, Σŝ
+    via ``.sum().item()``, ``w = ŝ / python float``, ``floor(w * E)`` with ``E`` a Python
+    int, the remainder handed out in ``torch.argsort(w, descending=True)`` order (the
+    default, unstable sort). ``stable=True`` is the index-order variant, only to show that
+    the test inputs really contain ties the two orders resolve differently.
+    """
+    s = torch.tensor(list(scores), dtype=torch.float32)
+    n = len(s)
     if n * k_min > budget:
         k_min = max(1, budget // n)
-    if bool((s.max() - s.min()) < 1e-8):  # a tensor comparison: float32, as the reference
+    if s.max() - s.min() < 1e-8:
         return [min(k_max, budget // n)] * n
     s_hat = (s - s.min()) / (s.max() - s.min())
-    k = [k_min + int(torch.floor(x * (k_max - k_min)).item()) for x in s_hat]
+    k = [k_min + int(torch.floor(s_hat[i] * (k_max - k_min))) for i in range(n)]
     if sum(k) > budget:
         extra = budget - n * k_min
-        total = s_hat.sum()
-        w = torch.full((n,), 1.0 / n) if bool(total < 1e-8) else s_hat / total
-        base = [int(torch.floor(x * extra).item()) for x in w]
-        rem = extra - sum(base)
-        order = torch.argsort(w, descending=True, stable=True).tolist()
-        for i in order[:rem]:
-            base[i] += 1
+        total = s_hat.sum().item()
+        w = torch.ones(n) / n if total < 1e-8 else s_hat / total
+        base = [int(torch.floor(w[i] * extra)) for i in range(n)]
+        order = torch.argsort(w, descending=True, stable=True) if stable else torch.argsort(w, descending=True)
+        for j in range(extra - sum(base)):
+            base[int(order[j])] += 1
         k = [k_min + b for b in base]
     return [min(max(x, k_min), k_max) for x in k]
 
@@ -58,13 +64,25 @@ def test_ata_remainder_step_exact():
     assert res.report.remainder_step and res.report.total == 150
 
 
-def test_ata_remainder_ties_go_to_lower_index():
+def test_ata_remainder_ties_short_lists_in_index_order():
     # ŝ = [1, 1, 1, 0], B = 18: 4+124 each > 18 -> E = 18 - 16 = 2, w = 1/3 each for the
-    # first three, floor(w*2) = 0, R = 2 -> segments 0 and 1 (ties: lower index first).
+    # first three, floor(w*2) = 0, R = 2 -> the first two of torch.argsort(w, descending=True),
+    # which for fewer than 17 elements (insertion sort) keeps tied weights in index order.
     assert allocate([0.9, 0.9, 0.9, 0.1], 18).tolist() == [5, 5, 4, 4]
     # ŝ = [1, 1, 0, .5], B = 20: E = 4, w = [.4, .4, 0, .2], floors [1, 1, 0, 0], R = 2
     # -> the two 0.4s (indices 0, 1) get one more: [4+2, 4+2, 4, 4].
     assert allocate([1.0, 1.0, 0.0, 0.5], 20).tolist() == [6, 6, 4, 4]
+
+
+def test_ata_remainder_ties_follow_torchs_unstable_sort():
+    # 20 tied top scores and one low one, B = 89: k_min 4, E = 89 - 84 = 5, w = 0.05 for the
+    # twenty (float32), floor(0.05 * 5) = 0, R = 5. torch.argsort(w, descending=True) (the
+    # reference's default, unstable sort) orders the tied twenty 1, 19, 18, 17, 16, ...: those
+    # five get the extra token, not segments 0-4 as an index-order tie rule would give.
+    k = allocate([1.0] * 20 + [0.0], 89)
+    assert k.tolist() == [4, 5] + [4] * 14 + [5, 5, 5, 5] + [4]
+    assert k.tolist() == reference_ata_torch([1.0] * 20 + [0.0], 89)
+    assert k.tolist() != reference_ata_torch([1.0] * 20 + [0.0], 89, stable=True)
 
 
 def test_ata_lowered_floor_when_s_times_kmin_exceeds_budget():
@@ -111,11 +129,52 @@ def test_ata_matches_torch_reference(scores, budget, k_min, k_max):
     assert got == reference_ata_torch(scores, budget, k_min, k_max)
 
 
+def _random_ata_case(rng: np.random.Generator) -> tuple[list[float], int, int, int]:
+    """One random ATA input, mostly with ties: quantised, equal, or plain random scores."""
+    n = int(rng.choice([1, 2, 3, 5, 16, 17, 18, 24, 33, 64, 100, 257]))
+    kind = rng.integers(0, 6)
+    if kind == 0:  # plain float32 scores
+        scores = rng.random(n).astype(np.float32)
+    elif kind == 1:  # few distinct levels: many tied weights
+        q = int(rng.integers(1, 5))
+        scores = rng.integers(0, q + 1, n) / q
+    elif kind == 2:  # two levels, the top one shared by many segments
+        scores = (rng.random(n) < rng.uniform(0.2, 0.9)).astype(np.float64)
+    elif kind == 3:  # all equal (or equal within 1e-8)
+        scores = np.full(n, rng.random()) + rng.choice([0.0, 1e-9], n)
+    elif kind == 4:  # sigmoid outputs rounded to 3 decimals (ties among real scores)
+        scores = np.round(1 / (1 + np.exp(-rng.normal(0, 3, n))), 3)
+    else:  # tiny spreads: float32 rounding decides the normalised values
+        scores = 0.5 + rng.integers(0, 4, n) * rng.choice([1e-7, 3e-8, 1e-3])
+    # Budgets from far below S (S > B edges) to above S * k_max.
+    budget = int(rng.choice([rng.integers(0, n + 1), rng.integers(n, 8 * n + 1), rng.integers(0, 140 * n + 1)]))
+    k_min = int(rng.choice([0, 1, 4, 4, 4, 8]))
+    k_max = int(rng.choice([16, 64, 128, 128, 128]))
+    return [float(x) for x in scores], budget, k_min, max(k_max, k_min)
+
+
+def test_ata_bit_identical_to_reference_on_thousands_of_tie_heavy_inputs():
+    rng = np.random.default_rng(20261202)
+    unstable_matters = remainder_steps = over_budget = 0
+    for _ in range(3000):
+        scores, budget, k_min, k_max = _random_ata_case(rng)
+        res = allocate_with_report(scores, budget, k_min=k_min, k_max=k_max)
+        expected = reference_ata_torch(scores, budget, k_min, k_max)
+        assert res.k.tolist() == expected, (scores, budget, k_min, k_max)
+        unstable_matters += expected != reference_ata_torch(scores, budget, k_min, k_max, stable=True)
+        remainder_steps += res.report.remainder_step
+        over_budget += res.report.over_budget
+    # The inputs really exercise the tie order, step 5 and the S > B edge.
+    assert unstable_matters >= 100 and remainder_steps >= 1000 and over_budget >= 50
+
+
 def test_ata_matches_reference_on_realistic_sizes():
     rng = np.random.default_rng(0)
-    for n, budget in [(128, 4096), (512, 8192), (1024, 4096), (300, 1000)]:
+    for n, budget in [(128, 4096), (512, 8192), (1024, 4096), (300, 1000), (2048, 8192)]:
         scores = rng.random(n).astype(np.float32).tolist()
         assert allocate(scores, budget).tolist() == reference_ata_torch(scores, budget)
+        quantised = np.round(np.asarray(scores), 2).tolist()  # sigmoid scores to 2 decimals: ties
+        assert allocate(quantised, budget).tolist() == reference_ata_torch(quantised, budget)
 
 
 # --------------------------------------------------------------------------- other policies, by hand

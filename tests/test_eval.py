@@ -20,15 +20,11 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _cache_config():
-    return {
-        "compressor": {
-            "svlm_name": "tiny", "svlm_weights_sha256": "1" * 64, "memory_tokens_source": "init:seed=0",
-            "memory_tokens_sha256": "2" * 64, "prompt_sha256": "3" * 64, "num_memory_tokens": K,
-            "hidden_size": D, "reference_geometry": True,
-        },
-        "sampling": {"target_fps": 2.0, "min_frames": 8, "max_frames": 1024, "max_edge": 512, "multiple": 16, "window": 8},
-        "stored_dtype": "float16",
-    }
+    from tests.test_shards import _cache_config as shards_cache_config
+
+    config = shards_cache_config()
+    config["compressor"].update(num_memory_tokens=K, hidden_size=D)
+    return config
 
 
 QUERIES = {
@@ -40,7 +36,7 @@ QUERIES = {
 
 @pytest.fixture
 def corpus(tmp_path):
-    """A real token cache (3 videos, 4 entries, 3 answered) and its manifest."""
+    """A real token cache (3 videos, 4 entries, 3 answered; compressed under videomme) and its manifest."""
     from tempo_ops.store import CacheWriter
 
     url = str(tmp_path / "cache.zarr")
@@ -49,11 +45,12 @@ def corpus(tmp_path):
     for v, (queries, S, kind) in QUERIES.items():
         ts = [(8 * i + 4) / 2.0 for i in range(S)]
         writer.write_video(v, {"uri": f"{v}.mp4", "timestamps": ts, "timestamp_texts": [format_timestamp(t) for t in ts]})
-        for j, (q, text, _opts, _ans) in enumerate(queries):
+        for j, (q, text, opts, _ans) in enumerate(queries):
             rng = np.random.default_rng(len(v) * 10 + j)
             cand = rng.standard_normal((S, K, D)).astype(np.float16)
             rel = rng.random(S).astype(np.float32)
-            writer.begin_entry(v, q, text, S)
+            # as tempo compress records them: the text the compressor read and its template
+            writer.begin_entry(v, q, render_query(text, opts, "videomme"), S, prompt_template="videomme")
             for s0 in range(0, S, 4):
                 writer.write_block(v, q, s0, cand[s0 : s0 + 4], rel[s0 : s0 + 4])
             writer.finalize_entry(v, q)
@@ -81,13 +78,14 @@ def test_eval_job_end_to_end_and_resume(corpus, tiny_models, tmp_path, capsys):
     cache, manifest = corpus
     out = tmp_path / "eval"
     base = ["eval", "--cache", cache, "--manifest", manifest, "--llm", tiny_models["tempo"], "--out", str(out),
-            "--policies", "ata,uniform", "--prompt-template", "videomme", "--group-by", "kind"]
+            "--policies", "ata,uniform", "--group-by", "kind"]
     assert tempo(*base, "--budgets", "8,24") == 0
     printed = capsys.readouterr().out
     rows = _rows(out)
     keys = [r["key"] for r in rows]
     assert keys == sorted(keys) and len(rows) == 3 * 2 * 2
     assert all(set(r) == set(PREDICTION_FIELDS) for r in rows)
+    assert {r["prompt_template"] for r in rows} == {"videomme"}  # the template the entries record
     assert {(r["video_id"], r["query_id"]) for r in rows} == {("v1", "q1"), ("v.2", "q1"), ("v3", "q1")}
     # The job's answers are exactly what the LLM stage gives for the packed tokens, batch of one.
     from tempo_ops.packing import pack
@@ -109,6 +107,7 @@ def test_eval_job_end_to_end_and_resume(corpus, tiny_models, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["results"] == summarize(rows, ["kind"])
     assert summary["counts"]["written"] == 12 and summary["counts"]["unanswered"] == 1
+    assert summary["counts"]["context_differs_from_cache_query"] == 0
     assert summary["failures"]["items"] == 0
     assert set(summary["results"]["by_group"]["kind"]["groups"]) == {"cooking", "street", "(none)"}
     assert "accuracy" in summary["results"]["accuracy"]["8"]["ata"]
@@ -165,22 +164,26 @@ def test_eval_from_shards_equals_eval_from_cache(corpus, tiny_models, tmp_path):
     cache, manifest = corpus
     shards = tmp_path / "shards"
     assert tempo("shards", "--cache", cache, "--manifest", manifest, "--budgets", "24", "--policies", "ata",
-                 "--out", str(shards), "--prompt-template", "lvbench") == 0
+                 "--out", str(shards)) == 0
     from tempo_ops.shards import shard_dataset
 
     samples = list(shard_dataset(str(shards / "24-ata" / "index.json")))
     meta = {s["meta"]["video_id"]: s["meta"] for s in samples}
-    assert meta["v1"]["prompt_template"] == "lvbench"
-    assert meta["v1"]["context"] == render_query("What is added first?", ["salt", "oil"], "lvbench")
+    assert meta["v1"]["prompt_template"] == "videomme"
+    assert meta["v1"]["query_text"] == render_query("What is added first?", ["salt", "oil"], "videomme")
     assert meta["v1"]["metadata"] == {"kind": "cooking"}
-    a, b = tmp_path / "from_shards", tmp_path / "from_cache"
-    assert tempo("eval", "--shards", str(shards / "24-ata" / "index.json"), "--llm", tiny_models["tempo"],
-                 "--out", str(a), "--group-by", "kind") == 0
-    assert tempo("eval", "--cache", cache, "--manifest", manifest, "--llm", tiny_models["tempo"], "--out", str(b),
-                 "--budgets", "24", "--policies", "ata", "--prompt-template", "lvbench", "--group-by", "kind") == 0
-    assert _rows(a) == _rows(b)
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    assert sa["results"] == sb["results"]
+    index = str(shards / "24-ata" / "index.json")
+    for template in ([], ["--prompt-template", "lvbench"]):  # the recorded template, then another one
+        a, b = tmp_path / f"from_shards{len(template)}", tmp_path / f"from_cache{len(template)}"
+        assert tempo("eval", "--shards", index, "--llm", tiny_models["tempo"], "--out", str(a), "--group-by", "kind",
+                     *template) == 0
+        assert tempo("eval", "--cache", cache, "--manifest", manifest, "--llm", tiny_models["tempo"], "--out", str(b),
+                     "--budgets", "24", "--policies", "ata", "--group-by", "kind", *template) == 0
+        assert _rows(a) == _rows(b)
+        assert {r["prompt_template"] for r in _rows(a)} == {"lvbench" if template else "videomme"}
+        sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+        assert sa["results"] == sb["results"]
+    assert sb["counts"]["context_differs_from_cache_query"] == 3
 
 
 def test_eval_rejects_bad_arguments(corpus, tiny_models, tmp_path, capsys):
@@ -233,3 +236,17 @@ def test_summary_counts_and_table():
     table = format_table(s)
     assert "33.3% (n=3, none=1)" in table and table.splitlines()[0].split() == ["policy", "B=8", "B=16"]
     assert "-" in table.splitlines()[2]  # uniform has no 16-token cell
+
+
+def test_resolve_context_prefers_what_the_compressor_read():
+    from tempo_ops.llm.evaluate import resolve_context
+
+    rendered = render_query("Q?", ["x", "y"], "videomme")
+    assert resolve_context("Q?", ["x", "y"], template=None, recorded_template="videomme", recorded_text=rendered) == (
+        "videomme", rendered)
+    # Another template than the entry's: rendered anew.
+    assert resolve_context("Q?", ["x", "y"], template="lvbench", recorded_template="videomme", recorded_text=rendered) == (
+        "lvbench", render_query("Q?", ["x", "y"], "lvbench"))
+    # Nothing recorded (older caches and shards): the plain template.
+    assert resolve_context("Q?", ["x", "y"], template=None, recorded_template=None, recorded_text="Q?") == (
+        "plain", "Q?\nx\ny")

@@ -31,6 +31,13 @@ def _copy(src, dst) -> Path:
     return Path(dst)
 
 
+def _edit_config(d: Path, **changes) -> Path:
+    cfg = json.loads((d / "config.json").read_text())
+    cfg.update(changes)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
 def _sample(llm, seed=0):
     alloc = np.array([3, 2])
     tokens = np.random.default_rng(seed).standard_normal((5, 64)).astype(np.float16)
@@ -99,10 +106,7 @@ def test_mlp_projectors(tiny_models, tmp_path, ptype):
 def test_identity_projector_and_unknown_type(tiny_models, tmp_path):
     with pytest.raises(CheckpointFormatError, match="identity"):
         build_tiny_tempo(tmp_path / "ident", tiny_models["svlm"], seed=0, projector_type="identity")
-    bad = _copy(tiny_models["tempo"], tmp_path / "badtype")
-    cfg = json.loads((bad / "config.json").read_text())
-    cfg["mm_projector_type"] = "qformer"
-    (bad / "config.json").write_text(json.dumps(cfg))
+    bad = _edit_config(_copy(tiny_models["tempo"], tmp_path / "badtype"), mm_projector_type="qformer")
     with pytest.raises(CheckpointFormatError, match="qformer"):
         TempoLLM.from_pretrained(bad)
 
@@ -119,9 +123,7 @@ def test_tied_embeddings_without_lm_head(tiny_models, tmp_path):
     (tied / INDEX).write_text(json.dumps(doc))
     with pytest.raises(CheckpointFormatError, match="missing"):
         TempoLLM.from_pretrained(tied)  # untied config: the head is required
-    cfg = json.loads((tied / "config.json").read_text())
-    cfg["tie_word_embeddings"] = True
-    (tied / "config.json").write_text(json.dumps(cfg))
+    _edit_config(tied, tie_word_embeddings=True)
     llm = TempoLLM.from_pretrained(tied)
     assert llm.lm.lm_head.weight.data_ptr() == llm.lm.model.embed_tokens.weight.data_ptr()
 
@@ -133,10 +135,7 @@ def test_bad_checkpoints_are_typed_errors(tiny_models, tmp_path):
     (missing / INDEX).write_text(json.dumps(doc))
     with pytest.raises(CheckpointFormatError, match="missing"):
         TempoLLM.from_pretrained(missing)
-    wrong = _copy(tiny_models["tempo"], tmp_path / "wrong")
-    cfg = json.loads((wrong / "config.json").read_text())
-    cfg["model_type"] = "qwen3"
-    (wrong / "config.json").write_text(json.dumps(cfg))
+    wrong = _edit_config(_copy(tiny_models["tempo"], tmp_path / "wrong"), model_type="qwen3")
     with pytest.raises(CheckpointFormatError, match="tempo_qwen"):
         TempoLLM.from_pretrained(wrong)
     with pytest.raises(ConfigError):

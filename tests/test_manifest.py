@@ -238,10 +238,12 @@ def test_probe_cli(corpus, capsys):
     assert set(rows) == {"kitchen_short", "street_walk", "phone_portrait", "broken_upload"}
     assert "error [corrupt_container]" in rows["broken_upload"]
     assert "640x360" in rows["street_walk"] and "512x288" in rows["street_walk"]
-    assert " 90 " in rows["phone_portrait"] and "192x352" in rows["phone_portrait"]
+    # 360x202 coded, shown upright as 202x360: longer side <= 512 px, so not resized at all
+    assert " 90 " in rows["phone_portrait"] and rows["phone_portrait"].split()[4:6] == ["360x202", "202x360"]
     rc = cli.main(["probe", "--json", "--target-fps", "1", str(os.path.join(os.path.dirname(corpus), "videos", "kitchen_short.mp4"))])
     rec = json.loads(capsys.readouterr().out.strip())
     assert rc == 0
+    assert rec["resized"] == [320, 240] and rec["display_size"] == [320, 240]
     assert rec["n_sampled"] == 8 and rec["duration_s"] == 6.0 and rec["n_segments"] == 1 and rec["first_timestamp"] == "<3.0 seconds>"  # real_fps = 8 / 6 s
 
 

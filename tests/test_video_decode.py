@@ -39,6 +39,17 @@ def _numbers(segments, rotation=0):
     return out
 
 
+def _decoded_rgb(path, k):
+    """Frame ``k`` of a plain sequential decode of ``path``, as RGB (PyAV directly)."""
+    import av
+
+    with av.open(str(path)) as container:
+        for i, frame in enumerate(container.decode(video=0)):
+            if i == k:
+                return frame.to_ndarray(format="rgb24")
+    raise AssertionError(f"{path} has no frame {k}")
+
+
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
     d = tmp_path_factory.mktemp("videos")
@@ -85,7 +96,7 @@ def test_h264_probe_and_plan_values(videos):
     assert info.frame_count == 120 and info.fps == 10.0 and info.duration_s == pytest.approx(12.0)
     plan = plan_video(info)
     assert len(plan.frame_indices) == 24 and plan.real_fps == pytest.approx(2.0)
-    assert plan.frame_indices[:4] == [0, 5, 10, 15]  # floor(linspace(0, 119, 24)) = 0, 5.17, 10.35, 15.52
+    assert plan.frame_indices[:4] == [0, 5, 10, 16]  # round(linspace(0, 119, 24)) = 0, 5.17, 10.35, 15.52
     assert plan.timestamp_texts == ["<2.0 seconds>", "<6.0 seconds>", "<10.0 seconds>"]
 
 
@@ -163,14 +174,15 @@ def test_odd_and_tiny_sizes(tmp_path):
     info = probe_video(one)
     assert (info.width, info.height) == (1, 1)
     seg = next(iter_segments(one))
-    assert seg.frames.shape == (8, 16, 16, 3)  # 4 frames / 2 fps = 2 s -> clamped to 8; 1x1 -> 16x16
+    assert seg.frames.shape == (8, 1, 1, 3)  # 4 frames / 2 fps = 2 s -> clamped to 8; <= 512 px: kept
     two = write_test_video(tmp_path / "2x2.mp4", n_frames=4, fps=2, width=2, height=2, codec="mpeg4")
-    assert next(iter_segments(two)).frames.shape == (8, 16, 16, 3)
+    assert next(iter_segments(two)).frames.shape == (8, 2, 2, 3)
     odd = write_test_video(tmp_path / "odd.mp4", n_frames=10, fps=5, width=75, height=41)
     seg = next(iter_segments(odd))
-    # 75/16 = 4.7 -> 80 > 75, so 64; 41/16 = 2.6 -> 48 > 41, so 32
-    assert seg.frames.shape == (8, 32, 64, 3)
-    assert _numbers([seg]) == plan_video(odd).frame_indices
+    assert seg.frames.shape == (8, 41, 75, 3)  # not resized, not rounded to 16
+    assert _numbers([seg]) == plan_video(odd).frame_indices == [0, 1, 3, 4, 5, 6, 8, 9]
+    # Unresized frames are the decoded pictures themselves.
+    np.testing.assert_array_equal(seg.frames[0], _decoded_rgb(odd, 0))
 
 
 def test_very_elongated_frames(tmp_path):
@@ -179,7 +191,7 @@ def test_very_elongated_frames(tmp_path):
     assert (plan.frame_width, plan.frame_height) == (16, 512)
     segs = list(iter_segments(tall, plan=plan))
     assert segs[0].frames.shape == (8, 512, 16, 3)
-    assert _numbers(segs) == [0, 0, 0, 0, 1, 1, 1, 2]  # N=3 < n=8: indices repeat
+    assert _numbers(segs) == [0, 0, 1, 1, 1, 1, 2, 2]  # N=3 < n=8: indices repeat
     wide = write_test_video(tmp_path / "wide.mp4", n_frames=2, fps=1, width=4000, height=16, pattern="blocks")
     assert next(iter_segments(wide)).frames.shape == (8, 16, 512, 3)
 
@@ -529,3 +541,104 @@ def test_gs_url_through_gcs_emulator(gcs_server, videos):  # noqa: F811 - fixtur
     assert _numbers(segs) == plan.frame_indices
     with pytest.raises(VideoNotFound, match="gs://tempo-videos/clips/missing.mp4"):
         probe_video("gs://tempo-videos/clips/missing.mp4", storage_options=opts)
+
+
+def test_large_frames_scale_to_512_and_the_short_side_may_round_up(tmp_path):
+    from pipelines.probe_cmd import probe_record
+
+    path = write_test_video(tmp_path / "wide.mp4", n_frames=4, fps=2, width=530, height=110, pattern="blocks")
+    rec = probe_record("wide", path, SamplingConfig())
+    assert rec["size"] == [530, 110] and rec["resized"] == [512, 112]  # 110 * 512/530 = 106.3 -> 112
+    seg = next(iter_segments(path))
+    assert seg.frames.shape == (8, 112, 512, 3)
+    assert _numbers([seg]) == [0, 0, 1, 1, 2, 2, 3, 3]  # round(linspace(0, 3, 8))
+
+
+# --------------------------------------------------------------------------- out-of-order timestamps
+@pytest.fixture(scope="module")
+def avi_videos(tmp_path_factory):
+    """AVI files whose decoded frames carry out-of-order timestamps (AVI stores no pts)."""
+    d = tmp_path_factory.mktemp("avi")
+    kw = dict(n_frames=120, fps=10, width=64, height=48, container="avi", gop=12)
+    return {
+        # DivX 5 / Xvid style: MPEG-4 Part 2, packed B-frames, closed GOPs of 12
+        "packed2": write_test_video(d / "packed2.avi", codec="mpeg4", bframes=2, packed_bframes=True, **kw),
+        "packed1": write_test_video(d / "packed1.avi", codec="mpeg4", bframes=1, packed_bframes=True, **kw),
+        # H.264 with x264's default B-frames in AVI
+        "h264": write_test_video(d / "h264.avi", codec="h264", **kw),
+        # MPEG-4 Part 2 with (unpacked) B-frames: timestamps happen to be in order
+        "mpeg4": write_test_video(d / "mpeg4.avi", codec="mpeg4", bframes=2, **kw),
+    }
+
+
+def _sequential(path):
+    """(frame numbers, decoder timestamps in s, key frame numbers) of a plain sequential PyAV decode."""
+    import av
+
+    with av.open(str(path)) as container:
+        frames = [(read_frame_number(f.to_ndarray(format="rgb24")), f.time, f.key_frame) for f in container.decode(video=0)]
+    return [n for n, _, _ in frames], [t for _, t, _ in frames], [n for n, _, k in frames if k]
+
+
+@pytest.mark.parametrize(("name", "wrong_share"), [("packed2", 0.3), ("packed1", 0.45), ("h264", 0.45)])
+def test_avi_fixtures_really_have_out_of_order_timestamps(avi_videos, name, wrong_share):
+    numbers, times, _ = _sequential(avi_videos[name])
+    assert numbers == list(range(120))  # display order is right ...
+    assert any(b <= a for a, b in zip(times, times[1:]))  # ... but the timestamps are not
+    # The old rule (the last frame whose timestamp is at or before start + i / fps) would give
+    # a wrong frame for many indices: frame i - 1, or earlier.
+    start = times[0]
+    wrong = 0
+    for i in range(120):  # decoding forward stops at the first frame past the target
+        stop = next(k for k, t in enumerate(times + [float("inf")]) if t > start + i / 10 + 0.0125)
+        picked = numbers[stop - 1] if stop else numbers[0]
+        wrong += picked != i
+    assert wrong >= wrong_share * 120
+
+
+@pytest.mark.parametrize("mode", ["auto", "never", "always"])
+@pytest.mark.parametrize("name", ["packed2", "packed1", "h264", "mpeg4"])
+@pytest.mark.parametrize("cfg", [SamplingConfig(), SamplingConfig(target_fps=3.0), SamplingConfig(target_fps=0.5, min_frames=4)])
+def test_frame_i_is_the_ith_frame_of_a_sequential_decode(avi_videos, name, mode, cfg):
+    plan = plan_video(avi_videos[name], cfg)
+    assert plan.info.frame_count == 120 and not plan.info.variable_frame_rate
+    segs = list(iter_segments(avi_videos[name], plan=plan, seek_mode=mode))
+    assert _numbers(segs) == plan.frame_indices
+    assert [i for s in segs for i in s.frame_indices] == plan.frame_indices
+
+
+@pytest.mark.parametrize("mode", ["auto", "never", "always"])
+@pytest.mark.parametrize("name", ["packed2", "h264"])
+def test_keyframe_mode_on_out_of_order_timestamps(avi_videos, name, mode):
+    plan = plan_video(avi_videos[name], SamplingConfig(target_fps=3.0, frame_accuracy="keyframe"))
+    segs = list(iter_segments(avi_videos[name], plan=plan, seek_mode=mode))
+    keys = _sequential(avi_videos[name])[2]
+    assert len(keys) >= 10
+    expected = [max(k for k in keys if k <= i) for i in plan.frame_indices]  # the last key frame at or before i
+    assert _numbers(segs) == expected
+    assert [i for s in segs for i in s.frame_indices] == expected
+
+
+def test_out_of_order_timestamps_sub_range_and_threads(avi_videos):
+    path = avi_videos["packed2"]
+    plan = plan_video(path, SamplingConfig(target_fps=4.0))  # 48 samples, 6 segments
+    full = list(iter_segments(path, plan=plan))
+    part = list(iter_segments(path, plan=plan, segments=range(3, 5)))
+    threaded = list(iter_segments(path, plan=plan, threaded=True, convert_threads=2))
+    for a, b in zip(full[3:5], part):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    for a, b in zip(full, threaded):
+        np.testing.assert_array_equal(a.frames, b.frames)
+    assert _numbers(full) == plan.frame_indices
+
+
+def test_skipping_stops_when_timestamps_run_backwards(avi_videos, monkeypatch):
+    # H.264 in AVI: skipping is off (no stored pts). Forced on, the out-of-order timestamps
+    # are noticed, skipping stops and the frames are still those of a sequential decode.
+    import tempo_ops.video as video
+
+    monkeypatch.setattr(video, "NO_PTS_FORMATS", frozenset())
+    path = avi_videos["h264"]
+    plan = plan_video(path, SamplingConfig(target_fps=1.0))
+    assert _numbers(iter_segments(path, plan=plan)) == plan.frame_indices
+    assert count_decoded_frames(path, plan)["redone"] >= 1

@@ -1,4 +1,4 @@
-"""Pure sampling / resize / segment rules of tempo_ops.video (DESIGN.md section 2)."""
+"""Pure sampling / resize / segment rules of tempo_ops.video (docs/METHOD.md "Sampling")."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from tempo_ops.errors import AbsurdDimensions, ConfigError, VideoTooShort
 from tempo_ops.video import (
-    ASSUMED_FPS,
+    SAMPLING_RULE,
     SamplingConfig,
     VideoInfo,
     check_dimensions,
@@ -25,8 +25,9 @@ from tempo_ops.video import (
 
 # --------------------------------------------------------------------------- frame sampling
 def test_indices_hand_computed():
-    # 100 frames at 25 fps = 4 s -> n = 8; linspace(0, 99, 8) = 0, 14.14, 28.29, ... 99
-    assert sample_frame_indices(100, 25.0) == [0, 14, 28, 42, 56, 70, 84, 99]
+    # 100 frames at 25 fps = 4 s -> n = 8; linspace(0, 99, 8) = 0, 14.14, 28.29, 42.43,
+    # 56.57, 70.71, 84.86, 99 -> rounded to nearest (not floored: 56.57 -> 57)
+    assert sample_frame_indices(100, 25.0) == [0, 14, 28, 42, 57, 71, 85, 99]
     # 10 s at 1 fps target -> 10 frames, step 11 exactly
     assert sample_frame_indices(100, 10.0, target_fps=1.0) == [0, 11, 22, 33, 44, 55, 66, 77, 88, 99]
 
@@ -37,8 +38,20 @@ def test_one_frame_video_gives_last_index():
 
 
 def test_fewer_source_frames_than_samples_repeat_indices():
-    # 3 frames at 1 fps: n = round(6) -> clamped to 8; floor(linspace(0, 2, 8))
-    assert sample_frame_indices(3, 1.0) == [0, 0, 0, 0, 1, 1, 1, 2]
+    # 3 frames at 1 fps: n = round(6) -> clamped to 8; linspace(0, 2, 8) = 0, .29, .57, .86,
+    # 1.14, 1.43, 1.71, 2 -> rounded
+    assert sample_frame_indices(3, 1.0) == [0, 0, 1, 1, 1, 1, 2, 2]
+
+
+def test_indices_round_halves_to_even():
+    # linspace(0, 15, 11) = 0, 1.5, 3, 4.5, 6, 7.5, 9, 10.5, 12, 13.5, 15: np.round sends
+    # 1.5 -> 2, 4.5 -> 4, 7.5 -> 8, 10.5 -> 10, 13.5 -> 14 (halves to the even neighbour)
+    assert sample_frame_indices(16, 2.0, min_frames=11, max_frames=11) == [0, 2, 3, 4, 6, 8, 9, 10, 12, 14, 15]
+    # linspace(0, 4, 9) = 0, .5, 1, 1.5, 2, 2.5, 3, 3.5, 4 -> 0, 0, 1, 2, 2, 2, 3, 4, 4
+    assert sample_frame_indices(5, 1.0, min_frames=9, max_frames=9) == [0, 0, 1, 2, 2, 2, 3, 4, 4]
+    # linspace(0, 7, 3) = 0, 3.5, 7 -> 4; linspace(0, 5, 3) = 0, 2.5, 5 -> 2
+    assert sample_frame_indices(8, 1.0, min_frames=3, max_frames=3) == [0, 4, 7]
+    assert sample_frame_indices(6, 1.0, min_frames=3, max_frames=3) == [0, 2, 5]
 
 
 def test_clamp_to_min_and_max():
@@ -46,7 +59,7 @@ def test_clamp_to_min_and_max():
     assert len(short) == 8 and short[0] == 0 and short[-1] == 19
     long = sample_frame_indices(54000, 30.0)  # 1800 s -> 3600 -> clamped to 1024
     assert len(long) == 1024
-    assert long[0] == 0 and long[1] == 52 and long[-1] == 53999  # 53999 / 1023 = 52.78
+    assert long[0] == 0 and long[1] == 53 and long[2] == 106 and long[-1] == 53999  # 53999 / 1023 = 52.78
     assert len(sample_frame_indices(54000, 30.0, max_frames=2048)) == 2048
 
 
@@ -56,9 +69,10 @@ def test_round_is_python_round_half_to_even():
 
 
 @pytest.mark.parametrize("fps", [None, 0, -5.0, float("nan"), float("inf")])
-def test_unknown_fps_assumes_30(fps):
-    assert ASSUMED_FPS == 30.0
-    assert len(sample_frame_indices(300, fps)) == 20  # 300 / 30 = 10 s -> 20 frames
+def test_unknown_fps_uses_the_target_rate(fps):
+    # The reference stands in target_fps for an unknown rate: 30 frames / 2 fps = 15 s -> 30.
+    assert sample_frame_indices(30, fps) == list(range(30))
+    assert len(sample_frame_indices(300, fps, target_fps=1.0, max_frames=64)) == 64  # 300 s -> 300 -> 64
 
 
 @pytest.mark.parametrize("total", [0, -1])
@@ -90,6 +104,9 @@ def test_indices_properties(total, fps, target, min_frames, extra):
         assert idx[-1] == total - 1
     if total >= n:
         assert len(set(idx)) == n  # no repeats when there are enough source frames
+    if n >= 2:
+        step = (total - 1) / (n - 1)
+        assert all(abs(i - k * step) <= 0.5 + 1e-9 for k, i in enumerate(idx))  # nearest, not floor
 
 
 # --------------------------------------------------------------------------- resize
@@ -99,18 +116,28 @@ def test_indices_properties(total, fps, target, min_frames, extra):
         ((640, 360), (512, 288)),
         ((1280, 720), (512, 288)),
         ((1920, 1080), (512, 288)),
-        ((720, 480), (512, 336)),  # 341.3 -> 21.3 multiples -> 336
-        ((360, 640), (288, 512)),
-        ((512, 512), (512, 512)),
-        ((511, 511), (496, 496)),  # rounding up to 512 would enlarge
-        ((320, 240), (320, 240)),
-        ((100, 50), (96, 48)),
-        ((100, 56), (96, 48)),  # 3.5 -> 4 -> 64 > 56, so 48
-        ((24, 24), (16, 16)),
-        ((1, 1), (16, 16)),  # the 16-px minimum wins over "never enlarge"
-        ((4000, 16), (512, 16)),
+        ((720, 480), (512, 336)),  # 480 * 512/720 / 16 = 21.33 -> 21 * 16
+        ((360, 640), (288, 512)),  # portrait
+        ((1080, 1920), (288, 512)),
+        ((530, 110), (512, 112)),  # 110 * 512/530 / 16 = 6.64 -> 7: the short side grows past 110
+        ((110, 530), (112, 512)),
+        ((513, 100), (512, 96)),  # 99.8 / 16 = 6.24 -> 6
+        ((600, 264), (512, 224)),  # 264 * 512/600 / 16 = 14.08 -> 14
+        ((1000, 1000), (512, 512)),
+        ((4000, 16), (512, 16)),  # 2.05 px -> 0 multiples -> the 16-px minimum
         ((16, 4000), (16, 512)),
-        ((360, 202), (352, 192)),
+        # longer side <= 512: not resized at all, any size, not rounded to 16
+        ((512, 512), (512, 512)),
+        ((511, 511), (511, 511)),
+        ((512, 288), (512, 288)),
+        ((320, 240), (320, 240)),
+        ((75, 41), (75, 41)),
+        ((360, 202), (360, 202)),
+        ((202, 360), (202, 360)),
+        ((100, 56), (100, 56)),
+        ((1, 1), (1, 1)),
+        ((16, 9), (16, 9)),
+        ((512, 1), (512, 1)),
     ],
 )
 def test_resize_shape_hand_computed(size, expected):
@@ -118,8 +145,9 @@ def test_resize_shape_hand_computed(size, expected):
 
 
 def test_resize_shape_other_limits():
-    assert resize_shape(640, 360, max_edge=256, multiple=32) == (256, 128)  # 144 / 32 = 4.5 -> 4
-    assert resize_shape(1000, 1000, max_edge=500, multiple=16) == (496, 496)  # never above max_edge
+    assert resize_shape(640, 360, max_edge=256, multiple=32) == (256, 128)  # 144 / 32 = 4.5 -> 4 (half to even)
+    assert resize_shape(250, 100, max_edge=256, multiple=32) == (250, 100)  # not above max_edge: kept
+    assert resize_shape(1000, 1000, max_edge=496, multiple=16) == (496, 496)
 
 
 @pytest.mark.parametrize("size", [(0, 10), (10, 0), (-1, 5)])
@@ -132,14 +160,14 @@ def test_resize_shape_rejects_non_positive(size):
 @given(w=st.integers(1, 16384), h=st.integers(1, 16384))
 def test_resize_shape_properties(w, h):
     rw, rh = resize_shape(w, h)
+    if max(w, h) <= 512:  # not resized at all
+        assert (rw, rh) == (w, h)
+        return
+    ratio = 512 / max(w, h)
     for out, src in ((rw, w), (rh, h)):
         assert out % 16 == 0 and 16 <= out <= 512
-        assert out <= max(16, src)  # never enlarged beyond the 16-px minimum
-    if max(w, h) <= 512:  # not scaled: each side is the source rounded to a multiple, never up past it
-        for out, src in ((rw, w), (rh, h)):
-            assert out == 16 if src < 16 else src - 15 <= out <= src
-    else:
-        assert max(rw, rh) == 512
+        assert out == 16 or abs(out - src * ratio) <= 8 + 1e-9  # nearest multiple of 16
+    assert max(rw, rh) == 512
 
 
 def test_check_dimensions_limits():
@@ -210,8 +238,20 @@ def test_sampling_config_validation_and_dict():
         "multiple": 16,
         "window": 8,
         "frame_accuracy": "exact",
+        "sampling_rule": SAMPLING_RULE,
     }
-    for bad in [dict(target_fps=0), dict(target_fps=float("nan")), dict(min_frames=0), dict(min_frames=9, max_frames=8), dict(window=0), dict(max_edge=8), dict(max_frames=1.5)]:
+    assert SAMPLING_RULE == 2
+    bad_configs = [
+        dict(target_fps=0),
+        dict(target_fps=float("nan")),
+        dict(min_frames=0),
+        dict(min_frames=9, max_frames=8),
+        dict(window=0),
+        dict(max_edge=8),
+        dict(max_edge=500),  # not a multiple of 16
+        dict(max_frames=1.5),
+    ]
+    for bad in bad_configs:
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)
 
@@ -239,6 +279,40 @@ def test_plan_clamped_real_fps_and_rotation():
     assert plan.real_fps == pytest.approx(1024 / 3600)
     assert plan.timestamps[1] == pytest.approx(12 / (1024 / 3600))
     assert (plan.frame_width, plan.frame_height) == (288, 512)
+
+
+def test_plan_with_unknown_fps_uses_the_target_rate():
+    info = VideoInfo("mem.mp4", 30 / 30.0, None, 30, 640, 360, 0, "h264", 640, 360)
+    plan = plan_video(info)  # 30 frames / 2 fps = 15 s -> 30 samples, every frame
+    assert plan.frame_indices == list(range(30))
+    assert plan.real_fps == pytest.approx(2.0) and plan.timestamps[0] == pytest.approx(2.0)
+
+
+def test_plan_keeps_small_frames_at_their_size():
+    plan = plan_video(_info(100, 10.0, w=75, h=41))
+    assert (plan.frame_width, plan.frame_height) == (75, 41)
+    plan = plan_video(_info(100, 10.0, w=530, h=110))
+    assert (plan.frame_width, plan.frame_height) == (512, 112)
+    plan = plan_video(_info(100, 10.0, w=202, h=360, rotation=90))  # shown as 360x202: kept
+    assert (plan.frame_width, plan.frame_height) == (360, 202)
+
+
+def test_old_rule_cache_refuses_to_mix(tmp_path):
+    """A cache written with the pre-SAMPLING_RULE config (floor indices, never-enlarge resize)
+    refuses a writer with today's config, naming the sampling_rule field."""
+    from tempo_ops.errors import FingerprintMismatch
+    from tempo_ops.store import CacheWriter
+    from tests.test_store_support import make_config
+
+    old = make_config()
+    old["sampling"] = {"target_fps": 2.0, "min_frames": 8, "max_frames": 1024, "max_edge": 512, "multiple": 16, "window": 8, "frame_accuracy": "exact"}
+    cache = str(tmp_path / "cache")
+    CacheWriter.open(cache, old)
+    new = make_config()
+    new["sampling"] = SamplingConfig().to_dict()
+    with pytest.raises(FingerprintMismatch, match=r"sampling\.sampling_rule") as info:
+        CacheWriter.open(cache, new)
+    assert info.value.details["fields"] == ["sampling.sampling_rule"]
 
 
 def test_plan_one_frame_and_tail_of_one():

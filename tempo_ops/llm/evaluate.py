@@ -76,6 +76,27 @@ def estimate_cost(allocation: Sequence[int], context: str) -> int:
     return int(k.sum()) + TIMESTAMP_TOKEN_ESTIMATE * int(np.count_nonzero(k)) + TEXT_TOKEN_ESTIMATE + len(context) // 3
 
 
+def resolve_context(
+    question: str,
+    options: Sequence[str] | None,
+    *,
+    template: str | None,
+    recorded_template: str | None,
+    recorded_text: str | None,
+) -> tuple[str, str]:
+    """``(template name, context)`` the LLM answers for one query.
+
+    The template is ``template`` when given, else the one the cache entry recorded
+    (``recorded_template``), else ``plain``. The context is the text the compressor read
+    (``recorded_text``) when it was rendered under that same template, else
+    ``render_query(question, options, template)``: the LLM answers what the compressor read.
+    """
+    name = get_template(template or recorded_template).name
+    if recorded_text is not None and recorded_template == name:
+        return name, recorded_text
+    return name, render_query(question, options, name)
+
+
 def make_item(
     video_id: str,
     query_id: str,

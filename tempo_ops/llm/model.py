@@ -31,6 +31,7 @@ dtype runs in bf16.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from torch import nn
 from tempo_ops.errors import CheckpointFormatError, ConfigError, LLMInputError, TokenizerError
 from tempo_ops.llm import checkpoint as C
 from tempo_ops.llm.projector import PROJECTOR_PREFIX, load_projector
+from tempo_ops.numerics import REFERENCE, pass_through_fp16, resolve_numerics, round_rope_inv_freq_bf16
 from tempo_ops.svlm import checkpoints as svlm_ckpt
 from tempo_ops.svlm.compressor import resolve_device_dtype
 
@@ -62,7 +64,6 @@ ANSWER_END = "<|im_end|>\n"
 IGNORE_INDEX = -100
 VISUAL_TOKEN_ID = -1
 """``LLMInputs.input_ids`` value at projected visual positions (they have no token id)."""
-NUMERICS = ("reference", "exact")
 
 
 @dataclass(frozen=True)
@@ -112,27 +113,6 @@ class Generation:
     token_ids: list[int]
     text: str
     stopped: bool
-
-
-def resolve_numerics(numerics: str | None, dtype: torch.dtype) -> str:
-    """``numerics`` when given (checked), else ``"reference"`` for bf16 and ``"exact"`` otherwise."""
-    if numerics is None:
-        return "reference" if dtype == torch.bfloat16 else "exact"
-    if numerics not in NUMERICS:
-        raise ConfigError(f"unknown numerics {numerics!r}; expected one of {NUMERICS}", item="numerics")
-    return numerics
-
-
-def round_rope_to_bf16(rotary: nn.Module) -> None:
-    """Round a rotary embedding's ``inv_freq`` (and ``original_inv_freq``) to bf16 values, kept in float32.
-
-    The reference's ``model.to(bfloat16)`` turns these non-persistent buffers into bf16; the
-    rope then multiplies positions by the bf16-rounded frequencies in float32.
-    """
-    for name in ("inv_freq", "original_inv_freq"):
-        buf = getattr(rotary, name, None)
-        if isinstance(buf, torch.Tensor):
-            setattr(rotary, name, buf.to(torch.bfloat16).to(torch.float32))
 
 
 class TempoLLM(nn.Module):
@@ -241,7 +221,7 @@ class TempoLLM(nn.Module):
         """
         from transformers import AutoTokenizer, Qwen3ForCausalLM
 
-        if numerics == "reference" and dtype is None:
+        if numerics == REFERENCE and dtype is None:
             dtype = torch.bfloat16
         dev, dt = resolve_device_dtype(device, dtype)
         mode = resolve_numerics(numerics, dt)
@@ -267,9 +247,9 @@ class TempoLLM(nn.Module):
         digest = svlm_ckpt.combine_tensor_digests({k: svlm_ckpt.tensor_sha256(v) for k, v in raw.items()})
 
         def cast(t: torch.Tensor) -> torch.Tensor:
-            if mode == "reference" and t.is_floating_point():
-                t = t.to(torch.float16)  # the reference loads fp16, then casts to bf16
-            return t.to(dt) if t.is_floating_point() else t
+            if not t.is_floating_point():
+                return t
+            return (pass_through_fp16(t) if mode == REFERENCE else t).to(dt)  # the reference loads in fp16
 
         lm_state = {k: cast(v) for k, v in raw.items() if k.startswith(C.LLM_PREFIXES)}
         proj_state = {k: cast(v) for k, v in raw.items() if k.startswith(PROJECTOR_PREFIX)}
@@ -296,8 +276,8 @@ class TempoLLM(nn.Module):
             lm.lm_head.weight = lm.model.embed_tokens.weight
         # Non-persistent buffers were created on the meta device: rebuild the rotary embedding.
         lm.model.rotary_emb = type(lm.model.rotary_emb)(qcfg)
-        if mode == "reference":
-            round_rope_to_bf16(lm.model.rotary_emb)
+        if mode == REFERENCE:
+            round_rope_inv_freq_bf16(lm)
         projector = load_projector(
             str(config.get("mm_projector_type", "linear")), int(config["mm_hidden_size"]), int(qcfg.hidden_size), proj_state, item=url
         ).to(dt)
@@ -353,8 +333,6 @@ class TempoLLM(nn.Module):
             C.write_safetensors_shards(tmp, [s for s in shards if s])
             self.tokenizer.save_pretrained(tmp)
             with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as fh:
-                import json
-
                 fh.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
             names = sorted(os.listdir(tmp))
             for name in [n for n in names if n != "config.json"] + ["config.json"]:

@@ -1,4 +1,4 @@
-"""Loading and saving the compressor's parts (DESIGN.md 2, "Reference checkpoint layout").
+"""Loading and saving the compressor's parts (docs/METHOD.md, "Checkpoint layout").
 
 Three things are loaded, each from a local directory or any fsspec URL (``memory://``,
 ``gs://``, ``s3://``...). For a URL only the files that are needed are copied to a local

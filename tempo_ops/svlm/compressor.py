@@ -1,4 +1,4 @@
-"""The query-aware SVLM compressor (DESIGN.md 2 "SVLM input", "Relevance"; 3 shared prefixes).
+"""The query-aware SVLM compressor (docs/METHOD.md "SVLM prompt", "Memory tokens", "Relevance").
 
 For every (query, segment) pair the SVLM reads ``[system + video] [query suffix] [K memory tokens]``.
 The candidates are the final post-norm hidden states at the K memory positions, ``(K, D)``; the
@@ -141,7 +141,7 @@ class Compressor:
             (``+svlm`` appended when the SVLM weights came from the Tempo checkpoint).
         max_batch_tokens: cap on Σ(attended sequence length) over the rows of one forward pass
             (prefix passes: G·P; suffix passes: Σ(P + suffix + K); at least one row always runs).
-        reference_geometry: passed to ``frames_to_video_inputs`` (DESIGN.md 2 frame geometry).
+        reference_geometry: passed to ``frames_to_video_inputs`` (docs/METHOD.md "Geometry").
         numerics: ``"reference"`` hooks the released model's bf16 roundings into ``model``
             (``tempo_ops.numerics.install_reference_numerics``), keeps an fp16-rounded device copy
             of the memory tokens and subtracts the Yes/No rows in bf16; ``"exact"`` runs the model

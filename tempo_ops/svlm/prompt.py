@@ -1,4 +1,4 @@
-"""Token ids of the SVLM prompt for one segment (DESIGN.md 2, "SVLM input").
+"""Token ids of the SVLM prompt for one segment (docs/METHOD.md, "SVLM prompt").
 
 The prompt is the Qwen3-VL chat template with the generation prompt added::
 

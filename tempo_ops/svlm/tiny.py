@@ -1,4 +1,4 @@
-"""Tiny random-weight models, built offline, for tests and the demo (DESIGN.md 4, "Hugging Face").
+"""Tiny random-weight models, built offline, for tests and the demo (docs/METHOD.md, "Environment").
 
 ``make_tiny_models(out_dir, seed)`` writes two directories:
 
@@ -8,8 +8,8 @@
   tokens and the Qwen3-VL chat template, and the processor files Qwen3-VL ships
   (``preprocessor_config.json``, ``video_preprocessor_config.json``), so the real
   ``Qwen3VLProcessor`` loads the directory wherever torchvision exists.
-- ``tempo/``: a tiny checkpoint in the released Tempo-6B layout (DESIGN.md 2, "Reference
-  checkpoint layout"): ``config.json`` (model_type ``tempo_qwen``, a Qwen3 config plus the
+- ``tempo/``: a tiny checkpoint in the released Tempo-6B layout (docs/METHOD.md,
+  "Checkpoint layout"): ``config.json`` (model_type ``tempo_qwen``, a Qwen3 config plus the
   ``mm_*`` fields), weights split over two safetensors shards with a
   ``model.safetensors.index.json``, and the tokenizer.
 

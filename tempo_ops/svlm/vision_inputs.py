@@ -1,6 +1,6 @@
 """Frames → Qwen3-VL video inputs (``pixel_values_videos``, ``video_grid_thw``), without torchvision.
 
-Reproduces, exactly, what the reference ran (DESIGN.md 2, "Reference frame geometry"):
+Reproduces, exactly, what the reference ran (docs/METHOD.md, "Geometry"):
 
 1. ``reference_frame_geometry``: the qwen-vl-utils 0.0.14 ``process_vision_info`` pass for a list
    of frames: per-frame PIL ``Image.resize`` (default filter, bicubic) to
