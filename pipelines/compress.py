@@ -467,7 +467,11 @@ def index_sampling(index_url: str, fingerprint: dict) -> video.SamplingConfig:
     if stored != ours:
         fields = index_layout.config_differences(stored, ours)
         raise IndexMismatch(f"index was built with another SVLM / prompt / geometry; differing fields: {', '.join(fields)}", item=index_url)
-    return video.SamplingConfig(**reader.config["sampling"])
+    sampling = dict(reader.config["sampling"])
+    rule = sampling.pop("sampling_rule", None)
+    if rule != video.SAMPLING_RULE:  # the index's frames were chosen by another version of the rules
+        raise IndexMismatch(f"index was sampled with rule {rule!r}; this code samples with {video.SAMPLING_RULE!r}", item=index_url)
+    return video.SamplingConfig(**sampling)
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
