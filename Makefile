@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test bench lint clean parity parity-venv
+.PHONY: venv demo demo-train test bench lint clean parity parity-venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,9 @@ $(STAMP): setup.py constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/tempo demo --out $(DEMO_DIR)
+
+demo-train: $(STAMP)
+	$(VENV)/bin/tempo demo-train --out $(DEMO_DIR)/train
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

@@ -29,6 +29,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
     "inspect": ("pipelines.inspect_cache", "show a token cache's configuration, counts and entries", False),
     "shards": ("pipelines.build_shards", "cut WebDataset training shards from a cache", True),
     "eval": ("pipelines.evaluate", "evaluate the LLM stage at budgets x policies from a cache or shards", True),
+    "train": ("pipelines.train", "train the LLM stage on cached-token shards (torchrun for DDP; resumable)", False),
+    "demo-train": ("pipelines.demo_train", "prove that training learns: a generated colour task, train/val split by video", False),
     "demo": ("pipelines.demo", "run the whole pipeline on generated sample videos and tiny models", False),
 }
 

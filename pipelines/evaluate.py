@@ -56,7 +56,14 @@ from pipelines.build_shards import parse_budgets, parse_list, parse_policies
 from schemas import manifest as manifest_schema
 from tempo_ops.allocation import allocate_with_report
 from tempo_ops.errors import ConfigError
-from tempo_ops.llm.evaluate import EvalItem, evaluate_batch, make_item, plan_batches, resolve_context
+from tempo_ops.llm.evaluate import (
+    EvalItem,
+    evaluate_batch,
+    make_item,
+    plan_batches,
+    resolve_context,
+    resolve_sample_context,
+)
 from tempo_ops.llm.predictions import PredictionStore
 from tempo_ops.llm.report import format_table, render_plots, summarize
 from tempo_ops.packing import PACK_MODES
@@ -174,10 +181,7 @@ def item_from_sample(sample: dict[str, Any], *, template: str | None, frames_per
     ``query_text`` (what the compressor read), exactly as for the cache source.
     """
     meta = sample["meta"]
-    name, context = resolve_context(
-        meta["question"], meta.get("options"), template=template,
-        recorded_template=meta.get("prompt_template"), recorded_text=meta.get("query_text"),
-    )
+    name, context = resolve_sample_context(meta, template)
     return make_item(
         meta["video_id"], meta["query_id"], int(meta["budget"]), str(meta["policy"]),
         np.asarray(sample["alloc"], dtype=np.int64), question=meta["question"], options=meta.get("options"),

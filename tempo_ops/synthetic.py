@@ -21,6 +21,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -168,6 +169,7 @@ def write_test_video(
     container: str = "mp4",
     bframes: int | None = None,
     packed_bframes: bool = False,
+    frame_source: Callable[[int], np.ndarray] | None = None,
 ) -> str:
     """Write a video (MP4 or AVI) whose frame ``i`` shows the number ``i`` (see module docstring).
 
@@ -192,6 +194,8 @@ def write_test_video(
         packed_bframes: ``"mpeg4"`` in ``"avi"`` with B-frames only: store them the way
             DivX 5 / Xvid "packed bitstream" files do (:func:`pack_bframes`), a real archive
             format whose decoded frames carry out-of-order timestamps.
+        frame_source: ``i -> (height, width, 3) uint8`` frame to write instead of the
+            numbered grid (``pattern`` is then ignored); used by :func:`write_learnable_corpus`.
 
     Returns:
         ``str(path)``.
@@ -260,7 +264,8 @@ def write_test_video(
             pts_list = list(range(n_frames))
         def frames():
             for i in range(n_frames):
-                frame = av.VideoFrame.from_ndarray(make_frame(i, width, height, pattern), format="rgb24")
+                rgb = frame_source(i) if frame_source is not None else make_frame(i, width, height, pattern)
+                frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
                 frame.pts = pts_list[i]
                 frame.time_base = tb
                 yield frame
@@ -449,3 +454,89 @@ def write_sample_corpus(out_dir: str | os.PathLike) -> str:
     manifest = out / "manifest.jsonl"
     manifest.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     return str(manifest)
+
+
+# --------------------------------------------------------------------------- learnable task
+LEARNABLE_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (200, 40, 40)),
+    ("green", (40, 170, 60)),
+    ("blue", (50, 70, 210)),
+    ("yellow", (220, 200, 50)),
+)
+"""The four colours of the learnable task, in option order (A, B, C, D)."""
+LEARNABLE_QUESTION = "Which colour fills most of the frame?"
+LEARNABLE_OPTIONS = [f"{'ABCD'[i]}. {name}" for i, (name, _) in enumerate(LEARNABLE_COLOURS)]
+
+
+def colour_frame(rgb: tuple[int, int, int], width: int, height: int, *, video_seed: int, frame_number: int) -> np.ndarray:
+    """One frame ``(height, width, 3) uint8`` of the learnable task: mostly colour ``rgb``.
+
+    Per video (``video_seed``): the colour's shade is jittered by up to ±30 per channel and a
+    grey distractor rectangle (a sixth of the frame) sits at a random place; per frame, noise
+    of up to ±20. So no two videos share pixels, and validation videos are new pictures.
+    """
+    video_rng = np.random.default_rng([video_seed, 0])
+    base = np.clip(np.asarray(rgb, np.int16) + video_rng.integers(-30, 31, size=3), 0, 255)
+    img = np.empty((height, width, 3), np.int16)
+    img[:] = base
+    rh, rw = max(1, height // 2), max(1, width // 3)
+    y0, x0 = int(video_rng.integers(0, height - rh + 1)), int(video_rng.integers(0, width - rw + 1))
+    img[y0 : y0 + rh, x0 : x0 + rw] = int(video_rng.integers(60, 200))
+    frame_rng = np.random.default_rng([video_seed, 1 + frame_number])
+    img += frame_rng.integers(-20, 21, size=(height, width, 1), dtype=np.int16)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_learnable_corpus(
+    out_dir: str | os.PathLike,
+    *,
+    n_train: int = 32,
+    n_val: int = 16,
+    seed: int = 0,
+    width: int = 64,
+    height: int = 64,
+    seconds: int = 4,
+    fps: int = 4,
+) -> dict[str, str]:
+    """A small corpus whose video content decides the answer, split by video into train and val.
+
+    Each video is filled with one of :data:`LEARNABLE_COLOURS` (see :func:`colour_frame`);
+    its one query asks :data:`LEARNABLE_QUESTION` with the options ``A. red`` ... ``D. yellow``
+    and the answer letter of its colour. Colours are balanced within each split (shuffled
+    by ``seed``), so chance accuracy is 25%. Videos ``train_NNN`` and ``val_NNN`` never share
+    content (each has its own shade, distractor and noise).
+
+    Writes ``videos/*.mp4``, ``manifest.jsonl`` (all videos; compress this one),
+    ``train.jsonl`` and ``val.jsonl`` (the splits; cut shards from each). Returns
+    ``{"manifest", "train", "val"}`` paths.
+    """
+    if n_train < 1 or n_val < 1:
+        raise ValueError(f"need at least one video per split, got n_train={n_train}, n_val={n_val}")
+    out = Path(out_dir)
+    (out / "videos").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    lines: dict[str, list[dict]] = {"train": [], "val": []}
+    for split, count in (("train", n_train), ("val", n_val)):
+        colours = rng.permutation(np.arange(count) % len(LEARNABLE_COLOURS))
+        for i, c in enumerate(colours):
+            name, rgb = LEARNABLE_COLOURS[int(c)]
+            video_id = f"{split}_{i:03d}"
+            video_seed = int(rng.integers(0, 2**31))
+            rel = f"videos/{video_id}.mp4"
+            write_test_video(
+                out / rel,
+                n_frames=seconds * fps,
+                fps=fps,
+                width=width,
+                height=height,
+                preset="veryfast",
+                frame_source=lambda n, rgb=rgb, s=video_seed: colour_frame(rgb, width, height, video_seed=s, frame_number=n),
+            )
+            query = {"query_id": "colour", "text": LEARNABLE_QUESTION, "options": list(LEARNABLE_OPTIONS), "answer": "ABCD"[int(c)]}
+            lines[split].append({"video_id": video_id, "uri": rel, "queries": [query], "metadata": {"split": split, "colour": name}})
+    paths = {}
+    for name, rows in (("manifest", lines["train"] + lines["val"]), ("train", lines["train"]), ("val", lines["val"])):
+        path = out / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        paths[name] = str(path)
+    return paths

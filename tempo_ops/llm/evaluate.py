@@ -97,6 +97,16 @@ def resolve_context(
     return name, render_query(question, options, name)
 
 
+def resolve_sample_context(meta: dict[str, Any], template: str | None = None) -> tuple[str, str]:
+    """``(template name, context)`` of a decoded shard sample's ``meta`` (``resolve_context`` with
+    the template and query text the sample recorded). ``tempo eval --shards`` and ``tempo train``
+    both call it, so evaluation and training read the same text."""
+    return resolve_context(
+        meta["question"], meta.get("options"), template=template,
+        recorded_template=meta.get("prompt_template"), recorded_text=meta.get("query_text"),
+    )
+
+
 def make_item(
     video_id: str,
     query_id: str,
