@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
 from tempo_ops.errors import ConfigError, TempoError
+from tempo_ops.fs import storage_error
 
 LOCAL_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 # Runners that run on this machine; everything else is a remote cluster.
@@ -38,8 +40,10 @@ logger = logging.getLogger(__name__)
 LOCAL_MODES = {"threads": "multi_threading", "processes": "multi_processing"}
 
 
-def add_runner_arguments(parser, *, default_mode: str = "threads") -> None:
+def add_runner_arguments(parser, *, default_mode: str = "threads", loads_model: bool = True) -> None:
     """Options of ours that shape the local run (Beam's own options pass through untouched)."""
+    threads_help = "worker threads in this process (sharing one model)" if loads_model else "worker threads in this process"
+    procs_help = "worker subprocesses (each loads the model once)" if loads_model else "worker subprocesses"
     parser.add_argument(
         "--local_workers",
         type=int,
@@ -50,8 +54,8 @@ def add_runner_arguments(parser, *, default_mode: str = "threads") -> None:
         "--local_mode",
         choices=sorted(LOCAL_MODES),
         default=default_mode,
-        help="with --local_workers > 1: worker threads in this process (one shared model) or worker "
-        "subprocesses (default %(default)s). Ignored on clusters.",
+        help=f"with --local_workers > 1: threads = {threads_help}, processes = {procs_help} "
+        "(default %(default)s). Ignored on clusters.",
     )
 
 
@@ -105,6 +109,33 @@ class SharedModel:
         self.model = model
 
 
+# --------------------------------------------------------------------------- inputs
+class ReadManifest(beam.PTransform):
+    """The manifest's entries (``schemas.manifest.VideoEntry``), read through fsspec like every other input.
+
+    Streams the file (``--storage-option`` and fsspec configuration apply, unlike Beam's own
+    GCS client), stops after ``limit`` entries, then spreads the entries over workers
+    (``Reshuffle``) so per-video work does not stay on the one worker that read the file.
+    Validate first (``schemas.manifest.validate_manifest``): an invalid line fails the job.
+    """
+
+    def __init__(self, url: str, limit: int | None = None) -> None:
+        super().__init__()
+        self.url = url
+        self.limit = limit
+
+    def expand(self, pbegin):
+        from schemas import manifest as manifest_schema
+
+        limit = self.limit
+        return (
+            pbegin
+            | "ManifestUrl" >> beam.Create([self.url])
+            | "Entries" >> beam.FlatMap(lambda url: manifest_schema.iter_manifest(url, limit=limit))
+            | "SpreadEntries" >> beam.Reshuffle()
+        )
+
+
 # --------------------------------------------------------------------------- dead letters
 DEAD_LETTER = "dead_letter"
 
@@ -123,7 +154,14 @@ class DeadLetter:
 
     @classmethod
     def from_exception(cls, exc: BaseException, *, video_id: str, query_id: str | None, stage: str, **details: Any):
-        """Typed errors keep their code; anything else is an internal error with its type named."""
+        """Typed errors keep their code; anything else is an internal error with its type named.
+
+        Fatal storage errors (full disk, read-only or forbidden output: ``tempo_ops.fs.storage_error``)
+        are raised instead: no later item could succeed, so the job stops at once.
+        """
+        fatal = storage_error(exc)
+        if fatal is not None:
+            raise fatal from (None if fatal is exc else exc)
         if isinstance(exc, TempoError):
             return cls(video_id, query_id, stage, exc.code, str(exc), details=details)
         return cls(video_id, query_id, stage, f"internal_{type(exc).__name__}", f"{video_id}: {exc!r}", details=details)
@@ -156,21 +194,56 @@ def merge_dead_letters(key_and_letters: tuple[Any, Iterable[DeadLetter]]) -> Dea
     return DeadLetter(first.video_id, first.query_id, first.stage, first.code, first.message, first.attempt, details)
 
 
-class WriteDeadLetters(beam.PTransform):
-    """Merge dead letters per item and write them as one JSON Lines file ``path``."""
+def dead_letters_jsonl(letters: Iterable[DeadLetter]) -> bytes:
+    """Dead letters as JSON Lines, sorted by item (stable across runs and runners)."""
+    lines = sorted(d.to_json() for d in letters)
+    return "".join(line + "\n" for line in lines).encode()
 
-    def __init__(self, path: str) -> None:
+
+def write_dead_letter_file(base: str, run_id: str, letters: Iterable[DeadLetter], storage_options: dict | None = None) -> int:
+    """Write this run's dead letters (history + latest copy, see pipelines/job_support.py); returns how many."""
+    from pipelines.job_support import write_sidecar
+
+    letters = list(letters)
+    write_sidecar(base, "deadletter.jsonl", dead_letters_jsonl(letters), run_id, storage_options)
+    return len(letters)
+
+
+class WriteDeadLetters(beam.PTransform):
+    """Merge dead letters per item and write them, by one writer, beside ``base`` (whole files).
+
+    The file is written even when there are none (an empty file: this run had no failures).
+    Written through fsspec like every other output, so it works on every store (Beam's
+    ``WriteToText`` batch-copies through its own GCS client, which the emulator refuses, and
+    leaves ``beam-temp-*`` folders behind when interrupted).
+    """
+
+    def __init__(self, base: str, run_id: str | None = None, storage_options: dict | None = None) -> None:
+        """``base`` + ``run_id``: history + latest files beside ``base``; without ``run_id``,
+        ``base`` is the one file to write (no history)."""
         super().__init__()
-        self.path = path
+        self.base = base
+        self.run_id = run_id
+        self.storage_options = storage_options
 
     def expand(self, letters):
+        base, run_id, opts = self.base, self.run_id, self.storage_options
+
+        def write(ls: list[DeadLetter]) -> int:
+            if run_id is None:
+                from tempo_ops.fs import write_bytes_atomic
+
+                write_bytes_atomic(base, dead_letters_jsonl(ls), opts)
+                return len(ls)
+            return write_dead_letter_file(base, run_id, ls, opts)
+
         return (
             letters
             | "KeyByItem" >> beam.Map(lambda d: ((d.video_id, d.query_id), d))
             | "GroupByItem" >> beam.GroupByKey()
             | "MergePerItem" >> beam.Map(merge_dead_letters)
-            | "ToJson" >> beam.Map(DeadLetter.to_json)
-            | "Write" >> beam.io.WriteToText(self.path, shard_name_template="", num_shards=1)
+            | "AllInOne" >> beam.combiners.ToList()
+            | "Write" >> beam.Map(write)
         )
 
 
@@ -191,11 +264,13 @@ def dead_letter_counts(path: str) -> dict[str, int]:
 
 
 def write_json(url: str, doc: dict[str, Any]) -> None:
-    """Write a run summary (or any JSON document) to a local path or fsspec URL."""
-    import fsspec
+    """Write a JSON document whole (temporary file + rename locally, one PUT remotely).
 
-    with fsspec.open(url, "wt", encoding="utf-8") as fh:
-        fh.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    Run summaries go through ``pipelines.job_support.JobRun.write_summary`` (history + latest).
+    """
+    from tempo_ops.fs import write_bytes_atomic
+
+    write_bytes_atomic(url, (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode())
 
 
 # --------------------------------------------------------------------------- metrics / progress
@@ -216,26 +291,69 @@ def counter_values(result, namespace: str) -> dict[str, float]:
 
 
 class ProgressReporter:
-    """Rate-limited progress lines on stderr (one per ``interval_s`` per process).
+    """Rate-limited progress lines on stderr (at most one per ``interval_s`` per process).
 
+    ``add(done=..., total=...)`` counts work in one named ``unit``; other keyword counts are
+    shown as they are. A line reads ``[compress] 12/40 segments (30%), 2.5 segments/s, ETA
+    11s, 5s elapsed | entries 2/4`` (the total grows while planning is still going on; the
+    ETA assumes the current rate). Reporters of one label share one tally per process, so a
+    planning step and a writing step of a local run report one total.
     Local runs show them live; on clusters they land in the worker logs.
     """
 
-    def __init__(self, label: str, interval_s: float | None = None) -> None:
+    _tallies: dict[str, dict[str, int]] = {}
+    _units: dict[str, str] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, label: str, unit: str = "segments", interval_s: float | None = None) -> None:
         self.label = label
+        self.unit = unit
         # TEMPO_PROGRESS_INTERVAL_S=0 prints every update (tests, debugging).
         self.interval_s = float(os.environ.get("TEMPO_PROGRESS_INTERVAL_S", "5")) if interval_s is None else interval_s
-        self.counts: dict[str, int] = {}
+        with self._lock:
+            self.counts = self._tallies.setdefault(label, {})
+            self._units.setdefault(label, unit)
         self.started = time.monotonic()
         self._last = 0.0
 
-    def add(self, **increments: int) -> None:
-        for name, inc in increments.items():
-            self.counts[name] = self.counts.get(name, 0) + inc
+    @classmethod
+    def snapshot(cls, label: str) -> dict[str, int]:
+        """This process's counts for ``label`` (partial summaries of interrupted runs), ``done``/``total``
+        named by their unit (``segments_done``)."""
+        with cls._lock:
+            unit = cls._units.get(label, "items")
+            return {(f"{unit}_{k}" if k in ("done", "total") else k): v for k, v in cls._tallies.get(label, {}).items()}
+
+    @classmethod
+    def reset(cls, label: str) -> None:
+        with cls._lock:
+            cls._tallies.pop(label, None)
+
+    def add(self, *, quiet: bool = False, **increments: int) -> None:
+        with self._lock:
+            for name, inc in increments.items():
+                self.counts[name] = self.counts.get(name, 0) + inc
+            counts = dict(self.counts)
         now = time.monotonic()
-        if now - self._last >= self.interval_s:
+        if not quiet and now - self._last >= self.interval_s:
             self._last = now
-            elapsed = now - self.started
-            parts = " ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
-            rate = self.counts.get("segments", 0) / elapsed if elapsed > 0 else 0.0
-            print(f"[{self.label}] {parts} ({rate:.1f} segments/s, {elapsed:.0f}s)", file=sys.stderr, flush=True)
+            print(f"[{self.label}] {format_progress(counts, self.unit, now - self.started)}", file=sys.stderr, flush=True)
+
+
+def format_progress(counts: dict[str, int], unit: str, elapsed: float) -> str:
+    """One progress line from counts ``done``/``total`` (in ``unit``) and ``<name>_done``/``<name>_total`` pairs."""
+    done, total = counts.get("done", 0), counts.get("total", 0)
+    rate = done / elapsed if elapsed > 0 else 0.0
+    parts = [f"{done}/{total} {unit}" + (f" ({100 * done / total:.0f}%)" if total else "")]
+    parts.append(f"{rate:.1f} {unit}/s")
+    if rate > 0 and total >= done:
+        parts.append(f"ETA {(total - done) / rate:.0f}s")
+    parts.append(f"{elapsed:.0f}s elapsed")
+    extra = sorted({k.rsplit("_", 1)[0] for k in counts if k.endswith(("_done", "_total"))})
+    plain = sorted(k for k in counts if k not in ("done", "total") and not k.endswith(("_done", "_total")))
+    more = [f"{name} {counts[name]}" for name in plain] + [
+        f"{name} {counts.get(name + '_done', 0)}/{counts[name + '_total']}" if name + "_total" in counts
+        else f"{name} {counts.get(name + '_done', 0)}"
+        for name in extra
+    ]
+    return ", ".join(parts) + (" | " + ", ".join(more) if more else "")

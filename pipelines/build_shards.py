@@ -15,30 +15,41 @@ Graph::
       → GroupByKey(shard set) → WriteIndex (index.json last, only when every shard landed)
     failures (planning, packing, writing) → dead letters → ``{out}.deadletter.jsonl``
 
-A run summary goes to ``{out}.summary.json``. Exit status 0 when every planned sample was
-written, 1 when some were dead-lettered (the rest is written), 2 on a configuration error.
+A run summary goes to ``{out}.summary.json`` (each run's own copies under ``{out}.runs/``,
+see ``pipelines/job_support.py``). A shard set with no sample (no complete entry has an
+answer in the manifest) is written as an empty ``index.json`` ("0 samples"), not an error.
+``--out`` must not be, contain or lie inside the cache or the manifest. Exit status 0 when
+every planned sample was written, 1 when some were dead-lettered (the rest is written), 2
+on a configuration or fatal storage error, 130/143 when interrupted by SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import apache_beam as beam
-import fsspec
 import numpy as np
 
 from pipelines.beam_support import (
     DEAD_LETTER,
     DeadLetter,
+    ProgressReporter,
     WriteDeadLetters,
     add_runner_arguments,
     dead_letter_counts,
     pipeline_options_from_args,
-    write_json,
+    write_dead_letter_file,
+)
+from pipelines.job_support import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    JobRun,
+    add_storage_option_argument,
+    check_output_location,
+    use_storage_options,
 )
 from schemas import manifest as manifest_schema
 from schemas.shard_sample import sample_key, shard_set_name
@@ -75,10 +86,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output directory URL; one {budget}-{policy}/ shard set per pair")
     parser.add_argument("--shard-size-mb", type=float, default=256.0, help="target shard size in MB (10^6 bytes)")
     parser.add_argument("--pack-mode", choices=PACK_MODES, default="head", help="keep the first (head) or last k_i tokens")
-    parser.add_argument("--k-min", type=int, default=4, help="minimum tokens per segment (policy floor)")
+    parser.add_argument(
+        "--k-min",
+        type=int,
+        default=4,
+        help="floor of tokens per segment for ata, proportional and topk (lowered to budget/segments when the "
+        "budget cannot give every segment that many); uniform and its ignore it",
+    )
     parser.add_argument("--k-max", type=int, default=None, help="maximum tokens per segment (default: the cache's K)")
     parser.add_argument("--force", action="store_true", help="rewrite complete shards and shard sets")
-    add_runner_arguments(parser, default_mode="processes")  # tar writing is pure Python (GIL-bound)
+    add_storage_option_argument(parser)
+    add_runner_arguments(parser, default_mode="processes", loads_model=False)  # tar writing is pure Python (GIL-bound)
 
 
 def parse_list(text: str, *, what: str) -> list[str]:
@@ -90,15 +108,19 @@ def parse_list(text: str, *, what: str) -> list[str]:
 
 
 def parse_budgets(text: str) -> list[int]:
-    """``"4096,8192"`` → ``[4096, 8192]``; ConfigError for non-integers or negatives."""
+    """``"4096,8192"`` → ``[4096, 8192]``; ConfigError for non-integers and budgets below 1.
+
+    A budget smaller than a video's number of segments is allowed; what each policy does
+    then is in ``tempo_ops/allocation.py`` (and reported per sample: ``over_budget``).
+    """
     out = []
     for item in parse_list(text, what="budgets"):
         try:
             value = int(item)
         except ValueError as exc:
             raise ConfigError(f"budget {item!r} is not an integer", item="budgets") from exc
-        if value < 0:
-            raise ConfigError(f"budget {value} is negative", item="budgets")
+        if value < 1:
+            raise ConfigError(f"budget {value} is below 1 token", item="budgets")
         out.append(value)
     return out
 
@@ -134,27 +156,38 @@ def plan_job(
     manifest metadata. Returns (plans in (budget, policy) order, dead letters of entries that
     could not be planned, counts).
     """
+    from pipelines.compress import GENERIC_QUERY_ID
+
     questions = {}
     metadata = {}
     for video in manifest_schema.iter_manifest(manifest_url):
         metadata[video.video_id] = video.metadata
         for q in video.queries:
-            questions[(video.video_id, q.query_id)] = q
+            if q.answer is not None:  # only annotated questions become samples
+                questions[(video.video_id, q.query_id)] = q
+            else:
+                questions[(video.video_id, q.query_id)] = None
     frames_per_segment = int((getattr(reader, "config", None) or {}).get("sampling", {}).get("window", 8))
     samples: dict[tuple[int, str], list[PlannedSample]] = {(b, p): [] for b in budgets for p in policies}
     stats: dict[tuple[int, str], list[dict[str, Any]]] = {(b, p): [] for b in budgets for p in policies}
     dead: list[DeadLetter] = []
-    counts = {"entries": 0, "not_in_manifest": 0, "unannotated": 0, "planned_entries": 0}
+    counts = {"entries": 0, "not_in_manifest": 0, "query_agnostic": 0, "unannotated": 0, "planned_entries": 0}
+    video_frames: dict[str, int | None] = {}
     for video_id, query_id in sorted(reader.entries(complete_only=True)):
         counts["entries"] += 1
-        q = questions.get((video_id, query_id))
-        if q is None:
+        if query_id == GENERIC_QUERY_ID and video_id in metadata:
+            counts["query_agnostic"] += 1  # a video without questions: nothing to train on
+            continue
+        if (video_id, query_id) not in questions:
             counts["not_in_manifest"] += 1
             continue
-        if q.answer is None:
+        q = questions[(video_id, query_id)]
+        if q is None:
             counts["unannotated"] += 1
             continue
         try:
+            if video_id not in video_frames:
+                video_frames[video_id] = _sampled_frames(reader, video_id)
             entry = reader.entry(video_id, query_id)
             scores = np.asarray(entry.relevance(), dtype=np.float32)
             S, K, D = int(entry.n_segments), int(entry.K), int(entry.D)
@@ -168,7 +201,7 @@ def plan_job(
                         tuple(int(x) for x in res.k), estimate_sample_bytes(res.report.total, D, S),
                         metadata=dict(metadata.get(video_id) or {}),
                     )
-                    st = allocation_stats(res.k, frames_per_segment, b)
+                    st = allocation_stats(res.k, frames_per_segment, b, frames=video_frames[video_id])
                     planned.append(((b, p), ps, st))
         except Exception as exc:  # noqa: BLE001 - any failure of one entry is its dead letter
             dead.append(DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="plan"))
@@ -193,6 +226,16 @@ def plan_job(
     return plans, dead, counts
 
 
+def _sampled_frames(reader: Any, video_id: str) -> int | None:
+    """The video's real number of sampled frames (from its cache record), None when not recorded."""
+    try:
+        meta = reader.video_meta(video_id)
+    except Exception:  # noqa: BLE001 - readers without video records fall back to S * window
+        return None
+    frames = meta.get("frame_indices") if isinstance(meta, dict) else None
+    return len(frames) if isinstance(frames, list) and frames else None
+
+
 # --------------------------------------------------------------------------- Beam stages
 class WriteShardFn(beam.DoFn):
     """Packs and writes one whole shard (the only writer of that shard); emits (set, record)."""
@@ -204,11 +247,13 @@ class WriteShardFn(beam.DoFn):
         self.fingerprint = fingerprint
         self.force = force
         self._reader = None
+        self._progress = None
 
     def setup(self) -> None:
         from tempo_ops.store import CacheReader
 
         self._reader = CacheReader(self.cache_url)
+        self._progress = ProgressReporter("shards", unit="samples")
 
     def process(self, task: ShardTask) -> Iterator[Any]:
         url = set_url(self.out, task.budget, task.policy)
@@ -243,6 +288,7 @@ class WriteShardFn(beam.DoFn):
             return
         for letter in failures:
             yield beam.pvalue.TaggedOutput(DEAD_LETTER, letter)
+        self._progress.add(done=len(task.samples), shards_done=1)
         yield (task.set_name, record)
 
 
@@ -276,7 +322,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     """Run the job; returns the exit status (see module docstring)."""
     from tempo_ops.store import CacheReader
 
-    t0 = time.monotonic()
+    use_storage_options(args, [args.cache, args.manifest, args.out])
     budgets = parse_budgets(args.budgets)
     policies = parse_policies(args.policies)
     if args.shard_size_mb <= 0:
@@ -284,50 +330,54 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     if args.k_min < 0 or (args.k_max is not None and args.k_max < max(1, args.k_min)):
         raise ConfigError(f"need 0 <= --k-min <= --k-max, got {args.k_min}, {args.k_max}", item="k-min")
     out = args.out.rstrip("/")
+    check_output_location(out, {"--cache": args.cache, "--manifest": args.manifest}, what="--out")
     reader = CacheReader(args.cache)
     fingerprint = reader.fingerprint
-    plans, dead, counts = plan_job(
-        reader, args.manifest, budgets, policies, int(args.shard_size_mb * 1_000_000), k_min=args.k_min, k_max=args.k_max
-    )
-    todo = [p for p in plans if args.force or not shard_set_complete(set_url(out, p.budget, p.policy), p.plan_sha256)]
-    skipped_sets = [p.set_name for p in plans if p not in todo]
-    for p in todo:
-        cleanup_partials(set_url(out, p.budget, p.policy))
-        if not p.tasks:
-            _write_empty_set(out, p, args.pack_mode, fingerprint)
-    tasks = [t for p in todo for t in p.tasks]
-    dead_path = f"{out}.deadletter.jsonl"
-    if tasks or dead:
-        options = pipeline_options_from_args(
-            extra_args, job_name="tempo-shards", local_workers=args.local_workers, local_mode=args.local_mode
+    run_ = JobRun.start("shards", out)
+    ProgressReporter.reset("shards")
+    with run_.interruptible(partial=lambda: {"out": out, "counts_so_far": ProgressReporter.snapshot("shards")}):
+        plans, dead, counts = plan_job(
+            reader, args.manifest, budgets, policies, int(args.shard_size_mb * 1_000_000), k_min=args.k_min, k_max=args.k_max
         )
-        with beam.Pipeline(options=options) as pipeline:
-            letters = [pipeline | "PlanDeadLetters" >> beam.Create(dead)]
-            if tasks:
-                results = (
-                    pipeline
-                    | "ShardTasks" >> beam.Create(tasks)
-                    | "Spread" >> beam.Reshuffle()
-                    | "WriteShard"
-                    >> beam.ParDo(WriteShardFn(args.cache, out, args.pack_mode, fingerprint, args.force)).with_outputs(
-                        DEAD_LETTER, main="records"
+        todo = [p for p in plans if args.force or not shard_set_complete(set_url(out, p.budget, p.policy), p.plan_sha256)]
+        skipped_sets = [p.set_name for p in plans if p not in todo]
+        for p in todo:
+            cleanup_partials(set_url(out, p.budget, p.policy))
+            if not p.tasks:
+                _write_empty_set(out, p, args.pack_mode, fingerprint)
+        tasks = [t for p in todo for t in p.tasks]
+        ProgressReporter("shards", unit="samples").add(quiet=True, total=sum(len(t.samples) for t in tasks), shards_total=len(tasks))
+        if tasks or dead:
+            options = pipeline_options_from_args(
+                extra_args, job_name="tempo-shards", local_workers=args.local_workers, local_mode=args.local_mode
+            )
+            with beam.Pipeline(options=options) as pipeline:
+                letters = [pipeline | "PlanDeadLetters" >> beam.Create(dead)]
+                if tasks:
+                    results = (
+                        pipeline
+                        | "ShardTasks" >> beam.Create(tasks)
+                        | "Spread" >> beam.Reshuffle()
+                        | "WriteShard"
+                        >> beam.ParDo(WriteShardFn(args.cache, out, args.pack_mode, fingerprint, args.force)).with_outputs(
+                            DEAD_LETTER, main="records"
+                        )
                     )
-                )
-                _ = (
-                    results.records
-                    | "BySet" >> beam.GroupByKey()
-                    | "WriteIndex" >> beam.ParDo(WriteIndexFn(out, {p.set_name: p for p in todo}, args.pack_mode, fingerprint))
-                )
-                letters.append(results[DEAD_LETTER])
-            _ = letters | "AllDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(dead_path)
-    else:
-        with fsspec.open(dead_path, "w", encoding="utf-8"):
-            pass  # nothing ran: no failures this time
-    wall = time.monotonic() - t0
-    return _report(out, plans, skipped_sets, counts, dead_path, wall, [p.set_name for p in todo])
+                    _ = (
+                        results.records
+                        | "BySet" >> beam.GroupByKey()
+                        | "WriteIndex" >> beam.ParDo(WriteIndexFn(out, {p.set_name: p for p in todo}, args.pack_mode, fingerprint))
+                    )
+                    letters.append(results[DEAD_LETTER])
+                _ = letters | "AllDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(out, run_.run_id)
+        else:
+            write_dead_letter_file(out, run_.run_id, [])  # nothing ran: no failures this time
+    return _report(out, plans, skipped_sets, counts, run_, [p.set_name for p in todo])
 
 
-def _report(out: str, plans: list[ShardSetPlan], skipped: list[str], counts: dict, dead_path: str, wall: float, ran: list[str]) -> int:
+def _report(out: str, plans: list[ShardSetPlan], skipped: list[str], counts: dict, run: JobRun, ran: list[str]) -> int:
+    dead_path = run.dead_letter_url
+    wall = run.elapsed()
     sets = {}
     written_bytes = 0
     incomplete = []
@@ -350,15 +400,23 @@ def _report(out: str, plans: list[ShardSetPlan], skipped: list[str], counts: dic
             "failed": len(doc.get("failed", [])),
             "mean_tokens_per_frame": st.get("mean_tokens_per_frame"),
             "mean_budget_share": st.get("mean_budget_share"),
+            "over_budget_samples": st.get("over_budget_samples"),
             "skipped_complete": p.set_name in skipped,
         }
+        over = st.get("over_budget_samples") or 0
         print(
             f"{p.set_name}: {doc['total_samples']} samples, {len(doc['shards'])} shards, {mb:.2f} MB, "
             f"{st.get('mean_tokens_per_frame', 0.0):.2f} tokens/frame used, "
             f"{100 * st.get('mean_budget_share', 0.0):.1f}% of budget used"
+            + (f", {over} sample(s) over budget" if over else "")
             + (" (already complete, skipped)" if p.set_name in skipped else "")
         )
-    by_code = dead_letter_counts(dead_path) if ran or counts else {}
+    if plans and not any(s["samples"] for s in sets.values()):
+        print(
+            f"no sample to write: of {counts['entries']} complete cache entries, {counts['not_in_manifest']} are not "
+            f"in the manifest, {counts['unannotated']} have no answer, {counts['query_agnostic']} are query-agnostic"
+        )
+    by_code = dead_letter_counts(run.own_dead_letter_url)
     failures = sum(by_code.values())
     summary = {
         "out": out,
@@ -372,6 +430,8 @@ def _report(out: str, plans: list[ShardSetPlan], skipped: list[str], counts: dic
         "bytes_written": written_bytes,
         "mb_per_s": written_bytes / 1e6 / wall if wall > 0 else 0.0,
     }
-    write_json(f"{out}.summary.json", summary)
-    print(f"{len(plans)} shard sets, {failures} failed items, {wall:.1f} s; summary: {out}.summary.json")
-    return 0 if failures == 0 and not incomplete else 1
+    status = "complete" if failures == 0 and not incomplete else "items_failed"
+    run.write_summary(summary, status=status)
+    print(f"{len(plans)} shard sets, {failures} failed items, {wall:.1f} s; summary: {run.summary_url} (history: {run.history_url})")
+    return EXIT_OK if status == "complete" else EXIT_ITEMS_FAILED
+

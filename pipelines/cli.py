@@ -6,7 +6,9 @@ Beam by the jobs that accept pipeline options). Modules are imported only when t
 subcommand runs, so ``tempo --help`` stays fast.
 
 Expected failures (``TempoError``) are printed as one line ``error [code]: message`` and
-exit with status 2; no traceback reaches the user for them.
+exit with status 2; no traceback reaches the user for them. SIGINT (Ctrl-C) and SIGTERM
+print one line and exit 130 / 143 (128 + the signal number); the jobs write a partial
+summary first (``pipelines/job_support.py``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def _quiet_third_party() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    as_program = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
@@ -69,14 +72,24 @@ def main(argv: list[str] | None = None) -> int:
         args, extra = sub_parser.parse_known_args(rest)
     else:
         args, extra = sub_parser.parse_args(rest), []
+    from pipelines.job_support import JobInterrupted, sigterm_raises
+
     try:
-        return int(module.run(args, extra) or 0)
+        with sigterm_raises():  # before a job's own handling starts (model load...), SIGTERM is one line too
+            return int(module.run(args, extra) or 0)
     except TempoError as exc:
         print(f"error [{exc.code}]: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, JobInterrupted) as exc:
+        code = exc.exit_code if isinstance(exc, JobInterrupted) else 130
+        sig = exc.signal_name if isinstance(exc, JobInterrupted) else "SIGINT"
+        print(f"tempo {name}: interrupted by {sig}; completed work is kept, re-run to resume", file=sys.stderr)
+        if as_program:
+            # Runner threads may still be busy: end now rather than wait for them at exit.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
 
 
 if __name__ == "__main__":

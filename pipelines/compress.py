@@ -2,15 +2,21 @@
 
 Graph (each step adapts a pure function of ``tempo_ops``)::
 
-    ReadFromText(manifest) → ParseEntry → [limit filter]
+    ReadManifest       (fsspec, streamed, stops after --limit entries; Reshuffle to spread them)
       → PlanVideo        (probe, sample, segment; skip complete (video, query) pairs; write video
                           metadata; create entries; fan out work units of whole cache shards)
       → Reshuffle        (fuse break: units of one long video spread over workers)
-      → DecodeUnit       (CPU stage: fetch + decode + resize the unit's segments)
+      → LoadUnit         (take the unit's lease; CPU stage: fetch + decode + resize the unit's
+                          segments, or read their features from the segment index)
       → CompressUnit     (model stage: every query of every segment through the shared prefix)
       → WriteBlock       (one writer per cache shard: unit boundaries are shard boundaries)
       → GroupByKey(video, query) → FinalizeEntry (completion marker only when every unit landed)
-    every step's failures → dead letters → merged per item → ``<cache>.deadletter.jsonl``
+    every step's failures → dead letters → merged per item → one writer → ``<cache>.deadletter.jsonl``
+    (and ``<cache>.runs/<run_id>.deadletter.jsonl``; summaries likewise, see pipelines/job_support.py)
+
+Fatal storage errors (``disk_full``, ``cache_not_writable``) stop the job at once with one
+line (exit 2); SIGINT/SIGTERM stop it with one line (exit 130/143) and a partial summary.
+Complete entries are never touched by either.
 
 Model loading: a DoFn ``setup`` that takes the compressor from ``apache_beam.utils.shared``
 (one model per worker process, shared by its threads). We do not use ``RunInference``:
@@ -57,6 +63,14 @@ from pipelines.beam_support import (
     pipeline_options_from_args,
     runner_name,
 )
+from pipelines.job_support import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    JobRun,
+    add_storage_option_argument,
+    check_output_location,
+    use_storage_options,
+)
 from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
 from pipelines.units import (
     GENERIC_QUERY_ID,
@@ -67,21 +81,27 @@ from pipelines.units import (
     ModelStageFn,
     WorkUnit,
     dead,
-    first_video_ids,
     landed_units,
-    new_run_id,
     print_failures,
     read_entries,
     run_pipeline,
     statuses_problem,
     unit_landed,
     unit_ranges,
+    units_held,
     validate_manifest_or_raise,
     video_meta,
 )
 from schemas import manifest as manifest_schema
 from tempo_ops import video
-from tempo_ops.errors import ConfigError, IndexMismatch, TempoError, VideoNotIndexed
+from tempo_ops.errors import (
+    ConfigError,
+    EntryIncomplete,
+    FingerprintMismatch,
+    IndexMismatch,
+    TempoError,
+    VideoNotIndexed,
+)
 from tempo_ops.numerics import NUMERICS_MODES
 from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES, render_query
 
@@ -179,13 +199,17 @@ class PlanVideoFn(_CacheDoFn):
         self.videos_failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed")
         self.from_index = Metrics.counter(METRICS_NAMESPACE, "videos_from_index")
         self.skipped = Metrics.counter(METRICS_NAMESPACE, "queries_skipped_complete")
-        self.pending = Metrics.counter(METRICS_NAMESPACE, "queries_pending")
+        self.planned = Metrics.counter(METRICS_NAMESPACE, "queries_planned")
+        # A video that fails before its units exist fails all of its pending queries.
+        self.queries_failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
         self.segments = Metrics.counter(METRICS_NAMESPACE, "segments_planned")
         self.units = Metrics.counter(METRICS_NAMESPACE, "units_planned")
         self.units_landed = Metrics.counter(METRICS_NAMESPACE, "units_skipped_landed")
+        self.progress = None
 
     def setup(self) -> None:
         super().setup()
+        self.progress = ProgressReporter("compress", unit="segments")
         if self.index_url is not None:
             from tempo_ops.index_store import IndexReader
 
@@ -206,6 +230,7 @@ class PlanVideoFn(_CacheDoFn):
         self.skipped.inc(len(queries) - len(pending))
         if not pending:
             return
+        self.planned.inc(len(pending))  # each ends completed, failed or left to another run
         stage = "probe" if self.index is None else "index"
         try:
             plan, meta, n_segments, source = plan_entry(entry, self.sampling, self.index, self.fallback_video)
@@ -215,12 +240,17 @@ class PlanVideoFn(_CacheDoFn):
             landed = begin_cache_entries(self.writer, entry.video_id, n_segments, pending, ranges, force=self.force)
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
             self.videos_failed.inc()
+            self.queries_failed.inc(len(pending))
             yield dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
             return
         self.videos.inc()
         self.from_index.inc(int(source == SOURCE_INDEX))
-        self.pending.inc(len(pending))
         self.segments.inc(n_segments)
+        todo = sum(b - a for i, (a, b) in enumerate(ranges) if i not in landed)
+        self.progress.add(
+            quiet=True, total=todo, videos_planned_done=1, entries_total=len(pending),
+            blocks_total=(len(ranges) - len(landed)) * len(pending),
+        )
         # A unit is skipped only when it landed for every pending query; otherwise it is
         # recomputed for all of them, so its batch (and so its bytes) equal an uninterrupted run's.
         self.units.inc(len(ranges) - len(landed))
@@ -261,8 +291,10 @@ class CompressUnitFn(ModelStageFn):
 class WriteBlockFn(_CacheDoFn):
     """One query's block of a unit → the cache; emits the unit's status for finalisation."""
 
-    def __init__(self, cache_url: str, config: dict) -> None:
+    def __init__(self, cache_url: str, config: dict, run_id: str = "") -> None:
+        """``run_id``: release the unit's lease (taken in LoadUnit) when its last block lands ("": none)."""
         super().__init__(cache_url, config)
+        self.run_id = run_id
         self.bytes_written = Metrics.counter(METRICS_NAMESPACE, "bytes_written")
         self.progress = None
 
@@ -280,7 +312,13 @@ class WriteBlockFn(_CacheDoFn):
             yield key, ("failed", unit.unit_index, unit.n_units)
             return
         self.bytes_written.inc(int(candidates.shape[0] * candidates.shape[1] * candidates.shape[2] * 2 + relevance.size * 4))
-        self.progress.add(blocks=1, segments=int(candidates.shape[0]))
+        # Progress in video segments: a unit's segments count once, when its last query's block lands.
+        last = qid == unit.queries[-1][0]
+        self.progress.add(done=int(candidates.shape[0]) if last else 0, blocks_done=1)
+        if last and self.run_id:
+            from tempo_ops import leases
+
+            leases.release(self.cache_url, unit.video_id, unit.unit_index, self.run_id)
         yield key, ("ok", unit.unit_index, unit.n_units)
 
 
@@ -291,10 +329,12 @@ class FinalizeEntryFn(_CacheDoFn):
         super().__init__(cache_url, config)
         self.done = Metrics.counter(METRICS_NAMESPACE, "queries_completed")
         self.failed = Metrics.counter(METRICS_NAMESPACE, "queries_failed")
+        self.left = Metrics.counter(METRICS_NAMESPACE, "queries_left_to_other_run")
 
     def process(self, element) -> Iterator:
         (video_id, query_id), statuses = element
-        problem = statuses_problem(video_id, query_id, list(statuses))
+        statuses = list(statuses)
+        problem = statuses_problem(video_id, query_id, statuses)
         if problem is not None:
             self.failed.inc()
             if isinstance(problem, DeadLetter):  # otherwise its dead letter was recorded where it failed
@@ -302,11 +342,19 @@ class FinalizeEntryFn(_CacheDoFn):
             return
         try:
             self.writer.finalize_entry(video_id, query_id)
+        except EntryIncomplete as exc:
+            if units_held(statuses):  # units computed by another run: whichever run ends last finalises
+                self.left.inc()
+                return
+            self.failed.inc()
+            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
+            return
         except Exception as exc:  # noqa: BLE001
             self.failed.inc()
             yield DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
             return
         self.done.inc()
+        ProgressReporter("compress").add(quiet=True, entries_done=1)
 
 
 # --------------------------------------------------------------------------- graph
@@ -319,8 +367,9 @@ class CompressJob:
     config: dict
     unit_segments: int
     force: bool = False
-    only_video_ids: frozenset[str] | None = None
+    limit: int | None = None  # --limit: only the first N entries are read
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
+    run_id: str = "run"  # leases are taken under it
     index: str | None = None  # --from-index: read SegmentFeatures from this segment index
     fallback_video: bool = False  # with index: videos it lacks are decoded instead of dead-lettered
     prompt_template: str | None = None  # overrides the manifest's per-line template
@@ -330,6 +379,7 @@ class CompressJob:
 
     @property
     def dead_letter_path(self) -> str:
+        """The latest run's dead letters (each run's own copy: ``{cache}.runs/{run_id}.deadletter.jsonl``)."""
         return self.cache.rstrip("/") + ".deadletter.jsonl"
 
     @property
@@ -339,7 +389,7 @@ class CompressJob:
 
 def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     """Add the compression job's transforms to ``pipeline``."""
-    entries = read_entries(pipeline, job.manifest, job.only_video_ids)
+    entries = read_entries(pipeline, job.manifest, job.limit)
     planned = entries | "PlanVideo" >> beam.ParDo(
         PlanVideoFn(
             job.cache, job.config, job.sampling, job.unit_segments, job.force, job.index, job.fallback_video, job.prompt_template
@@ -348,14 +398,15 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     loaded = (
         planned.units
         | "SpreadUnits" >> beam.Reshuffle()
-        | "LoadUnit" >> beam.ParDo(LoadUnitFn(METRICS_NAMESPACE, job.sampling, job.convert_threads, job.index)).with_outputs(
-            DEAD_LETTER, "unit_status", main="inputs"
-        )
+        | "LoadUnit"
+        >> beam.ParDo(
+            LoadUnitFn(METRICS_NAMESPACE, job.sampling, job.convert_threads, job.index, lease_base=job.cache, run_id=job.run_id)
+        ).with_outputs(DEAD_LETTER, "unit_status", main="inputs")
     )
     compressed = loaded.inputs | "CompressUnit" >> beam.ParDo(
         CompressUnitFn(job.model, job.model_handle)
     ).with_outputs(DEAD_LETTER, "unit_status", main="blocks")
-    written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config)).with_outputs(
+    written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config, job.run_id)).with_outputs(
         DEAD_LETTER, main="status"
     )
     finalize_failures = (
@@ -367,7 +418,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     (
         (planned[DEAD_LETTER], loaded[DEAD_LETTER], compressed[DEAD_LETTER], written[DEAD_LETTER], finalize_failures)
         | "AllDeadLetters" >> beam.Flatten()
-        | "WriteDeadLetters" >> WriteDeadLetters(job.dead_letter_path)
+        | "WriteDeadLetters" >> WriteDeadLetters(job.cache, job.run_id)
     )
 
 
@@ -404,8 +455,14 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         help="threads per worker converting and resizing decoded frames, 0: inline (default: usable CPUs "
         "up to 4, divided among --local_workers)",
     )
-    parser.add_argument("--limit", type=int, default=None, help="process only the first N videos of the manifest")
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="process only the first N videos of the manifest (only those lines are read and validated)",
+    )
     parser.add_argument("--force", action="store_true", help="recompute work that is already complete")
+    add_storage_option_argument(parser)
     add_runner_arguments(parser, default_mode="threads")  # threads share one model
 
 
@@ -432,7 +489,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="benchmark prompt template the queries are rendered with, overriding the manifest's "
         "prompt_template (default: the manifest's, else plain)",
     )
-    parser.add_argument("--dry-run", action="store_true", help="validate, probe and print the plan; run no model")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate, probe and print the plan net of complete entries; loads no model (reads only the "
+        "SVLM's config.json) and checks the cache's sampling configuration, not the model fingerprint",
+    )
     add_job_arguments(parser)
 
 
@@ -446,6 +508,12 @@ def convert_threads_from_args(args: argparse.Namespace) -> int | None:
     return convert_threads
 
 
+def check_limit(args: argparse.Namespace) -> None:
+    """ConfigError for a negative ``--limit`` (before the manifest is read)."""
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {args.limit}")
+
+
 def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
     return ModelSpec(
@@ -453,20 +521,25 @@ def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
     )
 
 
-def index_sampling(index_url: str, fingerprint: dict) -> video.SamplingConfig:
-    """The sampling of a segment index, after checking it was built with this compressor's SVLM.
+def index_sampling(index_url: str, fingerprint: dict | None = None) -> video.SamplingConfig:
+    """The sampling of a segment index, after checking its sampling rule and, given the compressor's
+    ``fingerprint``, that it was built with this compressor's SVLM.
 
     Raises IndexMismatch naming the differing fields (memory tokens may differ: the index
-    holds nothing that depends on them).
+    holds nothing that depends on them). Without ``fingerprint`` no model is needed (the
+    checks made before the model loads).
     """
     from schemas import index_layout
     from tempo_ops.index_store import IndexReader
 
     reader = IndexReader(index_url)
-    stored, ours = reader.config["svlm"], index_layout.svlm_section(fingerprint)
-    if stored != ours:
-        fields = index_layout.config_differences(stored, ours)
-        raise IndexMismatch(f"index was built with another SVLM / prompt / geometry; differing fields: {', '.join(fields)}", item=index_url)
+    if fingerprint is not None:
+        stored, ours = reader.config["svlm"], index_layout.svlm_section(fingerprint)
+        if stored != ours:
+            fields = index_layout.config_differences(stored, ours)
+            raise IndexMismatch(
+                f"index was built with another SVLM / prompt / geometry; differing fields: {', '.join(fields)}", item=index_url
+            )
     sampling = dict(reader.config["sampling"])
     rule = sampling.pop("sampling_rule", None)
     if rule != video.SAMPLING_RULE:  # the index's frames were chosen by another version of the rules
@@ -475,31 +548,45 @@ def index_sampling(index_url: str, fingerprint: dict) -> video.SamplingConfig:
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
+    """Run the job; exit status 0 (all done), 1 (some items dead-lettered), 2 (typed error), 130/143 (signal)."""
+    # Everything cheap first: arguments, locations, device, manifest, the cache's own config.
+    use_storage_options(args, [args.manifest, args.cache, args.svlm, args.compressor, args.from_index])
     sampling = sampling_config_from_args(args)
     convert_threads = convert_threads_from_args(args)
+    check_limit(args)
     if args.fallback_video and not args.from_index:
         raise ConfigError("--fallback-video needs --from-index")
-    validate_manifest_or_raise(args.manifest)
-    only = first_video_ids(args.manifest, args.limit) if args.limit is not None else None
+    inputs = {"--manifest": args.manifest, **({"--from-index": args.from_index} if args.from_index else {})}
+    check_output_location(args.cache, inputs, what="--cache")
+    validate_manifest_or_raise(args.manifest, args.limit)
     if args.dry_run:
-        return dry_run(args, sampling, only)
+        return dry_run(args, sampling)
+    if args.from_index:
+        sampling = index_sampling(args.from_index)  # the SVLM part is checked once the model is loaded
+    existing = open_existing_cache(args.cache)
+    if existing is not None:
+        check_cache_sampling(existing, sampling)
+    check_device(args.device)
 
     from tempo_ops.store import CacheWriter
 
     spec = model_spec_from_args(args)
-    print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr)
+    print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr, flush=True)
+    t_load = time.monotonic()
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
     driver_model = model_handle.acquire(lambda: SharedModel(units.load_compressor(spec)))
     if args.from_index:
         sampling = index_sampling(args.from_index, driver_model.model.fingerprint())
     config = cache_config(driver_model.model.fingerprint(), sampling)
+    print(f"[compress] compressor loaded in {time.monotonic() - t_load:.1f}s", file=sys.stderr, flush=True)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
     unit_segments = args.unit_segments or writer.segments_per_shard
     if unit_segments % writer.segments_per_shard:
         raise ConfigError(
             f"--unit-segments {unit_segments} must be a multiple of the cache shard ({writer.segments_per_shard} segments)"
         )
+    run = JobRun.start("compress", args.cache)
     job = CompressJob(
         args.manifest,
         args.cache,
@@ -508,8 +595,9 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         config,
         unit_segments,
         force=args.force,
-        only_video_ids=only,
+        limit=args.limit,
         convert_threads=convert_threads,
+        run_id=run.run_id,
         index=args.from_index,
         fallback_video=args.fallback_video,
         prompt_template=args.prompt_template,
@@ -520,38 +608,97 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     )
     if not (is_local_runner(options) and (args.local_workers == 1 or args.local_mode == "threads")):
         del driver_model  # workers are other processes: free the driver's copy
-    started = time.time()
-    run_id = new_run_id()
     print(
-        f"[compress] run {run_id}: manifest {args.manifest} valid"
-        + (f" (limit {args.limit})" if only is not None else "")
+        f"[compress] run {run.run_id}: manifest {args.manifest} valid"
+        + (f" (first {args.limit} entries)" if args.limit is not None else "")
         + (f", from index {args.from_index}" if args.from_index else "")
-        + f", runner {runner_name(options)}",
+        + f", starting runner {runner_name(options)}",
         file=sys.stderr,
+        flush=True,
     )
-    result = run_pipeline("compress", options, lambda p: build_pipeline(p, job))
+    result = run_pipeline("compress", options, lambda p: build_pipeline(p, job), run, lease_base=args.cache)
     if result is None:
-        return 0
-    summary = write_summary(job, result, run_id=run_id, started=started, runner=runner_name(options), fingerprint=writer.fingerprint)
+        return EXIT_OK
+    summary = write_summary(job, result, run=run, runner=runner_name(options), fingerprint=writer.fingerprint)
     print_summary(summary)
-    return 0 if summary["failures"]["items"] == 0 else 1
+    return EXIT_OK if summary["failures"]["items"] == 0 else EXIT_ITEMS_FAILED
 
 
-def write_summary(job: CompressJob, result, *, run_id: str, started: float, runner: str, fingerprint: str) -> dict:
-    """Gather metrics + dead letters into the run summary and write it next to the cache."""
-    outputs = {"manifest": job.manifest, "cache": job.cache, "index": job.index}
+def check_device(device: str | None) -> None:
+    """DeviceUnavailable (``device_unavailable``) for a torch device this machine lacks, before any work."""
+    if device is None:
+        return
+    import torch
+
+    from tempo_ops.errors import DeviceUnavailable
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise DeviceUnavailable(f"not a torch device: {exc}", item=f"--device {device}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailable("no CUDA GPU is available here (or torch was built without CUDA); use --device cpu",
+                                    item=f"--device {device}")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceUnavailable(f"only {torch.cuda.device_count()} CUDA device(s) here", item=f"--device {device}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceUnavailable("no MPS device is available here", item=f"--device {device}")
+
+
+def open_existing_cache(url: str):
+    """The CacheReader of the cache at ``url``, or None when there is none yet (nothing is created)."""
+    from tempo_ops.fs import url_to_fs
+    from tempo_ops.store import CacheReader
+
+    try:
+        fs, path = url_to_fs(url)
+        if not fs.exists(f"{path.rstrip('/')}/zarr.json"):
+            return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return CacheReader(url)
+
+
+def check_cache_sampling(reader, sampling: video.SamplingConfig) -> None:
+    """FingerprintMismatch when the cache was written with other sampling (checked before any model loads)."""
+    from schemas.cache_layout import config_differences
+
+    stored = reader.config
+    given = {"sampling": sampling.to_dict(), "stored_dtype": "float16"}
+    fields = config_differences(
+        {"sampling": stored.get("sampling"), "stored_dtype": stored.get("stored_dtype")}, given
+    )
+    if fields:
+        raise FingerprintMismatch(
+            f"cache was written with a different configuration; differing fields: {', '.join(fields)}",
+            item=reader.url,
+            fields=fields,
+        )
+
+
+def compress_counts(counts: dict[str, int]) -> dict[str, int]:
+    """``queries_pending``: what this run planned but neither completed, failed nor left to another run
+    (0 unless a runner lost work)."""
+    done = sum(counts.get(k, 0) for k in ("queries_completed", "queries_failed", "queries_left_to_other_run"))
+    return {**counts, "queries_pending": max(0, counts.get("queries_planned", 0) - done)}
+
+
+def write_summary(job: CompressJob, result, *, run: JobRun, runner: str, fingerprint: str) -> dict:
+    """Gather metrics + dead letters into the run summary and write it next to the cache (history + latest).
+
+    Counts: ``videos_*`` are videos, ``segments_*`` video segments (each once, whatever its
+    number of queries), ``queries_*`` (video, query) entries (compress_counts).
+    """
     return units.write_summary(
-        "compress",
         METRICS_NAMESPACE,
         result,
-        run_id=run_id,
-        started=started,
+        run=run,
         runner=runner,
-        outputs=outputs,
-        dead_letter_path=job.dead_letter_path,
-        summary_path=job.summary_path,
+        outputs={"manifest": job.manifest, "cache": job.cache, "index": job.index},
         config=job.config,
         fingerprint=fingerprint,
+        counts=compress_counts,
     )
 
 
@@ -561,27 +708,53 @@ def print_summary(summary: dict) -> None:
     print(
         f"[compress] done in {t['wall_s']:.1f}s: videos {c.get('videos_planned', 0)} ok / {c.get('videos_failed', 0)} failed, "
         f"queries {c.get('queries_completed', 0)} completed / {c.get('queries_failed', 0)} failed / "
-        f"{c.get('queries_skipped_complete', 0)} already complete, segments {segments} "
-        f"({c.get('segments_read_from_index', 0)} from the index; {t['segments_per_s']} seg/s; decode {t['decode_s']}s, "
+        f"{c.get('queries_skipped_complete', 0)} already complete, video segments {segments} "
+        f"({c.get('segments_read_from_index', 0)} from the index; {t['segments_per_s']} segments/s; decode {t['decode_s']}s, "
         f"index {t['index_read_s']}s, model {t['model_s']}s)",
         file=sys.stderr,
     )
+    if c.get("units_held_elsewhere"):
+        print(
+            f"[compress] {c['units_held_elsewhere']} work unit(s) were being computed by another run; "
+            f"{c.get('queries_left_to_other_run', 0)} (video, query) entries are left for it to complete",
+            file=sys.stderr,
+        )
     print_failures("compress", summary)
 
 
-def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, only: frozenset[str] | None) -> int:
-    """Probe every input and print the plan (work units, segments, estimated cache bytes); no model."""
+def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig) -> int:
+    """Probe every input and print the plan net of complete entries (work units, segments, estimated bytes).
+
+    Loads no model: reads the SVLM's config.json for the token width. When a cache exists,
+    its sampling configuration is checked (FingerprintMismatch, as the real run would) and
+    its complete (video, query) entries are left out of the plan (unless ``--force``); the
+    model part of the fingerprint is computed, and checked, only by the real run.
+    """
     from tempo_ops.svlm.checkpoints import read_hidden_size
 
     hidden = read_hidden_size(args.svlm)
-    k = 128
-    unit_segments = args.unit_segments or 32
-    totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "bytes": 0}
+    existing = open_existing_cache(args.cache)
+    complete: set = set()
+    if existing is not None:
+        check_cache_sampling(existing, sampling)
+        if not args.force:
+            complete = set(existing.entries(complete_only=True))
+    k = int(existing.config["compressor"]["num_memory_tokens"]) if existing is not None else 128
+    unit_segments = args.unit_segments or (existing.segments_per_shard if existing is not None else 32)
+    totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "skipped_complete": 0, "bytes": 0}
     print(f"{'video_id':<24} {'segments':>8} {'units':>5} {'queries':>7} {'est. bytes':>12}  note")
-    for entry in manifest_schema.iter_manifest(args.manifest):
-        if only is not None and entry.video_id not in only:
+    for entry in manifest_schema.iter_manifest(args.manifest, limit=args.limit):
+        try:
+            queries = entry_queries(entry, args.prompt_template)
+        except TempoError as exc:
+            totals["failed"] += 1
+            print(f"{entry.video_id:<24} {'-':>8} {'-':>5} {'-':>7} {'-':>12}  error [{exc.code}] {exc.reason}")
             continue
-        n_queries = len(entry_queries(entry))
+        pending = [q for q, _, _ in queries if (entry.video_id, q) not in complete]
+        totals["skipped_complete"] += len(queries) - len(pending)
+        if not pending:
+            continue
+        n_queries = len(pending)
         try:
             plan = video.plan_video(entry.uri, sampling)
         except TempoError as exc:
@@ -597,8 +770,10 @@ def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig, only: froz
         totals["bytes"] += est
         print(f"{entry.video_id:<24} {plan.n_segments:>8} {units:>5} {n_queries:>7} {est:>12}")
     print(
-        f"plan: {totals['videos']} videos ({totals['failed']} unusable), {totals['entries']} (video, query) entries, "
-        f"{totals['segments']} segments in {totals['units']} work units, ~{totals['bytes'] / 2**20:.1f} MiB of cache"
+        f"plan: {totals['videos']} videos ({totals['failed']} unusable), {totals['entries']} (video, query) entries "
+        f"to compute ({totals['skipped_complete']} already complete), {totals['segments']} segments in "
+        f"{totals['units']} work units, ~{totals['bytes'] / 2**20:.1f} MiB of cache"
+        + ("; the model fingerprint is checked by the real run" if existing is not None else "")
     )
     print(json.dumps({"dry_run": totals}), file=sys.stderr)
     return 0

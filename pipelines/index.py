@@ -8,13 +8,18 @@ the language model per new query.
 
 Graph (the compression job's skeleton, ``pipelines/units.py``)::
 
-    ReadFromText(manifest) → ParseEntry → [limit filter]
+    ReadManifest (fsspec, streamed, stops after --limit entries)
       → PlanIndexVideo (probe, sample, segment; skip complete videos; begin the index record
                         [and the cache's _generic entry]; fan out units not landed yet)
-      → Reshuffle → LoadUnit (decode) → EncodeUnit (vision encoder [+ LM for _generic])
+      → Reshuffle → LoadUnit (take the unit's lease; decode) → EncodeUnit (vision encoder [+ LM for _generic])
       → WriteIndexUnit (one writer per unit group) [+ WriteBlock into the cache]
       → GroupByKey(video, target) → FinalizeIndexVideo [FinalizeEntry]: markers only when every unit landed
     every step's failures → dead letters → ``<index>.deadletter.jsonl``; summary ``<index>.summary.json``
+    (each run's own copies under ``<index>.runs/``; pipelines/job_support.py)
+
+As for ``tempo compress``: a unit another live run holds (lease beside the index) is left
+to it; SIGINT/SIGTERM stop the job with one line (exit 130/143) and a partial summary; fatal
+storage errors stop it with one line (exit 2).
 """
 
 from __future__ import annotations
@@ -46,14 +51,17 @@ from pipelines.compress import (
     add_model_arguments,
     begin_cache_entries,
     cache_config,
+    check_device,
+    check_limit,
     convert_threads_from_args,
     model_spec_from_args,
 )
+from pipelines.job_support import EXIT_ITEMS_FAILED, EXIT_OK, JobRun, check_output_location, use_storage_options
 from pipelines.probe_cmd import sampling_config_from_args
 from pipelines.units import GENERIC_QUERY_ID, INDEX_TARGET, LoadUnitFn, ModelSpec, WorkUnit
 from schemas import index_layout
 from tempo_ops import video
-from tempo_ops.errors import ConfigError
+from tempo_ops.errors import ConfigError, EntryIncomplete
 from tempo_ops.query_text import DEFAULT_TEMPLATE
 
 METRICS_NAMESPACE = "tempo.index"
@@ -102,9 +110,11 @@ class PlanIndexVideoFn(beam.DoFn):
         self.segments = Metrics.counter(METRICS_NAMESPACE, "segments_planned")
         self.units = Metrics.counter(METRICS_NAMESPACE, "units_planned")
         self.units_landed = Metrics.counter(METRICS_NAMESPACE, "units_skipped_landed")
+        self.progress = None
 
     def setup(self) -> None:
         self.index_writer = self.index.open()
+        self.progress = ProgressReporter("index", unit="segments")
         if self.cache_url is not None:
             from tempo_ops.store import CacheWriter
 
@@ -144,6 +154,8 @@ class PlanIndexVideoFn(beam.DoFn):
         self.segments.inc(plan.n_segments)
         self.units.inc(len(ranges) - len(landed))
         self.units_landed.inc(len(landed))
+        todo = sum(b - a for i, (a, b) in enumerate(ranges) if i not in landed)
+        self.progress.add(quiet=True, total=todo, videos_planned_done=1, units_total=len(ranges) - len(landed))
         for i, (a, b) in enumerate(ranges):
             if i in landed:
                 yield from units.unit_landed(vid, targets, i, len(ranges))
@@ -184,10 +196,12 @@ def _to_cpu(f):
 
 
 class WriteIndexUnitFn(beam.DoFn):
-    """One unit's features → its index unit group; emits the unit's status for finalisation."""
+    """One unit's features → its index unit group; emits the unit's status for finalisation
+    and releases the unit's lease (taken in LoadUnit under ``run_id``)."""
 
-    def __init__(self, index: IndexTarget) -> None:
+    def __init__(self, index: IndexTarget, run_id: str = "") -> None:
         self.index = index
+        self.run_id = run_id
         self.writer = None
         self.progress = None
         self.bytes_written = Metrics.counter(METRICS_NAMESPACE, "bytes_written")
@@ -206,7 +220,11 @@ class WriteIndexUnitFn(beam.DoFn):
             yield key, ("failed", unit.unit_index, unit.n_units)
             return
         self.bytes_written.inc(nbytes)
-        self.progress.add(units=1, segments=len(features))
+        self.progress.add(done=len(features), units_done=1)
+        if self.run_id:
+            from tempo_ops import leases
+
+            leases.release(self.index.url, unit.video_id, unit.unit_index, self.run_id)
         yield key, ("ok", unit.unit_index, unit.n_units)
 
 
@@ -218,6 +236,7 @@ class FinalizeIndexVideoFn(beam.DoFn):
         self.writer = None
         self.done = Metrics.counter(METRICS_NAMESPACE, "videos_completed")
         self.failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed_units")
+        self.left = Metrics.counter(METRICS_NAMESPACE, "videos_left_to_other_run")
 
     def setup(self) -> None:
         self.writer = self.index.open()
@@ -233,6 +252,13 @@ class FinalizeIndexVideoFn(beam.DoFn):
             return
         try:
             self.writer.finalize_video(video_id, statuses[0][2])
+        except EntryIncomplete as exc:
+            if units.units_held(statuses):  # units computed by another run: whichever run ends last finalises
+                self.left.inc()
+                return
+            self.failed.inc()
+            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=None, stage="finalize")
+            return
         except Exception as exc:  # noqa: BLE001
             self.failed.inc()
             yield DeadLetter.from_exception(exc, video_id=video_id, query_id=None, stage="finalize")
@@ -248,8 +274,9 @@ class IndexJob:
     sampling: video.SamplingConfig
     model: ModelSpec
     force: bool = False
-    only_video_ids: frozenset[str] | None = None
+    limit: int | None = None  # --limit: only the first N entries are read
     convert_threads: int | None = None
+    run_id: str = "run"  # leases are taken under it
     cache: str | None = None  # --cache: also write the _generic entries there
     cache_config: dict | None = None
     model_handle: shared.Shared = field(default_factory=shared.Shared, compare=False)
@@ -265,21 +292,22 @@ class IndexJob:
 
 def build_pipeline(pipeline: beam.Pipeline, job: IndexJob) -> None:
     """Add the index job's transforms to ``pipeline``."""
-    entries = units.read_entries(pipeline, job.manifest, job.only_video_ids)
+    entries = units.read_entries(pipeline, job.manifest, job.limit)
     planned = entries | "PlanIndexVideo" >> beam.ParDo(
         PlanIndexVideoFn(job.index, job.sampling, job.force, job.cache, job.cache_config)
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
     loaded = (
         planned.units
         | "SpreadUnits" >> beam.Reshuffle()
-        | "LoadUnit" >> beam.ParDo(LoadUnitFn(METRICS_NAMESPACE, job.sampling, job.convert_threads)).with_outputs(
-            DEAD_LETTER, "unit_status", main="inputs"
-        )
+        | "LoadUnit"
+        >> beam.ParDo(
+            LoadUnitFn(METRICS_NAMESPACE, job.sampling, job.convert_threads, lease_base=job.index.url, run_id=job.run_id, label="index")
+        ).with_outputs(DEAD_LETTER, "unit_status", main="inputs")
     )
     encoded = loaded.inputs | "EncodeUnit" >> beam.ParDo(EncodeUnitFn(job.model, job.model_handle)).with_outputs(
         DEAD_LETTER, "unit_status", "blocks", main="features"
     )
-    written = encoded.features | "WriteIndexUnit" >> beam.ParDo(WriteIndexUnitFn(job.index)).with_outputs(DEAD_LETTER, main="status")
+    written = encoded.features | "WriteIndexUnit" >> beam.ParDo(WriteIndexUnitFn(job.index, job.run_id)).with_outputs(DEAD_LETTER, main="status")
     statuses = [planned.unit_status, loaded.unit_status, encoded.unit_status, written.status]
     letters = [planned[DEAD_LETTER], loaded[DEAD_LETTER], encoded[DEAD_LETTER], written[DEAD_LETTER]]
     if job.cache is not None:
@@ -295,7 +323,7 @@ def build_pipeline(pipeline: beam.Pipeline, job: IndexJob) -> None:
     letters.append(index_status | "FinalizeIndexVideo" >> beam.ParDo(FinalizeIndexVideoFn(job.index)))
     if job.cache is not None:
         letters.append(cache_status | "FinalizeEntry" >> beam.ParDo(FinalizeEntryFn(job.cache, job.cache_config)))
-    letters | "AllDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(job.dead_letter_path)
+    letters | "AllDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(job.index.url, job.run_id)
 
 
 # --------------------------------------------------------------------------- command line
@@ -316,12 +344,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     from tempo_ops.index_store import IndexWriter
 
+    use_storage_options(args, [args.manifest, args.index, args.cache, args.svlm, args.compressor])
     sampling = sampling_config_from_args(args)
     convert_threads = convert_threads_from_args(args)
-    units.validate_manifest_or_raise(args.manifest)
-    only = units.first_video_ids(args.manifest, args.limit) if args.limit is not None else None
+    check_limit(args)
+    check_output_location(args.index, {"--manifest": args.manifest}, what="--index")
+    if args.cache is not None:
+        check_output_location(args.cache, {"--manifest": args.manifest, "--index": args.index}, what="--cache")
+    units.validate_manifest_or_raise(args.manifest, args.limit)
+    check_device(args.device)
     spec = model_spec_from_args(args)
-    print(f"[index] loading compressor from {args.svlm} for the index fingerprint", file=sys.stderr)
+    print(f"[index] loading compressor from {args.svlm} for the index fingerprint", file=sys.stderr, flush=True)
     model_handle = shared.Shared()
     driver_model = model_handle.acquire(lambda: SharedModel(units.load_compressor(spec)))
     compressor = driver_model.model
@@ -342,35 +375,37 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
             raise ConfigError(
                 f"index units of {writer.segments_per_unit} segments must be whole cache shards of {cache_writer.segments_per_shard}"
             )
+    run = JobRun.start("index", args.index)
     job = IndexJob(
         args.manifest,
         IndexTarget(args.index, config, layers, writer.segments_per_unit),
         sampling,
         spec,
         force=args.force,
-        only_video_ids=only,
+        limit=args.limit,
         convert_threads=convert_threads,
+        run_id=run.run_id,
         cache=args.cache,
         cache_config=cache_cfg,
         model_handle=model_handle,
     )
     options = pipeline_options_from_args(extra_args, job_name="tempo-index", local_workers=args.local_workers, local_mode=args.local_mode)
-    started = time.time()
-    run_id = units.new_run_id()
-    print(f"[index] run {run_id}: manifest {args.manifest} valid, runner {runner_name(options)}", file=sys.stderr)
-    result = units.run_pipeline("index", options, lambda p: build_pipeline(p, job))
+    print(
+        f"[index] run {run.run_id}: manifest {args.manifest} valid"
+        + (f" (first {args.limit} entries)" if args.limit is not None else "")
+        + f", starting runner {runner_name(options)}",
+        file=sys.stderr,
+        flush=True,
+    )
+    result = units.run_pipeline("index", options, lambda p: build_pipeline(p, job), run, lease_base=args.index)
     if result is None:
-        return 0
+        return EXIT_OK
     summary = units.write_summary(
-        "index",
         METRICS_NAMESPACE,
         result,
-        run_id=run_id,
-        started=started,
+        run=run,
         runner=runner_name(options),
         outputs={"manifest": job.manifest, "index": args.index, "cache": args.cache},
-        dead_letter_path=job.dead_letter_path,
-        summary_path=job.summary_path,
         config=config,
         fingerprint=writer.fingerprint,
     )
@@ -381,6 +416,12 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         f"({t['segments_per_s']} seg/s; decode {t['decode_s']}s, model {t['model_s']}s), {c.get('bytes_written', 0)} bytes",
         file=sys.stderr,
     )
+    if c.get("units_held_elsewhere"):
+        print(
+            f"[index] {c['units_held_elsewhere']} work unit(s) were being computed by another run; "
+            f"{c.get('videos_left_to_other_run', 0)} video(s) are left for it to complete",
+            file=sys.stderr,
+        )
     units.print_failures("index", summary)
     del driver_model
-    return 0 if summary["failures"]["items"] == 0 else 1
+    return EXIT_OK if summary["failures"]["items"] == 0 else EXIT_ITEMS_FAILED

@@ -10,31 +10,14 @@ import json
 import sys
 from typing import Any
 
+from pipelines.job_support import add_storage_option_argument, parse_storage_options
 from tempo_ops.store import cache_summary
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("cache", metavar="CACHE", help="cache URL or path (local, memory://, gs://...)")
     parser.add_argument("--json", action="store_true", help="emit one JSON document instead of text")
-    parser.add_argument(
-        "--storage-option",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="fsspec storage option (repeatable), e.g. endpoint_url=http://127.0.0.1:4443",
-    )
-
-
-def _storage_options(pairs: list[str]) -> dict[str, Any]:
-    from tempo_ops.errors import ConfigError
-
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ConfigError(f"--storage-option must be KEY=VALUE, got {pair!r}", item="--storage-option")
-        key, value = pair.split("=", 1)
-        out[key] = value
-    return out
+    add_storage_option_argument(parser)
 
 
 def _size(n: int) -> str:
@@ -79,7 +62,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
-    summary = cache_summary(args.cache, _storage_options(args.storage_option) or None)
+    summary = cache_summary(args.cache, parse_storage_options(args.storage_option) or None)
     if args.json:
         json.dump(summary, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")

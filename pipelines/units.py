@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -26,16 +25,17 @@ from apache_beam.metrics import Metrics
 from pipelines.beam_support import (
     DEAD_LETTER,
     DeadLetter,
+    ProgressReporter,
+    ReadManifest,
     SharedModel,
     counter_values,
     dead_letter_counts,
     is_local_runner,
     runner_name,
-    write_json,
 )
+from pipelines.job_support import JobRun
 from schemas import manifest as manifest_schema
 from tempo_ops import video
-from tempo_ops.errors import ConfigError
 
 GENERIC_QUERY_ID = "_generic"  # videos without queries get one query-agnostic entry
 INDEX_TARGET = "_index"  # the unit-status target of a video's index record (never a cache query id)
@@ -134,17 +134,24 @@ def unit_landed(video_id: str, targets, unit_index: int, n_units: int):
         yield beam.pvalue.TaggedOutput("unit_status", ((video_id, t), ("ok", unit_index, n_units)))
 
 
+def units_held(statuses: list) -> bool:
+    """Whether another run holds (computes) some of a target's units (status ``"held"``)."""
+    return any(s == "held" for s, _, _ in statuses)
+
+
 def statuses_problem(video_id: str, target: str, statuses: list) -> DeadLetter | bool | None:
     """What finalising should do with a target's unit statuses ``[(status, unit, n_units)]``.
 
     True: a unit failed (its dead letter is recorded where it failed); a DeadLetter: units
-    never reported; None: every unit landed — finalise.
+    never reported; None: try to finalise — every unit landed, or some are ``"held"`` by
+    another run (then finalising raises EntryIncomplete unless that run already finished
+    them: whichever run ends last finds them all landed).
     """
     n_units = statuses[0][2]
     if any(s == "failed" for s, _, _ in statuses):
         return True
     ok = {u for s, u, _ in statuses if s == "ok"}
-    if len(ok) != n_units:
+    if not units_held(statuses) and len(ok) != n_units:
         missing = sorted(set(range(n_units)) - ok)
         qid = None if target == INDEX_TARGET else target
         return DeadLetter(video_id, qid, "finalize", "units_missing", f"{video_id}/{target}: units {missing} never landed")
@@ -174,17 +181,36 @@ class ModelStageFn(beam.DoFn):
 
 class LoadUnitFn(beam.DoFn):
     """WorkUnit → (WorkUnit, payload): decoded ``[Segment]`` (the CPU stage), or ``[SegmentFeatures]``
-    read from the segment index for index units (no video read, no decode)."""
+    read from the segment index for index units (no video read, no decode).
 
-    def __init__(self, namespace: str, sampling: video.SamplingConfig, convert_threads: int | None = None, index_url: str | None = None) -> None:
+    With ``lease_base`` (the job's output URL) it first takes the unit's lease
+    (tempo_ops/leases.py): a unit another live run holds is left to it (status ``"held"``).
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        sampling: video.SamplingConfig,
+        convert_threads: int | None = None,
+        index_url: str | None = None,
+        *,
+        lease_base: str | None = None,
+        run_id: str = "",
+        label: str = "compress",
+    ) -> None:
         self.sampling = sampling
         self.convert_threads = convert_threads
         self.index_url = index_url
+        self.lease_base = lease_base
+        self.run_id = run_id
+        self.label = label
         self.index = None
         self.decode_ms = Metrics.distribution(namespace, "decode_ms")
         self.decoded = Metrics.counter(namespace, "segments_decoded")
         self.index_ms = Metrics.distribution(namespace, "index_read_ms")
         self.read = Metrics.counter(namespace, "segments_read_from_index")
+        self.held = Metrics.counter(namespace, "units_held_elsewhere")
+        self._told: set[str] = set()
 
     def setup(self) -> None:
         if self.index_url is not None:
@@ -192,7 +218,36 @@ class LoadUnitFn(beam.DoFn):
 
             self.index = IndexReader(self.index_url)
 
+    def _held_by(self, unit: WorkUnit):
+        """The live lease of another run computing ``unit``, or None once this run holds it."""
+        if self.lease_base is None:
+            return None
+        from tempo_ops import leases
+
+        holder = leases.acquire(self.lease_base, unit.video_id, unit.unit_index, self.run_id)
+        if holder is not None and holder.run_id not in self._told:
+            self._told.add(holder.run_id)
+            print(
+                f"[{self.label}] another run ({holder.run_id}, pid {holder.pid} on {holder.host}) is computing part of "
+                f"this output; its work units are left to it",
+                file=sys.stderr,
+                flush=True,
+            )
+        return holder
+
     def process(self, unit: WorkUnit) -> Iterator:
+        targets = [q for q, _ in unit.queries]
+        try:
+            holder = self._held_by(unit)
+        except Exception as exc:  # noqa: BLE001 - a lease that cannot be taken fails the unit like a read would
+            yield dead(exc, video_id=unit.video_id, query_id=None, stage="lease", unit=unit.unit_index)
+            yield from unit_failed(unit, targets)
+            return
+        if holder is not None:
+            self.held.inc()
+            for t in targets:
+                yield beam.pvalue.TaggedOutput("unit_status", ((unit.video_id, t), ("held", unit.unit_index, unit.n_units)))
+            return
         t0 = time.perf_counter()
         from_index = unit.source == SOURCE_INDEX
         try:
@@ -210,7 +265,7 @@ class LoadUnitFn(beam.DoFn):
                 )
         except Exception as exc:  # noqa: BLE001
             yield dead(exc, video_id=unit.video_id, query_id=None, stage="index_read" if from_index else "decode", unit=unit.unit_index)
-            yield from unit_failed(unit, [q for q, _ in unit.queries])
+            yield from unit_failed(unit, targets)
             return
         ms = int((time.perf_counter() - t0) * 1000)
         (self.index_ms if from_index else self.decode_ms).update(ms)
@@ -219,87 +274,76 @@ class LoadUnitFn(beam.DoFn):
 
 
 # --------------------------------------------------------------------------- graph pieces
-def read_entries(pipeline: beam.Pipeline, manifest: str, only_video_ids: frozenset[str] | None):
-    """Manifest → parsed VideoEntry elements (limited to ``only_video_ids`` when given)."""
-    base = manifest_schema.manifest_base(manifest)
-    entries = (
-        pipeline
-        | "ReadManifest" >> beam.io.ReadFromText(manifest)
-        | "ParseEntry" >> beam.FlatMap(lambda line: [e for e in [manifest_schema.parse_manifest_line(line, base)] if e])
-    )
-    if only_video_ids is not None:
-        wanted = only_video_ids
-        entries = entries | "Limit" >> beam.Filter(lambda e: e.video_id in wanted)
-    return entries
+def read_entries(pipeline: beam.Pipeline, manifest: str, limit: int | None):
+    """Manifest → parsed VideoEntry elements (reading stops after the first ``limit`` entries)."""
+    return pipeline | "ReadManifest" >> ReadManifest(manifest, limit)
 
 
 # --------------------------------------------------------------------------- driver
-def validate_manifest_or_raise(url: str) -> None:
-    """Stream-validate the manifest (one pass); raise ManifestError listing every problem."""
-    problems = manifest_schema.validate_manifest(url)
+def validate_manifest_or_raise(url: str, limit: int | None = None) -> None:
+    """Stream-validate the manifest, or only its first ``limit`` entries (reading stops there);
+    raise ManifestError listing every problem. Nothing is kept in memory but id hashes."""
+    problems = manifest_schema.validate_manifest(url, limit=limit)
     if problems:
         raise manifest_schema.manifest_error(url, problems)
 
 
-def first_video_ids(url: str, limit: int) -> frozenset[str]:
-    if limit < 0:
-        raise ConfigError(f"--limit must be >= 0, got {limit}")
-    ids = []
-    for entry in manifest_schema.iter_manifest(url):
-        if len(ids) >= limit:
-            break
-        ids.append(entry.video_id)
-    return frozenset(ids)
+def run_pipeline(label: str, options, build: Callable[[beam.Pipeline], None], run: JobRun, *, lease_base: str | None = None):
+    """Build and run a job under ``run`` (SIGINT/SIGTERM → partial summary, fatal errors typed);
+    return the finished result, or None when submitted to a cluster.
 
+    The progress tally of ``label`` is reset first and is the partial summary's
+    ``counts_so_far``; with ``lease_base`` this run's work-unit leases are released at the end
+    (those of units that failed) and on interruption.
+    """
+    from tempo_ops import leases
 
-def new_run_id() -> str:
-    return f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-
-
-def run_pipeline(label: str, options, build: Callable[[beam.Pipeline], None]):
-    """Build and run a job; return the finished result, or None when submitted to a cluster."""
-    pipeline = beam.Pipeline(options=options)
-    build(pipeline)
-    result = pipeline.run()
-    if not is_local_runner(options):
-        print(f"[{label}] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
-        return None
-    result.wait_until_finish()
+    ProgressReporter.reset(label)
+    release = (lambda: leases.release_run(lease_base, run.run_id)) if lease_base is not None else None
+    with run.interruptible(partial=lambda: {"counts_so_far": ProgressReporter.snapshot(label), "output": run.base}, cleanup=release):
+        pipeline = beam.Pipeline(options=options)
+        build(pipeline)
+        result = pipeline.run()
+        if not is_local_runner(options):
+            print(f"[{label}] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
+            return None
+        result.wait_until_finish()
+    if release is not None:
+        release()
     return result
 
 
 def write_summary(
-    job_name: str,
     namespace: str,
     result,
     *,
-    run_id: str,
-    started: float,
+    run: JobRun,
     runner: str,
     outputs: dict[str, Any],
-    dead_letter_path: str,
-    summary_path: str,
     config: dict,
     fingerprint: str,
+    counts: Callable[[dict[str, int]], dict[str, int]] | None = None,
 ) -> dict:
-    """Gather metrics + dead letters into the run summary and write it to ``summary_path``.
+    """Gather metrics + this run's dead letters into the run summary and write it beside the
+    job's output (``run.base``: history + latest, pipelines/job_support.py).
 
-    ``outputs``: job-specific fields (``manifest``, ``cache``, ``index``...).
+    ``outputs``: job-specific fields (``manifest``, ``cache``, ``index``...); ``counts``
+    derives job-specific counts from the metric counts.
     """
-    wall = time.time() - started
+    wall = run.elapsed()
     metrics = counter_values(result, namespace)
-    failures = dead_letter_counts(dead_letter_path)
+    failures = dead_letter_counts(run.own_dead_letter_url)
     segments = int(metrics.get("segments_decoded", 0) + metrics.get("segments_read_from_index", 0))
+    counted = {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")}
     summary = {
-        "job": job_name,
-        "run_id": run_id,
         "runner": runner,
         **outputs,
-        "dead_letter_file": dead_letter_path,
-        "summary_file": summary_path,
+        "dead_letter_file": run.dead_letter_url,
+        "run_dead_letter_file": run.own_dead_letter_url,
+        "summary_file": run.summary_url,
         "fingerprint": fingerprint,
         "config": config,
-        "counts": {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")},
+        "counts": counts(counted) if counts is not None else counted,
         "failures": {"items": sum(failures.values()), "by_code": failures},
         "timing": {
             "wall_s": round(wall, 3),
@@ -309,12 +353,11 @@ def write_summary(
             "segments_per_s": round(segments / wall, 3) if wall > 0 else None,
         },
     }
-    write_json(summary_path, summary)
-    return summary
+    return run.write_summary(summary, status="complete" if not failures else "items_failed")
 
 
 def print_failures(label: str, summary: dict) -> None:
     f = summary["failures"]
     if f["items"]:
         print(f"[{label}] {f['items']} failed item(s) by code {f['by_code']}: see {summary['dead_letter_file']}", file=sys.stderr)
-    print(f"[{label}] summary: {summary['summary_file']}", file=sys.stderr)
+    print(f"[{label}] summary: {summary['summary_file']} (history: {summary['history']})", file=sys.stderr)

@@ -11,9 +11,15 @@ A line is a JSON object::
   A relative ``uri`` resolves against the manifest's directory (also for URLs such as
   ``memory://corpus/manifest.jsonl`` or ``gs://bucket/corpus/manifest.jsonl``).
 - ``queries``: optional list (default ``[]``) of objects with ``query_id`` (non-empty str,
-  unique within the video), ``text`` (str; may be empty), optional ``options`` (non-empty
-  list of str, or null) and ``answer`` (str or null).
+  unique within the video), ``text`` (non-empty str, not only whitespace: a video without
+  questions omits ``queries`` and gets the query-agnostic entry), optional ``options``
+  (non-empty list of str, or null) and ``answer`` (str or null).
 - ``metadata``: optional JSON object (default ``{}``), passed through untouched.
+- Every string (keys included) must be valid Unicode: a lone surrogate such as ``"\ud800"``
+  (valid JSON, but not storable as UTF-8 in a cache, a tar member name or a summary) is an
+  error. ``NaN``/``Infinity`` (accepted by Python's JSON reader, not by the JSON standard)
+  are errors anywhere in a line.
+- A line that is not valid UTF-8 is reported with its own line number.
 - ``prompt_template``: optional name of the benchmark prompt template the line's queries are
   rendered with (``tempo_ops.query_text.TEMPLATES``: ``plain``, ``videomme``, ``lvbench``,
   ``mlvu``, ``longvideobench``; null or absent → ``plain``). A corpus names its benchmark's
@@ -26,12 +32,15 @@ A line is a JSON object::
 - Blank lines are skipped; line numbers in problems are 1-based physical lines.
 
 Reading streams line by line through fsspec, so manifests with millions of lines are
-never held in memory (only the set of seen video ids is kept, to find duplicates).
+never held in memory (only the seen video ids and their line numbers are kept, to find
+duplicates). ``limit=N`` stops reading after the first N entries (``tempo compress
+--limit``): only those lines are read and validated.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import posixpath
 from collections.abc import Iterator
@@ -127,6 +136,10 @@ def _check_line(obj: Any, line_no: int) -> list[ManifestProblem]:
     if not isinstance(obj, dict):
         bad("<line>", f"expected a JSON object, got {type(obj).__name__}")
         return problems
+    for where, msg in _unstorable(obj, ""):
+        bad(where or "<line>", msg)
+    if problems:
+        return problems  # the other checks would trip over the same values
     for key in sorted(set(obj) - _TOP_KEYS):
         bad(key, f"unknown key (allowed: {', '.join(sorted(_TOP_KEYS))})")
     version = obj.get("manifest_version", MANIFEST_VERSION)
@@ -182,6 +195,8 @@ def _check_line(obj: Any, line_no: int) -> list[ManifestProblem]:
             bad(f"{where}.text", "missing")
         elif not isinstance(q["text"], str):
             bad(f"{where}.text", f"must be a string, got {type(q['text']).__name__}")
+        elif not q["text"].strip():
+            bad(f"{where}.text", "must not be empty (a video without questions omits 'queries': it gets the query-agnostic entry)")
         options = q.get("options")
         if options is not None:
             if not isinstance(options, list) or not options:
@@ -196,7 +211,37 @@ def _check_line(obj: Any, line_no: int) -> list[ManifestProblem]:
     return problems
 
 
-def _decode(line: str, line_no: int) -> tuple[Any, list[ManifestProblem]]:
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _unstorable(value: Any, where: str) -> Iterator[tuple[str, str]]:
+    """(field, message) for every string with a lone surrogate and every non-finite number in ``value``."""
+    if isinstance(value, str):
+        if _has_lone_surrogate(value):
+            yield where, f"contains a lone surrogate ({ascii(value)[:60]}): not valid Unicode, cannot be stored"
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            yield where, f"non-finite number {value!r} is not valid JSON"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            sub = f"{where}.{k}" if where else str(k)
+            if _has_lone_surrogate(k):
+                yield ascii(sub), f"key contains a lone surrogate ({ascii(k)[:60]}): not valid Unicode"
+                continue
+            yield from _unstorable(v, sub)
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _unstorable(v, f"{where}[{i}]")
+
+
+def _decode(line: str | None, line_no: int, error: str | None = None) -> tuple[Any, list[ManifestProblem]]:
+    if line is None:
+        return None, [ManifestProblem(line_no, "<line>", error or "unreadable line")]
     try:
         return json.loads(line), []
     except json.JSONDecodeError as exc:
@@ -238,63 +283,90 @@ def parse_manifest_line(line: str, base: str, line_no: int = 0) -> VideoEntry | 
     return _entry(obj, line_no, base)
 
 
-def _lines(url: str) -> Iterator[tuple[int, str]]:
-    """(line number, text) pairs, streamed."""
+def _lines(url: str) -> Iterator[tuple[int, str | None, str | None]]:
+    """(line number, text, None) per line, streamed; (line number, None, reason) for a line that is not UTF-8."""
     try:
-        with fsspec.open(url, "rt", encoding="utf-8") as fh:
-            yield from enumerate(fh, start=1)
+        with fsspec.open(url, "rb") as fh:
+            for n, raw in enumerate(fh, start=1):
+                try:
+                    yield n, raw.decode("utf-8"), None
+                except UnicodeDecodeError as exc:
+                    yield n, None, f"not UTF-8 text ({exc.reason} at byte {exc.start})"
     except FileNotFoundError:
         raise ManifestError("manifest not found", item=url) from None
-    except UnicodeDecodeError as exc:
-        raise ManifestError(f"manifest is not UTF-8 text ({exc.reason})", item=url) from None
     except IsADirectoryError:
         raise ManifestError("manifest path is a directory", item=url) from None
+    except OSError as exc:
+        raise ManifestError(f"cannot read the manifest: {exc}", item=url) from None
 
 
-def iter_manifest(url: str | os.PathLike) -> Iterator[VideoEntry]:
-    """Stream the manifest's entries (relative ``uri``s resolved).
+class _SeenIds:
+    """Video ids seen so far → their first line (for duplicate detection)."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, int] = {}
+
+    def check(self, video_id: str, line: int) -> ManifestProblem | None:
+        first = self._first.setdefault(video_id, line)
+        if first == line:
+            return None
+        return ManifestProblem(line, "video_id", f"duplicate video_id {video_id!r} (first on line {first})")
+
+
+def iter_manifest(url: str | os.PathLike, *, limit: int | None = None) -> Iterator[VideoEntry]:
+    """Stream the manifest's entries (relative ``uri``s resolved); stop reading after ``limit`` entries.
 
     Fails fast: raises ManifestError at the first invalid line or duplicate video id.
     Use :func:`validate_manifest` to list every problem.
     """
     url = os.fspath(url)
     base = manifest_base(url)
-    seen: dict[str, int] = {}
-    for n, text in _lines(url):
+    seen = _SeenIds()
+    count = 0
+    if limit is not None and limit <= 0:
+        return
+    for n, text, error in _lines(url):
+        if text is None:
+            problem = ManifestProblem(n, "<line>", error or "unreadable line")
+            raise ManifestError(f"invalid manifest line {n}: {problem.message}", item=url, problems=[problem])
         entry = parse_manifest_line(text, base, n)
         if entry is None:
             continue
-        if entry.video_id in seen:
-            problem = ManifestProblem(n, "video_id", f"duplicate video_id {entry.video_id!r} (first on line {seen[entry.video_id]})")
-            raise ManifestError(f"invalid manifest line {n}: {problem.message}", item=url, problems=[problem])
-        seen[entry.video_id] = n
+        duplicate = seen.check(entry.video_id, n)
+        if duplicate is not None:
+            raise ManifestError(f"invalid manifest line {n}: {duplicate.message}", item=url, problems=[duplicate])
         yield entry
+        count += 1
+        if limit is not None and count >= limit:
+            return
 
 
-def validate_manifest(url: str | os.PathLike) -> list[ManifestProblem]:
+def validate_manifest(url: str | os.PathLike, *, limit: int | None = None) -> list[ManifestProblem]:
     """Every problem of the manifest (empty list: valid). Streams; never raises for content.
 
+    ``limit``: validate only the first ``limit`` entries and stop reading there.
     A missing or unreadable manifest is reported as one problem on line 0.
     """
     url = os.fspath(url)
     problems: list[ManifestProblem] = []
-    seen: dict[str, int] = {}
+    seen = _SeenIds()
     n_entries = 0
     try:
-        for n, text in _lines(url):
-            if not text.strip():
+        for n, text, error in _lines(url):
+            if limit is not None and n_entries >= limit:
+                break
+            if text is not None and not text.strip():
                 continue
-            obj, line_problems = _decode(text, n)
+            obj, line_problems = _decode(text, n, error)
             if not line_problems:
                 line_problems = _check_line(obj, n)
             problems.extend(line_problems)
             n_entries += 1
             vid = obj.get("video_id") if isinstance(obj, dict) else None
             if isinstance(vid, str) and vid:
-                if vid in seen:
-                    problems.append(ManifestProblem(n, "video_id", f"duplicate video_id {vid!r} (first on line {seen[vid]})"))
-                else:
-                    seen[vid] = n
+                duplicate = seen.check(vid, n)
+                if duplicate is not None:
+                    problems.append(duplicate)
     except ManifestError as exc:
         problems.append(ManifestProblem(0, "<file>", exc.reason))
         return problems

@@ -156,10 +156,14 @@ def allocate_with_report(
     return AllocationResult(k=k, report=report)
 
 
-def allocation_stats(k: Any, frames_per_segment: int = 8, budget: int | None = None) -> dict[str, Any]:
+def allocation_stats(
+    k: Any, frames_per_segment: int = 8, budget: int | None = None, *, frames: int | None = None
+) -> dict[str, Any]:
     """Usage figures of an allocation ``k`` ``(S,)``.
 
-    Returns ``tokens`` (sum), ``segments``, ``frames`` (S * frames_per_segment),
+    ``frames``: the video's real number of sampled frames (a short last segment holds
+    fewer); default ``S * frames_per_segment``.
+    Returns ``tokens`` (sum), ``segments``, ``frames``,
     ``tokens_per_frame`` (tokens actually used per sampled frame), ``dropped_segments``,
     and, when ``budget`` is given, ``budget``, ``budget_share`` (tokens / budget; > 1 means
     over budget; 0 budget → inf when tokens > 0) and ``over_budget``.
@@ -170,7 +174,10 @@ def allocation_stats(k: Any, frames_per_segment: int = 8, budget: int | None = N
     if frames_per_segment <= 0:
         raise AllocationError(f"frames_per_segment must be positive, got {frames_per_segment}", item="allocation")
     tokens = int(arr.sum()) if arr.size else 0
-    frames = int(arr.size) * int(frames_per_segment)
+    if frames is None:
+        frames = int(arr.size) * int(frames_per_segment)
+    elif frames < 0:
+        raise AllocationError(f"frames must be >= 0, got {frames}", item="allocation")
     out: dict[str, Any] = {
         "tokens": tokens,
         "segments": int(arr.size),

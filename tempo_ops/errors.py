@@ -23,6 +23,9 @@ class TempoError(Exception):
 
     code: str = "tempo_error"
     transient: bool = False
+    # True when no later item can succeed either (full disk, read-only store): jobs stop at
+    # once instead of recording a dead letter per item (pipelines/beam_support.py).
+    fatal: bool = False
 
     def __init__(self, reason: str, *, item: str | None = None, **details: Any) -> None:
         self.reason = reason
@@ -200,7 +203,17 @@ class CacheWriteError(CacheError):
 
 
 class CacheNotWritable(CacheError):
+    """The output location refuses writes (read-only file system, permissions)."""
+
     code = "cache_not_writable"
+    fatal = True
+
+
+class DiskFull(CacheError):
+    """The output location has no space left (ENOSPC, quota)."""
+
+    code = "disk_full"
+    fatal = True
 
 
 class InvalidCacheBlock(CacheError):
@@ -248,6 +261,18 @@ class ConfigError(TempoError):
     """Invalid command-line or job configuration."""
 
     code = "config_error"
+
+
+class OutputOverlapsInput(ConfigError):
+    """A job's output is, contains or lies inside one of its inputs (it would overwrite them)."""
+
+    code = "output_overlaps_input"
+
+
+class DeviceUnavailable(ConfigError):
+    """The requested torch device does not exist here (e.g. ``--device cuda`` without a GPU)."""
+
+    code = "device_unavailable"
 
 
 class PackingError(AllocationError):

@@ -8,12 +8,20 @@
 - ``is_transient(exc)`` is the one place that decides which errors are worth retrying:
   ``OSError`` (except "not found"/"permission"-type errors), timeouts, connection errors,
   gcsfs ``HttpError`` with status 429 or 5xx, and ``TempoError`` with ``transient=True``.
+- ``storage_error(exc, what)`` is the one place that turns a storage failure no retry can
+  fix into a typed, *fatal* error naming the path: ENOSPC/EDQUOT → ``DiskFull``
+  (``disk_full``), EROFS/EACCES/EPERM → ``CacheNotWritable`` (``cache_not_writable``).
+  The retry helpers raise it at the first attempt; jobs stop at once on it (fatal errors are
+  never dead-lettered per item), keeping everything already complete.
+- ``write_bytes_atomic(url, data)`` writes one whole object: a temporary file renamed into
+  place locally, a single PUT on object stores (which never show a partial object).
 - :class:`CountingStore` counts requests and bytes moved (benchmarks, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import random
 import time
@@ -25,7 +33,7 @@ from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteReque
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
-from tempo_ops.errors import CacheWriteError, TempoError
+from tempo_ops.errors import CacheNotWritable, CacheWriteError, DiskFull, TempoError
 
 T = TypeVar("T")
 
@@ -71,11 +79,46 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+_DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+_NOT_WRITABLE_ERRNOS = {errno.EROFS, errno.EACCES, errno.EPERM}
+_READ_OPS = {"get", "exists", "list", "size", "read"}
+
+
+def storage_error(exc: BaseException, what: str = "storage operation") -> TempoError | None:
+    """The fatal typed error ``exc`` stands for (full disk, read-only or forbidden location), else None.
+
+    Looks through ``exc``'s cause/context chain (Zarr and fsspec wrap OS errors). The error
+    names the file the OS reported, else ``what``.
+    """
+    seen = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, TempoError):
+            return cur if cur.fatal else None
+        if isinstance(cur, OSError) and cur.errno in _DISK_FULL_ERRNOS | _NOT_WRITABLE_ERRNOS:
+            path = cur.filename or what
+            reason = os.strerror(cur.errno)
+            if cur.errno in _DISK_FULL_ERRNOS:
+                return DiskFull(f"no space left on the output storage ({reason}); completed work is kept", item=str(path))
+            if what.split(" ", 1)[0] in _READ_OPS:
+                return None  # a forbidden read concerns that one object, not every later write
+            return CacheNotWritable(f"cannot write here ({reason}); completed work is kept", item=str(path))
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
 def _retry_delay(exc: Exception, attempt: int, policy: RetryPolicy, what: str) -> float:
     """Seconds to wait before the next attempt after ``exc``; re-raises what must not be retried.
 
-    Non-transient errors propagate unchanged; the last transient failure becomes CacheWriteError.
+    Fatal storage errors (:func:`storage_error`) are raised typed at once; other non-transient
+    errors propagate unchanged; the last transient failure becomes CacheWriteError.
     """
+    fatal = storage_error(exc, what)
+    if fatal is not None:
+        if fatal is exc:
+            raise exc
+        raise fatal from exc
     if not is_transient(exc):
         raise exc
     if attempt + 1 == policy.max_attempts:
@@ -279,6 +322,33 @@ def url_to_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[
     return fsspec.core.url_to_fs(url, **dict(storage_options or {}))
 
 
+def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` as the whole object ``url``; readers see the old or the new object, never a part.
+
+    Local paths: a temporary file in the same directory, renamed over the target (parents
+    created). Object stores: one PUT (``pipe_file``). Fatal storage errors are typed
+    (:func:`storage_error`); transient ones are retried.
+    """
+    if is_local_url(url):
+        path = os.path.abspath(os.path.expanduser(_strip_file_scheme(url)))
+
+        def put() -> None:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
+            try:
+                with open(tmp, "wb") as fh:
+                    fh.write(data)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+        retry_call(put, what=f"put {path}")
+        return
+    fs, path = url_to_fs(url, storage_options)
+    retry_call(fs.pipe_file, path, data, what=f"put {url}")
+
+
 __all__ = [
     "DEFAULT_RETRY",
     "CountingStore",
@@ -292,5 +362,7 @@ __all__ = [
     "open_store",
     "retry_async",
     "retry_call",
+    "storage_error",
     "url_to_fs",
+    "write_bytes_atomic",
 ]

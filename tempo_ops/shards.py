@@ -282,6 +282,7 @@ def write_index(set_url: str, doc: dict[str, Any], *, storage_options: dict | No
     path = f"{base}/{INDEX_NAME}"
     data = json.dumps(doc, indent=2, sort_keys=True).encode("utf-8") + b"\n"
     if _is_local(fs):
+        fs.makedirs(base, exist_ok=True)  # an empty set (0 samples) has no shard that made it
         tmp = f"{base}/.{INDEX_NAME}{_TMP_MARK}{uuid.uuid4().hex}"
         with fs.open(tmp, "wb") as fh:
             fh.write(data)

@@ -412,7 +412,7 @@ _SAMPLE_VIDEOS = [
         [
             {"query_id": "q1", "text": "When does the pattern change?"},
             {"query_id": "q2", "text": "Is the scene indoors?", "options": ["A. yes", "B. no"], "answer": "A"},
-            {"query_id": "q3", "text": ""},
+            {"query_id": "q3", "text": "Describe the scene."},
         ],
     ),
     (

@@ -112,6 +112,7 @@ at all (e.g. text renamed ``.mp4``) is a :class:`~tempo_ops.errors.CorruptVideo`
 from __future__ import annotations
 
 import bisect
+import errno
 import math
 import os
 from collections import deque
@@ -377,7 +378,11 @@ def _open_container(uri: str, storage_options: dict[str, Any] | None = None):
     try:
         fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         details = fs.info(path)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
+        # fsspec's HTTP filesystem reports *any* failure as "not found": say what happened.
+        connection = _connection_failure(exc)
+        if connection is not None:
+            raise VideoReadError(f"cannot connect: {connection}", item=uri) from None
         raise VideoNotFound("no such file", item=uri) from None
     except (ValueError, ImportError) as exc:  # unknown protocol / malformed URL
         raise VideoNotFound(f"cannot resolve location: {exc}", item=uri) from None
@@ -400,6 +405,7 @@ def _open_container(uri: str, storage_options: dict[str, Any] | None = None):
         except av.error.PyAVCallbackError as exc:
             raise VideoReadError(f"read failed: {exc}", item=uri) from None
         except av.error.FFmpegError as exc:
+            _check_header_dimensions(fh, uri)  # ffmpeg reports an absurd size as an unrelated errno
             raise CorruptVideo(f"not a readable media container ({_ff_reason(exc)})", item=uri) from None
         if not container.streams.video:
             kinds = sorted({s.type for s in container.streams}) or ["none"]
@@ -422,7 +428,43 @@ def _codec_tag(stream: Any) -> str:
 
 
 def _ff_reason(exc: Exception) -> str:
-    return str(getattr(exc, "strerror", None) or exc).strip() or type(exc).__name__
+    reason = str(getattr(exc, "strerror", None) or exc).strip() or type(exc).__name__
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int) and number in errno.errorcode and number not in (errno.EIO, errno.EINVAL, errno.ENOMEM):
+        # ffmpeg reuses POSIX codes for its own failures ("Device or resource busy" for a bad
+        # stream header): it is the demuxer's verdict, not a device or file-system problem.
+        return f"ffmpeg refused the stream: error {errno.errorcode[number]} ({reason})"
+    return reason
+
+
+def _connection_failure(exc: BaseException) -> str | None:
+    """The connection error behind ``exc`` (refused, unreachable, DNS), as text; None when there is none."""
+    seen = set()
+    cur: BaseException | None = exc.__cause__ or exc.__context__
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, (ConnectionError, TimeoutError)) or type(cur).__name__.startswith("ClientConnector"):
+            return str(cur) or type(cur).__name__
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def _check_header_dimensions(fh: Any, uri: str) -> None:
+    """AbsurdDimensions when a YUV4MPEG2 header declares a frame size we refuse (read from the header)."""
+    try:
+        fh.seek(0)
+        head = fh.read(256)
+    except Exception:  # noqa: BLE001 - only refines the message
+        return
+    if not head.startswith(b"YUV4MPEG2 "):
+        return
+    fields = head.split(b"\n", 1)[0].split()
+    size = {f[:1]: f[1:] for f in fields[1:] if f[:1] in (b"W", b"H")}
+    try:
+        width, height = int(size[b"W"]), int(size[b"H"])
+    except (KeyError, ValueError):
+        return
+    check_dimensions(uri, width, height)
 
 
 def check_dimensions(uri: str, width: int, height: int) -> None:

@@ -274,7 +274,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_models, tmp_path):
         for line in proc.stderr:
             # Blocks land unit by unit, all queries of a unit in a row: after 2 blocks at least
             # one unit has landed for every query (2 of the corpus's 6 blocks).
-            if "blocks=2 " in line:
+            if "blocks 2/" in line:
                 proc.send_signal(signal.SIGKILL)
                 break
     finally:

@@ -195,7 +195,7 @@ def test_sigkill_then_resume_is_exactly_once(indexed, tiny_models, corpus, tmp_p
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     try:
         for line in proc.stderr:
-            if "units=2 " in line:  # 2 of the 4 units (3 of video a, 1 of b/c) have landed
+            if "units 2/" in line:  # 2 of the 4 units (3 of video a, 1 of b/c) have landed
                 proc.send_signal(signal.SIGKILL)
                 break
     finally:

@@ -33,7 +33,7 @@ GOOD = [
     {"video_id": "a", "uri": "videos/a.mp4", "queries": [{"query_id": "q1", "text": "What?", "options": ["A. x", "B. y"], "answer": "A"}]},
     "",
     {"video_id": "b", "uri": "/abs/b.mp4", "metadata": {"k": 1}, "manifest_version": 1},
-    {"video_id": "c", "uri": "gs://bucket/c.mp4", "queries": [{"query_id": "q1", "text": ""}, {"query_id": "q2", "text": "Why?", "options": None, "answer": None}]},
+    {"video_id": "c", "uri": "gs://bucket/c.mp4", "queries": [{"query_id": "q1", "text": "Where?"}, {"query_id": "q2", "text": "Why?", "options": None, "answer": None}]},
 ]
 
 
@@ -48,7 +48,7 @@ def test_good_manifest_entries(tmp_path):
     assert entries[1].uri == "/abs/b.mp4" and entries[2].uri == "gs://bucket/c.mp4"
     assert entries[0].queries == [QueryEntry("q1", "What?", ["A. x", "B. y"], "A")]
     assert entries[1].queries == [] and entries[1].metadata == {"k": 1}
-    assert entries[2].queries[0] == QueryEntry("q1", "", None, None)
+    assert entries[2].queries[0] == QueryEntry("q1", "Where?", None, None)
     assert load_validated(url) == entries
     assert entries[0].to_dict()["queries"][0]["options"] == ["A. x", "B. y"]
 
@@ -160,7 +160,7 @@ def test_missing_empty_and_binary_manifests(tmp_path):
     assert validate_manifest(empty) == [ManifestProblem(0, "<file>", "manifest has no entries")]
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage\n")
     (problem,) = validate_manifest(str(tmp_path / "bin.jsonl"))
-    assert problem.line == 0 and "UTF-8" in problem.message
+    assert problem.line == 1 and "UTF-8" in problem.message  # the line it is on
 
 
 def test_parse_manifest_line():

@@ -1,0 +1,56 @@
+"""SIGINT and SIGTERM during ``tempo compress`` (a subprocess, as a user's Ctrl-C or a scheduler's kill):
+one line, exit 130 / 143, a partial summary marked interrupted, temporary folders removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_job_behaviour import _compress, _corpus
+
+from pipelines.cli import main as tempo
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run_until(cmd: list[str], trigger: str, sig: int, env: dict) -> tuple[int, str]:
+    proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    seen = []
+    try:
+        for line in proc.stderr:
+            seen.append(line)
+            if trigger in line:
+                proc.send_signal(sig)
+                break
+        rest = proc.stderr.read()
+    finally:
+        proc.wait(timeout=120)
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_the_job_with_one_line_and_a_partial_summary(tiny_models, tmp_path, sig):
+    manifest = _corpus(tmp_path / "c", n_videos=4)
+    cache = tmp_path / "cache.zarr"
+    stale = tmp_path / "beam-temp-cache.zarr.deadletter.jsonl-0123abcd"
+    stale.mkdir()  # left by an interrupted run of an older version
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TEMPO_PROGRESS_INTERVAL_S="0")
+    cmd = [sys.executable, "-m", "pipelines.cli", *_compress(manifest, cache, tiny_models)]
+    rc, err = _run_until(cmd, "blocks 1/", sig, env)
+    assert rc == 128 + sig, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last == f"tempo compress: interrupted by {signal.Signals(sig).name}; completed work is kept, re-run to resume"
+    summary = json.loads(Path(str(cache) + ".summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == signal.Signals(sig).name
+    assert summary["counts_so_far"]["blocks_done"] >= 1
+    assert not list(tmp_path.glob("beam-temp-*"))  # stale and new temporary folders gone
+    if sig == signal.SIGTERM:  # resume completes the rest (the same machinery for both signals)
+        assert tempo(_compress(manifest, cache, tiny_models)) == 0
+        done = json.loads(Path(str(cache) + ".summary.json").read_text())
+        assert done["counts"]["queries_completed"] + done["counts"]["queries_skipped_complete"] == 8
