@@ -54,7 +54,6 @@ from apache_beam.utils import shared
 from pipelines import units
 from pipelines.beam_support import (
     DEAD_LETTER,
-    DeadLetter,
     ProgressReporter,
     SharedModel,
     WriteDeadLetters,
@@ -81,14 +80,13 @@ from pipelines.units import (
     ModelStageFn,
     WorkUnit,
     dead,
+    finalize_target,
     landed_units,
     print_failures,
     read_entries,
     run_pipeline,
-    statuses_problem,
     unit_landed,
     unit_ranges,
-    units_held,
     validate_manifest_or_raise,
     video_meta,
 )
@@ -96,7 +94,6 @@ from schemas import manifest as manifest_schema
 from tempo_ops import video
 from tempo_ops.errors import (
     ConfigError,
-    EntryIncomplete,
     FingerprintMismatch,
     IndexMismatch,
     TempoError,
@@ -333,28 +330,12 @@ class FinalizeEntryFn(_CacheDoFn):
 
     def process(self, element) -> Iterator:
         (video_id, query_id), statuses = element
-        statuses = list(statuses)
-        problem = statuses_problem(video_id, query_id, statuses)
-        if problem is not None:
-            self.failed.inc()
-            if isinstance(problem, DeadLetter):  # otherwise its dead letter was recorded where it failed
-                yield problem
-            return
-        try:
-            self.writer.finalize_entry(video_id, query_id)
-        except EntryIncomplete as exc:
-            if units_held(statuses):  # units computed by another run: whichever run ends last finalises
-                self.left.inc()
-                return
-            self.failed.inc()
-            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
-            return
-        except Exception as exc:  # noqa: BLE001
-            self.failed.inc()
-            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
-            return
-        self.done.inc()
-        ProgressReporter("compress").add(quiet=True, entries_done=1)
+        outcome, letter = finalize_target(video_id, query_id, list(statuses), lambda: self.writer.finalize_entry(video_id, query_id))
+        {"done": self.done, "left": self.left, "failed": self.failed}[outcome].inc()
+        if letter is not None:
+            yield letter
+        if outcome == "done":
+            ProgressReporter("compress").add(quiet=True, entries_done=1)
 
 
 # --------------------------------------------------------------------------- graph

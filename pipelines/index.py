@@ -37,7 +37,6 @@ from apache_beam.utils import shared
 from pipelines import units
 from pipelines.beam_support import (
     DEAD_LETTER,
-    DeadLetter,
     ProgressReporter,
     SharedModel,
     WriteDeadLetters,
@@ -61,7 +60,7 @@ from pipelines.probe_cmd import sampling_config_from_args
 from pipelines.units import GENERIC_QUERY_ID, INDEX_TARGET, LoadUnitFn, ModelSpec, WorkUnit
 from schemas import index_layout
 from tempo_ops import video
-from tempo_ops.errors import ConfigError, EntryIncomplete
+from tempo_ops.errors import ConfigError
 from tempo_ops.query_text import DEFAULT_TEMPLATE
 
 METRICS_NAMESPACE = "tempo.index"
@@ -244,26 +243,10 @@ class FinalizeIndexVideoFn(beam.DoFn):
     def process(self, element) -> Iterator:
         (video_id, target), statuses = element
         statuses = list(statuses)
-        problem = units.statuses_problem(video_id, target, statuses)
-        if problem is not None:
-            self.failed.inc()
-            if isinstance(problem, DeadLetter):
-                yield problem
-            return
-        try:
-            self.writer.finalize_video(video_id, statuses[0][2])
-        except EntryIncomplete as exc:
-            if units.units_held(statuses):  # units computed by another run: whichever run ends last finalises
-                self.left.inc()
-                return
-            self.failed.inc()
-            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=None, stage="finalize")
-            return
-        except Exception as exc:  # noqa: BLE001
-            self.failed.inc()
-            yield DeadLetter.from_exception(exc, video_id=video_id, query_id=None, stage="finalize")
-            return
-        self.done.inc()
+        outcome, letter = units.finalize_target(video_id, target, statuses, lambda: self.writer.finalize_video(video_id, statuses[0][2]))
+        {"done": self.done, "left": self.left, "failed": self.failed}[outcome].inc()
+        if letter is not None:
+            yield letter
 
 
 # --------------------------------------------------------------------------- graph

@@ -158,6 +158,30 @@ def statuses_problem(video_id: str, target: str, statuses: list) -> DeadLetter |
     return None
 
 
+def finalize_target(video_id: str, target: str, statuses: list, finalize: Callable[[], Any]) -> tuple[str, DeadLetter | None]:
+    """Finalise a target from its unit statuses with ``finalize()`` (which writes its completion marker).
+
+    Returns ``("done", None)``; ``("left", None)`` when units held by another run have not all
+    landed yet (not a failure: whichever run ends last finalises); or ``("failed", letter)``,
+    ``letter`` None when the failure was recorded where it happened.
+    """
+    from tempo_ops.errors import EntryIncomplete
+
+    problem = statuses_problem(video_id, target, statuses)
+    if problem is not None:
+        return "failed", problem if isinstance(problem, DeadLetter) else None
+    qid = None if target == INDEX_TARGET else target
+    try:
+        finalize()
+    except EntryIncomplete as exc:
+        if units_held(statuses):
+            return "left", None
+        return "failed", DeadLetter.from_exception(exc, video_id=video_id, query_id=qid, stage="finalize")
+    except Exception as exc:  # noqa: BLE001 - one target's failure is isolated
+        return "failed", DeadLetter.from_exception(exc, video_id=video_id, query_id=qid, stage="finalize")
+    return "done", None
+
+
 class ModelStageFn(beam.DoFn):
     """Base of the model stages: one compressor per worker process (``apache_beam.utils.shared``),
     and a failed unit → one dead letter per target plus its failed statuses."""

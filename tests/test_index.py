@@ -334,3 +334,38 @@ def test_ask_on_the_demo_corpus(tiny_models, tmp_path, capsys):
     missing[missing.index("kitchen_short")] = "street_walk"  # not indexed (--limit 1)
     assert tempo(missing) == 2
     assert "error [video_not_indexed]" in capsys.readouterr().err
+
+
+def test_index_job_shares_compress_job_behaviour(tiny_models, corpus, tmp_path, capsys):
+    """Leases (a unit another live run holds is left to it), --limit, run history: the
+    skeleton in pipelines/units.py gives `tempo index` what `tempo compress` does."""
+    import socket
+    import time
+
+    from tempo_ops import leases
+    from tempo_ops.index_store import IndexReader
+
+    index = tmp_path / "index.zarr"
+    url = Path(leases.lease_url(str(index), "b/c", 0))
+    url.parent.mkdir(parents=True)
+    other = {"run_id": "other-run", "host": socket.gethostname(), "pid": os.getpid(), "expires_at": time.time() + 600}
+    url.write_text(json.dumps(other))
+    args = [*_index_args(corpus, tiny_models), "--index", str(index)]
+    assert tempo(args) == 0  # nothing failed: b/c's only unit is the other run's
+    err = capsys.readouterr().err
+    assert "[index] another run (other-run" in err and "1 video(s) are left for it" in err
+    s = _summary(index)
+    c = s["counts"]
+    assert (c["units_held_elsewhere"], c["videos_left_to_other_run"], c["videos_completed"]) == (1, 1, 1)
+    assert s["status"] == "complete" and (tmp_path / "index.zarr.runs" / f"{s['run_id']}.summary.json").exists()
+    assert IndexReader(str(index)).video_ids() == ["a"]
+    assert [p.name for p in Path(str(index) + ".leases").rglob("*.json")] == ["000000.json"]  # ours released
+
+    url.write_text(json.dumps(dict(other, pid=2**22 + 12345)))  # beyond pid_max: a dead run's lease is taken over
+    assert tempo([*args, "--limit", "1"]) == 0  # only the first entry (a, complete) is read: b/c stays left
+    assert _summary(index)["counts"]["videos_skipped_complete"] == 1 and IndexReader(str(index)).video_ids() == ["a"]
+    assert tempo(args) == 0
+    c = _summary(index)["counts"]
+    assert (c.get("units_held_elsewhere", 0), c["videos_completed"], c["videos_skipped_complete"]) == (0, 1, 1)
+    assert IndexReader(str(index)).video_ids() == ["a", "b/c"]
+    assert not Path(str(index) + ".leases").exists()
