@@ -25,6 +25,11 @@ SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
     "probe": ("pipelines.probe_cmd", "probe, sample and segment videos; print a per-video summary", False),
     "validate-manifest": ("pipelines.manifest_cmd", "check a corpus manifest and report every problem", False),
     "make-tiny-models": ("pipelines.tiny_models_cmd", "build tiny random-weight models offline (tests, demo)", False),
+    "make-random-models": (
+        "pipelines.random_models_cmd",
+        "write random-weight models of the released architectures (qwen3-vl-2b, tempo-6b; GBs)",
+        False,
+    ),
     "compress": ("pipelines.compress", "run the compression job: manifest -> Zarr token cache", True),
     "index": ("pipelines.index", "run the index job: manifest -> segment index (decode + vision encoder once)", True),
     "ask": ("pipelines.ask_cmd", "answer one new question about an indexed video (index -> cache -> LLM)", False),

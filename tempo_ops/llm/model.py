@@ -115,6 +115,14 @@ class Generation:
     stopped: bool
 
 
+def _cast_weight(t: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """A stored weight in the run dtype; reference numerics pass it through float16 first
+    (the reference loads fp16, then casts)."""
+    if not t.is_floating_point():
+        return t
+    return (pass_through_fp16(t) if mode == REFERENCE else t).to(dtype)
+
+
 class TempoLLM(nn.Module):
     """Projector + Qwen3 causal LM + tokenizer of a Tempo checkpoint.
 
@@ -232,7 +240,18 @@ class TempoLLM(nn.Module):
             qcfg._attn_implementation = "sdpa"
             weight_map = svlm_ckpt.tempo_weight_map(loc)
             keys = C.llm_stage_keys(weight_map)
-            raw = svlm_ckpt.read_tensors(loc, weight_map, keys)
+            # One tensor at a time: hash, cast, keep the cast copy only. Reading all of them first
+            # and casting afterwards held two or three copies of Qwen3-4B (~8 GB each in bf16).
+            digests: dict[str, str] = {}
+            lm_state: dict[str, torch.Tensor] = {}
+            proj_state: dict[str, torch.Tensor] = {}
+            for key, tensor in svlm_ckpt.iter_tensors(loc, weight_map, keys):
+                digests[key] = svlm_ckpt.tensor_sha256(tensor)
+                if key.startswith(C.LLM_PREFIXES):
+                    lm_state[key] = _cast_weight(tensor, mode, dt)
+                elif key.startswith(PROJECTOR_PREFIX):
+                    proj_state[key] = _cast_weight(tensor, mode, dt)
+                del tensor
             shards_read = C.shards_for(weight_map, keys)
             token_files = [
                 f for f in loc.list_files()
@@ -244,15 +263,7 @@ class TempoLLM(nn.Module):
                 tokenizer = AutoTokenizer.from_pretrained(local, config=qcfg, local_files_only=True, trust_remote_code=False)
             except Exception as exc:  # noqa: BLE001 - tokenizers raises bare Exceptions for broken files
                 raise TokenizerError(f"cannot load the LLM tokenizer: {exc}", item=url) from exc
-        digest = svlm_ckpt.combine_tensor_digests({k: svlm_ckpt.tensor_sha256(v) for k, v in raw.items()})
-
-        def cast(t: torch.Tensor) -> torch.Tensor:
-            if not t.is_floating_point():
-                return t
-            return (pass_through_fp16(t) if mode == REFERENCE else t).to(dt)  # the reference loads in fp16
-
-        lm_state = {k: cast(v) for k, v in raw.items() if k.startswith(C.LLM_PREFIXES)}
-        proj_state = {k: cast(v) for k, v in raw.items() if k.startswith(PROJECTOR_PREFIX)}
+        digest = svlm_ckpt.combine_tensor_digests(digests)
         with torch.device("meta"):
             lm = Qwen3ForCausalLM(qcfg)
         expected = {k: tuple(v.shape) for k, v in lm.state_dict().items()}

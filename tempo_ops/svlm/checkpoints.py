@@ -27,7 +27,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,32 +387,38 @@ def tempo_weight_map(loc: CheckpointLocation) -> dict[str, str]:
     raise CheckpointNotFound(f"neither {_SAFETENSORS_INDEX} nor {_SINGLE_SAFETENSORS}", item=loc.url)
 
 
-def read_tensors(loc: CheckpointLocation, weight_map: Mapping[str, str], keys: Iterable[str]) -> dict[str, torch.Tensor]:
-    """Read ``keys`` from the shards ``weight_map`` names for them, opening only those shards.
+def iter_tensors(loc: CheckpointLocation, weight_map: Mapping[str, str], keys: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(key, tensor)`` for ``keys`` from the shards ``weight_map`` names for them, one tensor
+    at a time (sorted by shard, then key), opening only those shards.
 
-    Returns name → tensor (stored dtype, CPU). Raises ``CheckpointFormatError`` when a key is not
-    in the index or its shard lacks it; ``CheckpointNotFound`` when a shard file is missing.
+    Tensors are in their stored dtype, on the CPU. Raises ``CheckpointFormatError`` when a key is
+    not in the index or its shard lacks it; ``CheckpointNotFound`` when a shard file is missing.
     """
     by_shard: dict[str, list[str]] = {}
     for key in sorted(set(keys)):
         if key not in weight_map:
             raise CheckpointFormatError(f"no tensor {key} in the checkpoint index", item=loc.url)
         by_shard.setdefault(weight_map[key], []).append(key)
-    out: dict[str, torch.Tensor] = {}
     for shard, names in sorted(by_shard.items()):
         path = loc.local_file(shard)
         try:
-            with safe_open(path, framework="pt") as fh:
-                available = set(fh.keys())
-                for key in names:
-                    if key not in available:
-                        raise CheckpointFormatError(f"shard {shard} lacks tensor {key} named by the index", item=loc.url)
-                    out[key] = fh.get_tensor(key)
-        except CheckpointFormatError:
-            raise
+            fh = safe_open(path, framework="pt")
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own untyped errors
             raise CheckpointFormatError(f"cannot read {shard}: {exc}", item=loc.url) from exc
-    return out
+        available = set(fh.keys())
+        for key in names:
+            if key not in available:
+                raise CheckpointFormatError(f"shard {shard} lacks tensor {key} named by the index", item=loc.url)
+            try:
+                tensor = fh.get_tensor(key)
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointFormatError(f"cannot read {key} from {shard}: {exc}", item=loc.url) from exc
+            yield key, tensor
+
+
+def read_tensors(loc: CheckpointLocation, weight_map: Mapping[str, str], keys: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``iter_tensors`` collected into a dict name → tensor (all of them in memory at once)."""
+    return dict(iter_tensors(loc, weight_map, keys))
 
 
 def read_tensor(loc: CheckpointLocation, shard: str, key: str) -> torch.Tensor:
@@ -445,6 +451,7 @@ def load_tempo_memory_tokens(
     *,
     hidden_size: int | None,
     svlm_state_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    weight_sink: Callable[[str, torch.Tensor], None] | None = None,
 ) -> MemoryTokens:
     """Read the compression tokens (and, with ``svlm_state_shapes``, the fine-tuned SVLM) of a Tempo checkpoint.
 
@@ -455,6 +462,10 @@ def load_tempo_memory_tokens(
             tensor under ``model.visual.`` / ``model.language_model.``; when given, exactly those
             tensors must be present in the checkpoint under ``TEMPO_SVLM_PREFIX`` with equal shapes,
             and they are returned in ``svlm_weights``. Only the shards that hold them are opened.
+        weight_sink: when given, each of those tensors is handed to ``weight_sink(name, tensor)``
+            as soon as it is read and not kept (``svlm_weights`` stays None; the digests are
+            still returned): at 2B parameters, holding them all next to the model doubled the
+            peak memory of loading.
     """
     config = read_tempo_config(loc)
     k = config["num_compression_tokens"]
@@ -489,13 +500,19 @@ def load_tempo_memory_tokens(
             item=loc.url,
         )
     weights: dict[str, torch.Tensor] = {}
-    for key, tensor in read_tensors(loc, weight_map, expected).items():
+    digests: dict[str, str] = {}
+    for key, tensor in iter_tensors(loc, weight_map, expected):
         name, shape = expected[key]
         if tuple(tensor.shape) != shape:
             raise CheckpointFormatError(f"{key} has shape {tuple(tensor.shape)}, the base SVLM expects {shape}", item=loc.url)
-        weights[name] = tensor
-    result.svlm_weights = weights
-    result.svlm_weight_digests = {name: tensor_sha256(t) for name, t in weights.items()}
+        digests[name] = tensor_sha256(tensor)
+        if weight_sink is None:
+            weights[name] = tensor
+        else:
+            weight_sink(name, tensor)
+        del tensor
+    result.svlm_weights = weights if weight_sink is None else None
+    result.svlm_weight_digests = digests
     return result
 
 
@@ -533,18 +550,22 @@ def load_memory_tokens(
     *,
     hidden_size: int | None,
     svlm_state_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    weight_sink: Callable[[str, torch.Tensor], None] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> MemoryTokens:
     """Memory tokens from a Tempo-6B-layout or our compressor checkpoint (detected from its files).
 
-    ``svlm_state_shapes`` applies to Tempo checkpoints only (see ``load_tempo_memory_tokens``).
+    ``svlm_state_shapes`` and ``weight_sink`` apply to Tempo checkpoints only (see
+    ``load_tempo_memory_tokens``).
     Tensors are returned in memory; remote copies are removed before returning.
     """
     with CheckpointLocation(url, storage_options=storage_options) as loc:
         if loc.exists(COMPRESSOR_CONFIG_FILE):
             result = load_compressor_memory_tokens(loc, hidden_size=hidden_size)
         elif loc.exists("config.json"):
-            result = load_tempo_memory_tokens(loc, hidden_size=hidden_size, svlm_state_shapes=svlm_state_shapes)
+            result = load_tempo_memory_tokens(
+                loc, hidden_size=hidden_size, svlm_state_shapes=svlm_state_shapes, weight_sink=weight_sink
+            )
         else:
             raise CheckpointNotFound(
                 f"neither {COMPRESSOR_CONFIG_FILE} (compressor checkpoint) nor config.json (Tempo checkpoint)",

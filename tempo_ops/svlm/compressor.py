@@ -257,13 +257,20 @@ class Compressor:
             shapes = None
             if tempo_svlm_weights:
                 shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+            state = model.state_dict()
+            item = os.fspath(memory_tokens)
             mem = checkpoints.load_memory_tokens(
-                memory_tokens, hidden_size=hidden, svlm_state_shapes=shapes, storage_options=storage_options
+                memory_tokens,
+                hidden_size=hidden,
+                svlm_state_shapes=shapes,
+                # installed as read, one tensor at a time: never a second copy of the SVLM
+                weight_sink=lambda name, tensor: _install_one(state, name, tensor, item=item),
+                storage_options=storage_options,
             )
+            del state
             tokens, source = mem.tokens, mem.source
-            if mem.svlm_weights:
-                _install_weights(model, mem.svlm_weights, item=os.fspath(memory_tokens))
-                digests.update(mem.svlm_weight_digests or {})
+            if mem.svlm_weight_digests:
+                digests.update(mem.svlm_weight_digests)
                 source += "+svlm"
         if load_dtype != dt:
             model.to(dt)  # rope inv_freq buffers are float32 until here: rounded once, to bf16, by the hooks
@@ -705,17 +712,12 @@ class Compressor:
             )
 
 
-def _install_weights(model: Any, weights: Mapping[str, torch.Tensor], *, item: str) -> None:
-    """Copy ``weights`` (state-dict name → tensor) into ``model`` in place, strict on names and shapes."""
-    state = model.state_dict()
-    unknown = sorted(set(weights) - set(state))
-    if unknown:
-        raise CheckpointFormatError(f"{len(unknown)} tensors unknown to the SVLM, e.g. {unknown[:3]}", item=item)
+def _install_one(state: Mapping[str, torch.Tensor], name: str, tensor: torch.Tensor, *, item: str) -> None:
+    """Copy one tensor into the model tensor ``state[name]`` in place (strict on name and shape)."""
+    target = state.get(name)
+    if target is None:
+        raise CheckpointFormatError(f"tensor {name} is unknown to the SVLM", item=item)
+    if tuple(target.shape) != tuple(tensor.shape):
+        raise CheckpointFormatError(f"{name} has shape {tuple(tensor.shape)}, the SVLM expects {tuple(target.shape)}", item=item)
     with torch.no_grad():
-        for name, tensor in weights.items():
-            target = state[name]
-            if tuple(target.shape) != tuple(tensor.shape):
-                raise CheckpointFormatError(
-                    f"{name} has shape {tuple(tensor.shape)}, the SVLM expects {tuple(target.shape)}", item=item
-                )
-            target.copy_(tensor.to(target.dtype))
+        target.copy_(tensor.to(target.dtype))

@@ -222,11 +222,19 @@ def training_corpus(repeats: int = 8) -> list[str]:
     return [line for _ in range(repeats) for line in _CORPUS_LINES]
 
 
-def build_tokenizer(vocab_size: int = 1024) -> Tokenizer:
+QWEN_FIRST_ADDED_ID = 151643
+"""Id of ``<|endoftext|>`` (the first added token) in the released Qwen2/Qwen3 tokenizers."""
+
+
+def build_tokenizer(vocab_size: int = 1024, *, added_tokens_at: int | None = None) -> Tokenizer:
     """Train the byte-level BPE and append the Qwen special tokens.
 
     Args:
         vocab_size: target size of the learned vocabulary (bytes + merges) before the added tokens.
+        added_tokens_at: when given (e.g. ``QWEN_FIRST_ADDED_ID``), the learned vocabulary is
+            padded with unreachable filler entries so that the added tokens get exactly the ids
+            the released Qwen tokenizers give them (``<|endoftext|>`` = 151643, ``<|video_pad|>`` =
+            151656, ...), as the released model configs expect.
     Returns:
         A ``tokenizers.Tokenizer``; raises ``TokenizerError`` if "Yes"/"No" are not single tokens.
     """
@@ -247,6 +255,8 @@ def build_tokenizer(vocab_size: int = 1024) -> Tokenizer:
         special_tokens=[],
     )
     tok.train_from_iterator(training_corpus(), trainer=trainer)
+    if added_tokens_at is not None:
+        tok = _pad_vocab(tok, added_tokens_at)
     for content, special in QWEN_ADDED_TOKENS:
         token = AddedToken(content, special=special, normalized=False, single_word=False, lstrip=False, rstrip=False)
         if special:
@@ -258,6 +268,18 @@ def build_tokenizer(vocab_size: int = 1024) -> Tokenizer:
         if len(ids) != 1:
             raise TokenizerError(f"{word!r} encodes to {len(ids)} tokens, need exactly 1", item="tiny tokenizer")
     return tok
+
+
+def _pad_vocab(tok: Tokenizer, size: int) -> Tokenizer:
+    """``tok`` with filler vocabulary entries up to ``size`` ids. A filler holds a character outside
+    the byte-level alphabet, so no merge ever produces it: encoding is unchanged."""
+    doc = json.loads(tok.to_str())
+    vocab: dict[str, int] = doc["model"]["vocab"]
+    if size < len(vocab):
+        raise TokenizerError(f"cannot place added tokens at {size}: {len(vocab)} tokens are learned", item="tiny tokenizer")
+    for i in range(len(vocab), size):
+        vocab[f"\u2400{i}"] = i
+    return Tokenizer.from_str(json.dumps(doc))
 
 
 def tokenizer_files(tok: Tokenizer, *, model_max_length: int = 262144) -> dict[str, Any]:
