@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -179,6 +179,17 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(config).encode("ascii")).hexdigest()
 
 
+def require_sections(config: Mapping[str, Any], sections: Mapping[str, Sequence[str]]) -> None:
+    """ConfigError unless ``config[section]`` is a dict holding every field of ``sections[section]``."""
+    for section, fields in sections.items():
+        sub = config.get(section)
+        if not isinstance(sub, dict):
+            raise ConfigError(f"missing section {section!r}", item="config")
+        missing = [f for f in fields if f not in sub]
+        if missing:
+            raise ConfigError(f"missing field(s) {', '.join(section + '.' + m for m in missing)}", item="config")
+
+
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Check the cache configuration and return it as plain JSON (a fresh dict).
 
@@ -187,13 +198,7 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ConfigError("cache config must be a dict", item="config")
     out = to_jsonable(config, item="config")
-    for section, fields in (("compressor", REQUIRED_COMPRESSOR_FIELDS), ("sampling", REQUIRED_SAMPLING_FIELDS)):
-        sub = out.get(section)
-        if not isinstance(sub, dict):
-            raise ConfigError(f"missing section {section!r}", item="config")
-        missing = [f for f in fields if f not in sub]
-        if missing:
-            raise ConfigError(f"missing field(s) {', '.join(section + '.' + m for m in missing)}", item="config")
+    require_sections(out, {"compressor": REQUIRED_COMPRESSOR_FIELDS, "sampling": REQUIRED_SAMPLING_FIELDS})
     if out.get("stored_dtype") != STORED_DTYPE:
         raise ConfigError(f"stored_dtype must be {STORED_DTYPE!r}, got {out.get('stored_dtype')!r}", item="config")
     for name in ("num_memory_tokens", "hidden_size"):
@@ -228,21 +233,36 @@ def check_layout(root_attrs: Mapping[str, Any] | None, item: str) -> dict[str, A
     Raises CacheLayoutError when the root is not a Tempo cache, or its ``layout_version``
     is missing or not ``LAYOUT_VERSION``.
     """
+    return check_root(
+        root_attrs,
+        item,
+        kind=CACHE_KIND,
+        label="Tempo token cache",
+        version=LAYOUT_VERSION,
+        required=(ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_SHARD, ROOT_TOKEN_CHUNK, ROOT_K, ROOT_D),
+    )
+
+
+def check_root(
+    root_attrs: Mapping[str, Any] | None, item: str, *, kind: str, label: str, version: int, required: Sequence[str]
+) -> dict[str, Any]:
+    """Validate a hierarchy root's ``kind``, ``layout_version`` and ``required`` attributes (cache
+    and segment index alike); return them. CacheLayoutError says what is wrong."""
     if root_attrs is None:
-        raise CacheLayoutError("no Tempo token cache here (root zarr.json missing or unreadable)", item=item)
-    if root_attrs.get(ROOT_KIND) != CACHE_KIND:
-        raise CacheLayoutError(f"not a Tempo token cache (root attribute {ROOT_KIND!r} is not {CACHE_KIND!r})", item=item)
-    version = root_attrs.get(ROOT_LAYOUT_VERSION)
-    if version is None:
+        raise CacheLayoutError(f"no {label} here (root zarr.json missing or unreadable)", item=item)
+    if root_attrs.get(ROOT_KIND) != kind:
+        raise CacheLayoutError(f"not a {label} (root attribute {ROOT_KIND!r} is not {kind!r})", item=item)
+    found = root_attrs.get(ROOT_LAYOUT_VERSION)
+    if found is None:
         raise CacheLayoutError("root attribute 'layout_version' is missing", item=item)
-    if version != LAYOUT_VERSION:
+    if found != version:
         raise CacheLayoutError(
-            f"layout_version {version!r} is not supported (this code reads {LAYOUT_VERSION})",
+            f"layout_version {found!r} is not supported (this code reads {version})",
             item=item,
-            found=version,
-            expected=LAYOUT_VERSION,
+            found=found,
+            expected=version,
         )
-    for name in (ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_SHARD, ROOT_TOKEN_CHUNK, ROOT_K, ROOT_D):
+    for name in required:
         if name not in root_attrs:
             raise CacheLayoutError(f"root attribute {name!r} is missing", item=item)
     return dict(root_attrs)

@@ -119,6 +119,69 @@ def _segment_ranges(mask: np.ndarray) -> list[tuple[int, int]]:
     return runs
 
 
+def open_root_for_writing(
+    url: str,
+    storage_options: dict[str, Any] | None,
+    retry: RetryPolicy,
+    cfg: dict[str, Any],
+    fingerprint: str,
+    *,
+    create: Any,
+    check: Any,
+    what: str,
+) -> tuple[Any, dict[str, Any]]:
+    """Open the store at ``url`` for writing: create its root (``create(store) -> attrs``) when
+    absent, check it (``check(attrs, url)``: layout and version) and its fingerprint.
+
+    Shared by the token cache and the segment index. Raises CacheNotWritable, the checker's
+    CacheLayoutError, or FingerprintMismatch naming the differing config fields.
+    """
+    try:
+        store = open_store(url, storage_options, policy=retry)
+        root = sync(_get_attrs(store, ""))
+    except OSError as exc:  # permission, a file in the way, read-only filesystem (transient ones were retried)
+        raise CacheNotWritable(f"cannot open for writing: {exc}", item=url) from exc
+    if root is None:
+        root = create(store)
+    root = check(root, url)
+    if root[L.ROOT_FINGERPRINT] != fingerprint:
+        fields = L.config_differences(root[L.ROOT_CONFIG], cfg)
+        raise FingerprintMismatch(
+            f"{what} was written with a different configuration; differing fields: {', '.join(fields) or '(none: fingerprint only)'}",
+            item=url,
+            fields=fields,
+            cache_fingerprint=root[L.ROOT_FINGERPRINT],
+            given_fingerprint=fingerprint,
+        )
+    return store, root
+
+
+def create_root(url: str, store: Any, attrs: dict[str, Any], *, what: str) -> dict[str, Any]:
+    """Create a hierarchy's ``videos/`` group and then its root with ``attrs`` (the root last: the
+    hierarchy exists once its root does). Refuses a location that holds anything else."""
+
+    async def list_root() -> list[str]:
+        return sorted([n async for n in store.list_dir("")])
+
+    try:
+        existing = sync(list_root())
+    except FileNotFoundError:
+        existing = []
+    existing = [n for n in existing if n.rstrip("/") not in (L.VIDEOS, L.METADATA_FILE)]  # a concurrent creator's
+    if existing:
+        raise CacheLayoutError(f"not a {what} and not empty (holds {existing[:5]})", item=url)
+
+    async def create() -> None:
+        await _put_group(store, L.VIDEOS, {})
+        await _put_group(store, "", attrs)
+
+    try:
+        sync(create())
+    except OSError as exc:
+        raise CacheNotWritable(f"cannot create the {what}: {exc}", item=url) from exc
+    return attrs
+
+
 @functools.lru_cache(maxsize=64)
 def _array_metadata(n_segments: int, k: int, d: int, p: int, c: int) -> tuple[bytes, bytes]:
     """``zarr.json`` bytes of the candidates and relevance arrays, as zarr itself writes them.
@@ -211,23 +274,16 @@ class CacheWriter:
         """
         cfg = L.validate_config(config)
         fingerprint = L.config_fingerprint(cfg)
-        try:
-            store = open_store(url, storage_options, policy=retry)
-            root = sync(_get_attrs(store, ""))
-        except OSError as exc:  # permission, a file in the way, read-only filesystem (transient ones were retried)
-            raise CacheNotWritable(f"cannot open for writing: {exc}", item=url) from exc
-        if root is None:
-            root = cls._create_root(url, store, cfg, fingerprint, segments_per_shard, token_chunk)
-        root = L.check_layout(root, url)
-        if root[L.ROOT_FINGERPRINT] != fingerprint:
-            fields = L.config_differences(root[L.ROOT_CONFIG], cfg)
-            raise FingerprintMismatch(
-                f"cache was written with a different configuration; differing fields: {', '.join(fields) or '(none: fingerprint only)'}",
-                item=url,
-                fields=fields,
-                cache_fingerprint=root[L.ROOT_FINGERPRINT],
-                given_fingerprint=fingerprint,
-            )
+        store, root = open_root_for_writing(
+            url,
+            storage_options,
+            retry,
+            cfg,
+            fingerprint,
+            create=lambda store: cls._create_root(url, store, cfg, fingerprint, segments_per_shard, token_chunk),
+            check=L.check_layout,
+            what="cache",
+        )
         return cls(url, store, root, storage_options)
 
     @staticmethod
@@ -240,16 +296,6 @@ class CacheWriter:
                 f"segments_per_shard ({segments_per_shard}) must be >= 1 and token_chunk ({token_chunk}) must divide K={k}",
                 item=url,
             )
-        async def list_root() -> list[str]:
-            return sorted([n async for n in store.list_dir("")])
-
-        try:
-            existing = sync(list_root())
-        except FileNotFoundError:
-            existing = []
-        existing = [n for n in existing if n.rstrip("/") not in (L.VIDEOS, L.METADATA_FILE)]  # a concurrent creator's
-        if existing:
-            raise CacheLayoutError(f"not a Tempo token cache and not empty (holds {existing[:5]})", item=url)
         attrs = {
             L.ROOT_KIND: L.CACHE_KIND,
             L.ROOT_LAYOUT_VERSION: L.LAYOUT_VERSION,
@@ -262,16 +308,7 @@ class CacheWriter:
             L.ROOT_K: k,
             L.ROOT_D: d,
         }
-
-        async def create() -> None:
-            await _put_group(store, L.VIDEOS, {})
-            await _put_group(store, "", attrs)  # root last: a cache "exists" once its root is written
-
-        try:
-            sync(create())
-        except OSError as exc:
-            raise CacheNotWritable(f"cannot create the cache: {exc}", item=url) from exc
-        return attrs
+        return create_root(url, store, attrs, what="Tempo token cache")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen_writer, (self.url, self.root_attrs[L.ROOT_CONFIG], self.storage_options))
