@@ -371,7 +371,8 @@ class TempoLLM(nn.Module):
         ``<image>`` inside ``context`` is removed (as ``render_query`` does).
         """
         post = self._post_template.format(context=str(context).replace(IMAGE_PLACEHOLDER, ""))
-        return list(self._pre_ids), [int(i) for i in self.tokenizer(post, add_special_tokens=False)["input_ids"]]
+        # Training and eval see the same few contexts many times: reuse text_ids' memo.
+        return list(self._pre_ids), self.text_ids(post)
 
     # ------------------------------------------------------------------ inputs
     def project(self, tokens: Any) -> torch.Tensor:
