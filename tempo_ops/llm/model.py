@@ -1,6 +1,6 @@
 """``TempoLLM``: the LLM stage of a Tempo checkpoint (projector + Qwen3 causal LM + tokenizer).
 
-Input construction (DESIGN.md 2, "LLM stage"; one function for evaluation and training,
+Input construction (docs/METHOD.md "LLM stage"; one function for evaluation and training,
 ``TempoLLM.build_inputs``):
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
