@@ -200,12 +200,14 @@ def dead_letters_jsonl(letters: Iterable[DeadLetter]) -> bytes:
     return "".join(line + "\n" for line in lines).encode()
 
 
-def write_dead_letter_file(base: str, run_id: str, letters: Iterable[DeadLetter], storage_options: dict | None = None) -> int:
+def write_dead_letter_file(
+    base: str, run_id: str, letters: Iterable[DeadLetter], storage_options: dict | None = None, *, inside: bool = False
+) -> int:
     """Write this run's dead letters (history + latest copy, see pipelines/job_support.py); returns how many."""
     from pipelines.job_support import write_sidecar
 
     letters = list(letters)
-    write_sidecar(base, "deadletter.jsonl", dead_letters_jsonl(letters), run_id, storage_options)
+    write_sidecar(base, "deadletter.jsonl", dead_letters_jsonl(letters), run_id, storage_options, inside=inside)
     return len(letters)
 
 
@@ -218,16 +220,19 @@ class WriteDeadLetters(beam.PTransform):
     leaves ``beam-temp-*`` folders behind when interrupted).
     """
 
-    def __init__(self, base: str, run_id: str | None = None, storage_options: dict | None = None) -> None:
-        """``base`` + ``run_id``: history + latest files beside ``base``; without ``run_id``,
-        ``base`` is the one file to write (no history)."""
+    def __init__(
+        self, base: str, run_id: str | None = None, storage_options: dict | None = None, *, inside: bool = False
+    ) -> None:
+        """``base`` + ``run_id``: history + latest files beside ``base`` (inside it with ``inside``);
+        without ``run_id``, ``base`` is the one file to write (no history)."""
         super().__init__()
         self.base = base
         self.run_id = run_id
         self.storage_options = storage_options
+        self.inside = inside
 
     def expand(self, letters):
-        base, run_id, opts = self.base, self.run_id, self.storage_options
+        base, run_id, opts, inside = self.base, self.run_id, self.storage_options, self.inside
 
         def write(ls: list[DeadLetter]) -> int:
             if run_id is None:
@@ -235,7 +240,7 @@ class WriteDeadLetters(beam.PTransform):
 
                 write_bytes_atomic(base, dead_letters_jsonl(ls), opts)
                 return len(ls)
-            return write_dead_letter_file(base, run_id, ls, opts)
+            return write_dead_letter_file(base, run_id, ls, opts, inside=inside)
 
         return (
             letters

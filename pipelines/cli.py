@@ -31,6 +31,8 @@ SUBCOMMANDS: dict[str, tuple[str, str, bool]] = {
         False,
     ),
     "compress": ("pipelines.compress", "run the compression job: manifest -> Zarr token cache", True),
+    "index": ("pipelines.index", "run the index job: manifest -> segment index (decode + vision encoder once)", True),
+    "ask": ("pipelines.ask_cmd", "answer one new question about an indexed video (index -> cache -> LLM)", False),
     "inspect": ("pipelines.inspect_cache", "show a token cache's configuration, counts and entries", False),
     "shards": ("pipelines.build_shards", "cut WebDataset training shards from a cache", True),
     "verify": ("pipelines.verify_cmd", "check a cache's (or shard set's) checksums; list corrupt, missing, incomplete", False),

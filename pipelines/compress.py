@@ -6,10 +6,12 @@ Graph (each step adapts a pure function of ``tempo_ops``)::
       → PlanVideo        (probe, sample, segment; skip complete (video, query) pairs; write video
                           metadata; create entries; fan out work units of whole cache shards)
       → Reshuffle        (fuse break: units of one long video spread over workers)
-      → DecodeUnit       (CPU stage: fetch + decode + resize the unit's segments)
+      → LoadUnit         (take the unit's lease; CPU stage: fetch + decode + resize the unit's
+                          segments, or read their features from the segment index)
       → CompressUnit     (model stage: every query of every segment through the shared prefix)
       → WriteBlock       (one writer per cache shard: unit boundaries are shard boundaries)
-      → GroupByKey(video, query) → FinalizeEntry (completion marker only when every unit landed)
+      → GroupByKey(video, query, version) → FinalizeEntry (verify, then switch the entry to the
+                          version, only when every unit landed)
     every step's failures → dead letters → merged per item → one writer → ``<cache>.deadletter.jsonl``
     (and ``<cache>.runs/<run_id>.deadletter.jsonl``; summaries likewise, see pipelines/job_support.py)
 
@@ -30,6 +32,15 @@ recomputed ("stale, recomputed" in the summary); corrupt ones are dead-lettered
 (``cache_corrupt``) unless ``--repair`` is given, which checks every chunk's crc32c and
 recomputes what is corrupt. ``--force`` recomputes everything. Every recomputation writes a new
 version beside the complete one and switches over when it is complete (readers never see a gap).
+The same planning (``cache_entry_statuses``, ``begin_cache_entries``) serves ``--from-index``
+runs and ``tempo index --cache``.
+
+``--from-index I``: plan from the segment index's video records instead of probing, and load
+each unit's ``SegmentFeatures`` from the index instead of decoding (``LoadUnit``); the model
+stage then runs only the language model (``Compressor.compress_from_features``). Videos the
+index lacks are dead-lettered (``video_not_indexed``), or planned and decoded from the video
+with ``--fallback-video``. The skeleton (units, loading, dead letters, summary) is shared with
+``tempo index`` in ``pipelines/units.py``.
 """
 
 from __future__ import annotations
@@ -48,16 +59,13 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.utils import shared
 
+from pipelines import units
 from pipelines.beam_support import (
     DEAD_LETTER,
-    DeadLetter,
     ProgressReporter,
-    ReadManifest,
     SharedModel,
     WriteDeadLetters,
     add_runner_arguments,
-    counter_values,
-    dead_letter_counts,
     is_local_runner,
     pipeline_options_from_args,
     runner_name,
@@ -71,49 +79,44 @@ from pipelines.job_support import (
     use_storage_options,
 )
 from pipelines.probe_cmd import add_sampling_arguments, sampling_config_from_args
+from pipelines.units import (
+    GENERIC_QUERY_ID,
+    SOURCE_INDEX,
+    SOURCE_VIDEO,
+    LoadUnitFn,
+    ModelSpec,
+    ModelStageFn,
+    WorkUnit,
+    dead,
+    finalize_target,
+    landed_units,
+    print_failures,
+    read_entries,
+    run_pipeline,
+    unit_landed,
+    unit_ranges,
+    validate_manifest_or_raise,
+    video_meta,
+)
+from schemas import index_layout
 from schemas import manifest as manifest_schema
 from tempo_ops import video
-from tempo_ops.errors import ConfigError, FingerprintMismatch, TempoError
+from tempo_ops.errors import (
+    CacheCorrupt,
+    ConfigError,
+    FingerprintMismatch,
+    IndexMismatch,
+    TempoError,
+    VideoNotIndexed,
+)
 from tempo_ops.fs import file_identity
 from tempo_ops.numerics import NUMERICS_MODES
 from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES, render_query
 
 METRICS_NAMESPACE = "tempo.compress"
-GENERIC_QUERY_ID = "_generic"  # videos without queries get one query-agnostic entry
 logger = logging.getLogger(__name__)
 
-
-# --------------------------------------------------------------------------- elements
-@dataclass(frozen=True)
-class ModelSpec:
-    """Everything a worker needs to load the compressor (picklable, small)."""
-
-    svlm: str
-    compressor: str | None
-    seed: int
-    device: str | None
-    dtype: str | None
-    max_batch_tokens: int
-    torch_threads: int | None
-    numerics: str | None = None  # None: reference for bf16, exact otherwise
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """A run of whole cache shards of one video, for all of its pending queries."""
-
-    video_id: str
-    uri: str
-    plan: Any  # video.VideoPlan
-    unit_index: int
-    n_units: int
-    seg_start: int
-    seg_stop: int
-    queries: tuple[tuple[str, str], ...]  # (query_id, rendered query text the compressor reads)
-    versions: tuple[str, ...] = ()  # the cache entry version each query's blocks go to (same order)
-
-    def version_of(self, query_id: str) -> str | None:
-        return dict(zip((q for q, _ in self.queries), self.versions)).get(query_id)
+__all__ = ["GENERIC_QUERY_ID", "ModelSpec", "WorkUnit", "landed_units", "unit_ranges", "video_meta"]  # re-exported
 
 
 def entry_queries(entry, prompt_template: str | None = None) -> list[tuple[str, str, str]]:
@@ -130,9 +133,7 @@ def entry_queries(entry, prompt_template: str | None = None) -> list[tuple[str, 
     return [(q.query_id, render_query(q.text, q.options, template), template) for q in entry.queries]
 
 
-def unit_ranges(n_segments: int, unit_segments: int) -> list[tuple[int, int]]:
-    """Split ``n_segments`` into consecutive [start, stop) ranges of ``unit_segments`` (last may be short)."""
-    return [(s, min(s + unit_segments, n_segments)) for s in range(0, n_segments, unit_segments)]
+STORAGE_FORM_CHOICES = ("auto", "bfloat16", "float16", "int8")
 
 
 def cache_config(compressor_fingerprint: dict, sampling: video.SamplingConfig, stored_dtype: str = "float16") -> dict:
@@ -145,37 +146,88 @@ def default_storage_form(model_dtype: Any) -> str:
     return "bfloat16" if "bfloat16" in str(model_dtype) else "float16"
 
 
-def load_compressor(spec: ModelSpec):
-    """Load the compressor described by ``spec`` (called once per worker process)."""
-    import torch
-
-    from tempo_ops.svlm.compressor import Compressor
-
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
-    return Compressor.from_pretrained(
-        spec.svlm,
-        memory_tokens=spec.compressor,
-        seed=spec.seed,
-        device=spec.device,
-        dtype=spec.dtype,
-        max_batch_tokens=spec.max_batch_tokens,
-        numerics=spec.numerics,
-    )
+def choose_storage_form(existing, requested: str, model_dtype: Any) -> str:
+    """The storage form a run writes: an existing cache's own (``existing``: its CacheReader or
+    None), else ``requested`` ("auto": ``default_storage_form(model_dtype)``)."""
+    if existing is not None:
+        return existing.storage_form
+    return default_storage_form(model_dtype) if requested == "auto" else requested
 
 
-def _dead(exc: BaseException, *, video_id: str, query_id: str | None, stage: str, **details):
-    return beam.pvalue.TaggedOutput(
-        DEAD_LETTER, DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage=stage, **details)
-    )
+def cache_entry_statuses(
+    writer, video_id: str, queries, n_segments: int, identity: dict | None, *, force: bool, repair: bool = False
+) -> tuple[list[tuple[str, str, str, str]], list[tuple[str, str]], int]:
+    """Sort ``queries`` (query_id, text, template) by what this run must do with their cache entries.
 
-
-def _unit_failed(unit: WorkUnit, query_ids):
-    """Markers telling FinalizeEntry that a unit of these queries will not land (error already recorded)."""
-    for qid in query_ids:
-        yield beam.pvalue.TaggedOutput(
-            "unit_status", ((unit.video_id, qid, unit.version_of(qid)), ("failed", unit.unit_index, unit.n_units))
+    Returns ``(pending, corrupt, n_complete)``: ``pending`` (query_id, text, template, status)
+    to compute (status "absent", "incomplete", "stale", or "corrupt" when repairing/forcing;
+    complete ones too with ``force``); ``corrupt`` (query_id, reason) to dead-letter;
+    ``n_complete`` skipped. ``repair`` checks every chunk's crc32c, else a quick check
+    (``CacheWriter.entry_status``).
+    """
+    pending, corrupt, n_complete = [], [], 0
+    for qid, text, template in queries:
+        status, reason = writer.entry_status(
+            video_id, qid, text, n_segments, prompt_template=template, video_identity=identity,
+            check="full" if repair else "quick",
         )
+        if status == "corrupt" and not (repair or force):
+            corrupt.append((qid, reason or "corrupt"))
+        elif status == "complete" and not force:
+            n_complete += 1
+        else:
+            pending.append((qid, text, template, status))
+    return pending, corrupt, n_complete
+
+
+def corrupt_letter(video_id: str, query_id: str, reason: str):
+    """The dead letter of a corrupt complete entry a run leaves alone (no ``--repair``)."""
+    exc = CacheCorrupt(f"{reason}; recompute with `tempo compress --repair`", item=f"{video_id}/{query_id}")
+    return dead(exc, video_id=video_id, query_id=query_id, stage="verify")
+
+
+def begin_cache_entries(
+    writer, video_id: str, n_segments: int, pending, ranges, *, force: bool, identity: dict | None = None
+) -> tuple[set[int], tuple[str, ...]]:
+    """Begin (or resume) the cache entries of ``pending`` (query_id, text, template, status; see
+    ``cache_entry_statuses``) computed from the video ``identity``.
+
+    Returns the unit indices of ``ranges`` that already landed for every one of them, and the
+    entry version each one's blocks go to (same order). Corrupt entries and ``force`` get a
+    fresh version; an unfinished version with the same inputs is resumed.
+    """
+    landed = set(range(len(ranges)))
+    versions = []
+    for qid, text, template, status in pending:
+        writer.begin_entry(
+            video_id, qid, text, n_segments, prompt_template=template, video_identity=identity,
+            force=force or status == "corrupt", resume=True,
+        )
+        versions.append(writer.pending_version(video_id, qid))
+        landed &= landed_units(ranges, writer.missing_segments(video_id, qid, version=versions[-1]))
+    return landed, tuple(versions)
+
+
+def plan_entry(
+    entry, sampling: video.SamplingConfig, index=None, fallback_video: bool = False
+) -> tuple[Any, dict, int, str, dict | None]:
+    """``(plan or None, video record, n_segments, source, video identity)`` of a manifest entry.
+
+    Without ``index``: probe the video; its identity is ``file_identity(uri)``. With an
+    ``IndexReader``: the index's video record and the identity it recorded when indexing (no
+    video read); a video the index lacks raises VideoNotIndexed, or is probed with ``fallback_video``.
+    """
+    if index is not None:
+        try:
+            indexed = index.video(entry.video_id)
+        except VideoNotIndexed:
+            if not fallback_video:
+                raise
+        else:
+            meta, identity = index_layout.split_identity(indexed.meta)
+            return None, dict(meta, uri=entry.uri, metadata=entry.metadata), indexed.n_segments, SOURCE_INDEX, identity
+    plan = video.plan_video(entry.uri, sampling)
+    return plan, video_meta(entry, plan), plan.n_segments, SOURCE_VIDEO, file_identity(entry.uri)
 
 
 # --------------------------------------------------------------------------- DoFns (adapters only)
@@ -201,6 +253,8 @@ class PlanVideoFn(_CacheDoFn):
         sampling: video.SamplingConfig,
         unit_segments: int,
         force: bool,
+        index_url: str | None = None,
+        fallback_video: bool = False,
         prompt_template: str | None = None,
         repair: bool = False,
     ):
@@ -209,12 +263,16 @@ class PlanVideoFn(_CacheDoFn):
         self.unit_segments = unit_segments
         self.force = force
         self.prompt_template = prompt_template
+        self.index_url = index_url
+        self.fallback_video = fallback_video
         self.repair = repair
+        self.index = None
         self.stale = Metrics.counter(METRICS_NAMESPACE, "queries_stale_recomputed")
         self.repaired = Metrics.counter(METRICS_NAMESPACE, "queries_corrupt_repaired")
         self.corrupt = Metrics.counter(METRICS_NAMESPACE, "queries_corrupt_dead_lettered")
         self.videos = Metrics.counter(METRICS_NAMESPACE, "videos_planned")
         self.videos_failed = Metrics.counter(METRICS_NAMESPACE, "videos_failed")
+        self.from_index = Metrics.counter(METRICS_NAMESPACE, "videos_from_index")
         self.skipped = Metrics.counter(METRICS_NAMESPACE, "queries_skipped_complete")
         self.planned = Metrics.counter(METRICS_NAMESPACE, "queries_planned")
         # A video that fails before its units exist fails all of its pending queries.
@@ -227,82 +285,78 @@ class PlanVideoFn(_CacheDoFn):
     def setup(self) -> None:
         super().setup()
         self.progress = ProgressReporter("compress", unit="segments")
+        if self.index_url is not None:
+            from tempo_ops.index_store import IndexReader
 
-    def _statuses(self, entry, queries, n_segments: int, identity: dict) -> Iterator:
-        """(query_id, text, template, status) of each query, dead-lettering corrupt entries unless repairing."""
-        from tempo_ops.errors import CacheCorrupt
+            self.index = IndexReader(self.index_url)
 
-        for qid, text, template in queries:
-            status, reason = self.writer.entry_status(
-                entry.video_id, qid, text, n_segments, prompt_template=template, video_identity=identity,
-                check="full" if self.repair else "quick",
-            )
-            if status == "corrupt" and not (self.repair or self.force):
-                self.corrupt.inc()
-                exc = CacheCorrupt(f"{reason}; recompute with `tempo compress --repair`", item=f"{entry.video_id}/{qid}")
-                yield _dead(exc, video_id=entry.video_id, query_id=qid, stage="verify")
-                continue
-            yield qid, text, template, status
+    def _complete_without_index(self, entry, queries) -> bool:
+        """For a video the index lacks: every query's entry carries its completion marker for this
+        text and template (the video's identity cannot be checked without it) and, with
+        ``--repair``, passes a full checksum verification."""
+        from tempo_ops.errors import CacheCorrupt, EntryNotFound
+
+        for q, t, tpl in queries:
+            if not self.writer.is_complete(entry.video_id, q, query_text=t, prompt_template=tpl):
+                return False
+            if self.repair:
+                try:
+                    if self.writer.reader().entry(entry.video_id, q).verify(full=True):
+                        return False
+                except (CacheCorrupt, EntryNotFound):
+                    return False
+        return True
 
     def process(self, entry) -> Iterator:
         try:
             queries = entry_queries(entry, self.prompt_template)
         except TempoError as exc:  # e.g. more options than letters
             self.videos_failed.inc()
-            yield _dead(exc, video_id=entry.video_id, query_id=None, stage="plan", uri=entry.uri)
+            yield dead(exc, video_id=entry.video_id, query_id=None, stage="plan", uri=entry.uri)
             return
-        stage = "probe"
-        # Which entries are complete needs the probe (segment count, video identity): until then
-        # every query is pending, so a video that cannot be probed fails all of them.
+        stage = "probe" if self.index is None else "index"
+        # Which entries are complete needs the video's segment count and identity (probe or index
+        # record): until then every query is pending, so a video that cannot be planned fails all of them.
         pending = [(q, t, tpl, "absent") for q, t, tpl in queries]
         counted = False
         try:
-            plan = video.plan_video(entry.uri, self.sampling)
-            identity = file_identity(entry.uri)  # what the entries record as the video they came from
+            try:
+                plan, meta, n_segments, source, identity = plan_entry(entry, self.sampling, self.index, self.fallback_video)
+            except VideoNotIndexed:
+                if self.force or not self._complete_without_index(entry, queries):
+                    raise
+                self.skipped.inc(len(queries))  # nothing to compute: the index need not hold the video
+                return
             stage = "verify"
-            todo, n_complete, letters = [], 0, []
-            for item in self._statuses(entry, queries, plan.n_segments, identity):
-                if not isinstance(item, tuple):
-                    letters.append(item)  # a corrupt entry's dead letter
-                    continue
-                qid, text, template, status = item
-                if status == "complete" and not self.force:
-                    n_complete += 1
-                    continue
-                todo.append((qid, text, template, status))
-            pending = todo
-            yield from letters
+            pending, corrupt, n_complete = cache_entry_statuses(
+                self.writer, entry.video_id, queries, n_segments, identity, force=self.force, repair=self.repair
+            )
+            for qid, reason in corrupt:
+                self.corrupt.inc()
+                yield corrupt_letter(entry.video_id, qid, reason)
             self.skipped.inc(n_complete)
             self.stale.inc(sum(s == "stale" for *_, s in pending))
             self.repaired.inc(sum(s == "corrupt" for *_, s in pending))
             if not pending:
                 return
-            self.planned.inc(len(pending))  # each ends completed or failed (queries_pending: neither)
+            self.planned.inc(len(pending))  # each ends completed, failed or left to another run
             counted = True
             stage = "write"  # from here on a failure is the cache's, not the video's
-            self.writer.write_video(entry.video_id, video_meta(entry, plan))
-            ranges = unit_ranges(plan.n_segments, self.unit_segments)
-            landed = set(range(len(ranges)))
-            versions = []
-            for qid, text, template, status in pending:
-                # Resume: an unfinished version with the same inputs keeps the blocks that already landed.
-                recompute = self.force or status == "corrupt"
-                self.writer.begin_entry(
-                    entry.video_id, qid, text, plan.n_segments, prompt_template=template, video_identity=identity,
-                    force=recompute, resume=True,
-                )
-                versions.append(self.writer.pending_version(entry.video_id, qid))
-                landed &= landed_units(ranges, self.writer.missing_segments(entry.video_id, qid, version=versions[-1]))
+            self.writer.write_video(entry.video_id, meta)
+            ranges = unit_ranges(n_segments, self.unit_segments)
+            landed, versions = begin_cache_entries(
+                self.writer, entry.video_id, n_segments, pending, ranges, force=self.force, identity=identity
+            )
         except Exception as exc:  # noqa: BLE001 - any failure of one video is isolated
-            letter = _dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
             self.videos_failed.inc()
             if not counted:
                 self.planned.inc(len(pending))
             self.queries_failed.inc(len(pending))
-            yield letter
+            yield dead(exc, video_id=entry.video_id, query_id=None, stage=stage, uri=entry.uri)
             return
         self.videos.inc()
-        self.segments.inc(plan.n_segments)
+        self.from_index.inc(int(source == SOURCE_INDEX))
+        self.segments.inc(n_segments)
         todo = sum(b - a for i, (a, b) in enumerate(ranges) if i not in landed)
         self.progress.add(
             quiet=True, total=todo, videos_planned_done=1, entries_total=len(pending),
@@ -315,116 +369,32 @@ class PlanVideoFn(_CacheDoFn):
         unit_queries = tuple((qid, text) for qid, text, _, _ in pending)
         for i, (a, b) in enumerate(ranges):
             if i in landed:
-                for qid, version in zip((q for q, _ in unit_queries), versions):
-                    yield beam.pvalue.TaggedOutput("unit_status", ((entry.video_id, qid, version), ("ok", i, len(ranges))))
+                yield from unit_landed(entry.video_id, [q for q, _ in unit_queries], i, len(ranges), versions)
             else:
-                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, unit_queries, tuple(versions))
+                yield WorkUnit(entry.video_id, entry.uri, plan, i, len(ranges), a, b, unit_queries, source, versions)
 
 
-def landed_units(ranges: list[tuple[int, int]], missing: list[tuple[int, int]]) -> set[int]:
-    """Indices of unit ``ranges`` that overlap none of the ``missing`` segment ranges."""
-    return {i for i, (a, b) in enumerate(ranges) if not any(ma < b and a < mb for ma, mb in missing)}
-
-
-def video_meta(entry, plan) -> dict:
-    """Per-video attributes stored in the cache (schemas/CACHE_LAYOUT.md)."""
-    meta = plan.to_dict()
-    meta["uri"] = entry.uri
-    meta["metadata"] = entry.metadata
-    return meta
-
-
-class DecodeUnitFn(beam.DoFn):
-    """WorkUnit → (WorkUnit, [Segment]) — the CPU stage; first takes the unit's lease (tempo_ops/leases.py)."""
-
-    def __init__(
-        self, sampling: video.SamplingConfig, convert_threads: int | None = None, cache_url: str | None = None, run_id: str = ""
-    ) -> None:
-        self.sampling = sampling
-        self.convert_threads = convert_threads
-        self.cache_url = cache_url
-        self.run_id = run_id
-        self.decode_ms = Metrics.distribution(METRICS_NAMESPACE, "decode_ms")
-        self.decoded = Metrics.counter(METRICS_NAMESPACE, "segments_decoded")
-        self.held = Metrics.counter(METRICS_NAMESPACE, "units_held_elsewhere")
-        self._told: set[str] = set()
-
-    def _held_by(self, unit: WorkUnit):
-        """The live lease of another run computing ``unit``, or None once this run holds it."""
-        if self.cache_url is None:
-            return None
-        from tempo_ops import leases
-
-        holder = leases.acquire(self.cache_url, unit.video_id, unit.unit_index, self.run_id)
-        if holder is not None and holder.run_id not in self._told:
-            self._told.add(holder.run_id)
-            print(
-                f"[compress] another run ({holder.run_id}, pid {holder.pid} on {holder.host}) is computing part of "
-                f"this cache; its work units are left to it",
-                file=sys.stderr,
-                flush=True,
-            )
-        return holder
-
-    def process(self, unit: WorkUnit) -> Iterator:
-        try:
-            holder = self._held_by(unit)
-        except Exception as exc:  # noqa: BLE001 - a lease that cannot be taken fails the unit like a read would
-            yield _dead(exc, video_id=unit.video_id, query_id=None, stage="lease", unit=unit.unit_index)
-            yield from _unit_failed(unit, [q for q, _ in unit.queries])
-            return
-        if holder is not None:
-            self.held.inc()
-            for qid, _ in unit.queries:
-                yield beam.pvalue.TaggedOutput(
-                    "unit_status", ((unit.video_id, qid, unit.version_of(qid)), ("held", unit.unit_index, unit.n_units))
-                )
-            return
-        t0 = time.perf_counter()
-        try:
-            segments = list(
-                video.iter_segments(
-                    unit.uri,
-                    self.sampling,
-                    plan=unit.plan,
-                    segments=range(unit.seg_start, unit.seg_stop),
-                    convert_threads=self.convert_threads,
-                )
-            )
-        except Exception as exc:  # noqa: BLE001
-            yield _dead(exc, video_id=unit.video_id, query_id=None, stage="decode", unit=unit.unit_index)
-            yield from _unit_failed(unit, [q for q, _ in unit.queries])
-            return
-        self.decode_ms.update(int((time.perf_counter() - t0) * 1000))
-        self.decoded.inc(len(segments))
-        yield unit, segments
-
-
-class CompressUnitFn(beam.DoFn):
-    """(WorkUnit, [Segment]) → one block per query — the model stage."""
+class CompressUnitFn(ModelStageFn):
+    """(WorkUnit, [Segment] or [SegmentFeatures]) → one block per query — the model stage."""
 
     def __init__(self, spec: ModelSpec, shared_handle: shared.Shared) -> None:
-        self.spec = spec
-        self.shared_handle = shared_handle
-        self.model = None
-        self.model_ms = Metrics.distribution(METRICS_NAMESPACE, "model_ms")
+        super().__init__(METRICS_NAMESPACE, spec, shared_handle)
         self.compressed = Metrics.counter(METRICS_NAMESPACE, "segments_compressed")
 
-    def setup(self) -> None:
-        self.model = self.shared_handle.acquire(lambda: SharedModel(load_compressor(self.spec))).model
-
     def process(self, element) -> Iterator:
-        unit, segments = element
+        unit, payload = element  # [Segment] decoded, or [SegmentFeatures] from the index
         t0 = time.perf_counter()
+        texts = [text for _, text in unit.queries]
         try:
-            result = self.model.compress(segments, [text for _, text in unit.queries])
+            if unit.source == SOURCE_INDEX:
+                result = self.model.compress_from_features(payload, texts)
+            else:
+                result = self.model.compress(payload, texts)
         except Exception as exc:  # noqa: BLE001
-            for qid, _ in unit.queries:
-                yield _dead(exc, video_id=unit.video_id, query_id=qid, stage="model", unit=unit.unit_index)
-            yield from _unit_failed(unit, [q for q, _ in unit.queries])
+            yield from self.failed(unit, exc)
             return
         self.model_ms.update(int((time.perf_counter() - t0) * 1000))
-        self.compressed.inc(len(segments) * len(unit.queries))
+        self.compressed.inc(len(payload) * len(unit.queries))
         for qi, (qid, _) in enumerate(unit.queries):
             yield unit, qid, result.candidates[qi], result.relevance[qi]
 
@@ -433,6 +403,7 @@ class WriteBlockFn(_CacheDoFn):
     """One query's block of a unit → the cache; emits the unit's status for finalisation."""
 
     def __init__(self, cache_url: str, config: dict, run_id: str = "") -> None:
+        """``run_id``: release the unit's lease (taken in LoadUnit) when its last block lands ("": none)."""
         super().__init__(cache_url, config)
         self.run_id = run_id
         self.bytes_written = Metrics.counter(METRICS_NAMESPACE, "bytes_written")
@@ -444,12 +415,11 @@ class WriteBlockFn(_CacheDoFn):
 
     def process(self, element) -> Iterator:
         unit, qid, candidates, relevance = element
-        version = unit.version_of(qid)
-        key = (unit.video_id, qid, version)
+        key = unit.status_key(qid)
         try:
-            self.writer.write_block(unit.video_id, qid, unit.seg_start, candidates, relevance, version=version)
+            self.writer.write_block(unit.video_id, qid, unit.seg_start, candidates, relevance, version=unit.version_of(qid))
         except Exception as exc:  # noqa: BLE001
-            yield _dead(exc, video_id=unit.video_id, query_id=qid, stage="write", unit=unit.unit_index)
+            yield dead(exc, video_id=unit.video_id, query_id=qid, stage="write", unit=unit.unit_index)
             yield key, ("failed", unit.unit_index, unit.n_units)
             return
         self.bytes_written.inc(int(candidates.shape[0] * candidates.shape[1] * candidates.shape[2] * 2 + relevance.size * 4))
@@ -464,7 +434,8 @@ class WriteBlockFn(_CacheDoFn):
 
 
 class FinalizeEntryFn(_CacheDoFn):
-    """(video, query) with all its unit statuses → completion marker when every unit landed."""
+    """(video, query, entry version) with all its unit statuses → the version verified and made
+    current (one put) when every unit landed."""
 
     def __init__(self, cache_url: str, config: dict) -> None:
         super().__init__(cache_url, config)
@@ -473,36 +444,15 @@ class FinalizeEntryFn(_CacheDoFn):
         self.left = Metrics.counter(METRICS_NAMESPACE, "queries_left_to_other_run")
 
     def process(self, element) -> Iterator:
-        from tempo_ops.errors import EntryIncomplete
-
         (video_id, query_id, version), statuses = element
-        statuses = list(statuses)
-        n_units = statuses[0][2]
-        ok = {u for s, u, _ in statuses if s == "ok"}
-        if any(s == "failed" for s, _, _ in statuses):
-            self.failed.inc()  # its dead letter was recorded where it failed
-            return
-        held = any(s == "held" for s, _, _ in statuses)
-        if not held and len(ok) != n_units:
-            self.failed.inc()
-            missing = sorted(set(range(n_units)) - ok)
-            yield DeadLetter(video_id, query_id, "finalize", "units_missing", f"{video_id}/{query_id}: units {missing} never landed")
-            return
-        try:
-            self.writer.finalize_entry(video_id, query_id, version=version)
-        except EntryIncomplete:
-            if not held:
-                raise
-            # Units computed by another run: whichever run ends last finds them all landed.
-            self.left.inc()
-            return
-        except Exception as exc:  # noqa: BLE001
-            letter = DeadLetter.from_exception(exc, video_id=video_id, query_id=query_id, stage="finalize")
-            self.failed.inc()
+        outcome, letter = finalize_target(
+            video_id, query_id, list(statuses), lambda: self.writer.finalize_entry(video_id, query_id, version=version)
+        )
+        {"done": self.done, "left": self.left, "failed": self.failed}[outcome].inc()
+        if letter is not None:
             yield letter
-            return
-        self.done.inc()
-        ProgressReporter("compress").add(quiet=True, entries_done=1)
+        if outcome == "done":
+            ProgressReporter("compress").add(quiet=True, entries_done=1)
 
 
 # --------------------------------------------------------------------------- graph
@@ -518,7 +468,9 @@ class CompressJob:
     repair: bool = False  # --repair: verify every chunk checksum, recompute corrupt entries
     limit: int | None = None  # --limit: only the first N entries are read
     convert_threads: int | None = None  # per worker process; None: video.default_convert_threads()
-    run_id: str = "run"
+    run_id: str = "run"  # leases are taken under it
+    index: str | None = None  # --from-index: read SegmentFeatures from this segment index
+    fallback_video: bool = False  # with index: videos it lacks are decoded instead of dead-lettered
     prompt_template: str | None = None  # overrides the manifest's per-line template
     # Handle through which workers share one model per process; the driver of a local
     # in-process run pre-fills it with the model it loaded for the fingerprint.
@@ -536,41 +488,43 @@ class CompressJob:
 
 def build_pipeline(pipeline: beam.Pipeline, job: CompressJob) -> None:
     """Add the compression job's transforms to ``pipeline``."""
-    entries = pipeline | "ReadManifest" >> ReadManifest(job.manifest, job.limit)
+    entries = read_entries(pipeline, job.manifest, job.limit)
     planned = entries | "PlanVideo" >> beam.ParDo(
-        PlanVideoFn(job.cache, job.config, job.sampling, job.unit_segments, job.force, job.prompt_template, job.repair)
+        PlanVideoFn(
+            job.cache, job.config, job.sampling, job.unit_segments, job.force, job.index, job.fallback_video,
+            job.prompt_template, job.repair,
+        )
     ).with_outputs(DEAD_LETTER, "unit_status", main="units")
-    decoded = (
+    loaded = (
         planned.units
         | "SpreadUnits" >> beam.Reshuffle()
-        | "DecodeUnit"
-        >> beam.ParDo(DecodeUnitFn(job.sampling, job.convert_threads, job.cache, job.run_id)).with_outputs(
-            DEAD_LETTER, "unit_status", main="segments"
-        )
+        | "LoadUnit"
+        >> beam.ParDo(
+            LoadUnitFn(METRICS_NAMESPACE, job.sampling, job.convert_threads, job.index, lease_base=job.cache, run_id=job.run_id)
+        ).with_outputs(DEAD_LETTER, "unit_status", main="inputs")
     )
-    compressed = decoded.segments | "CompressUnit" >> beam.ParDo(
+    compressed = loaded.inputs | "CompressUnit" >> beam.ParDo(
         CompressUnitFn(job.model, job.model_handle)
     ).with_outputs(DEAD_LETTER, "unit_status", main="blocks")
     written = compressed.blocks | "WriteBlock" >> beam.ParDo(WriteBlockFn(job.cache, job.config, job.run_id)).with_outputs(
         DEAD_LETTER, main="status"
     )
     finalize_failures = (
-        (planned.unit_status, written.status, decoded.unit_status, compressed.unit_status)
+        (planned.unit_status, written.status, loaded.unit_status, compressed.unit_status)
         | "AllUnitStatus" >> beam.Flatten()
         | "GroupUnitsPerEntry" >> beam.GroupByKey()
         | "FinalizeEntry" >> beam.ParDo(FinalizeEntryFn(job.cache, job.config))
     )
     (
-        (planned[DEAD_LETTER], decoded[DEAD_LETTER], compressed[DEAD_LETTER], written[DEAD_LETTER], finalize_failures)
+        (planned[DEAD_LETTER], loaded[DEAD_LETTER], compressed[DEAD_LETTER], written[DEAD_LETTER], finalize_failures)
         | "AllDeadLetters" >> beam.Flatten()
         | "WriteDeadLetters" >> WriteDeadLetters(job.cache, job.run_id)
     )
 
 
 # --------------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--manifest", required=True, help="corpus manifest (JSON Lines; local path or fsspec URL)")
-    parser.add_argument("--cache", required=True, help="Zarr cache URL (local path, memory://, gs://...)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """Compressor options shared by ``tempo compress``, ``tempo index`` and ``tempo ask``."""
     parser.add_argument("--svlm", required=True, help="base Qwen3-VL directory or URL")
     parser.add_argument(
         "--compressor",
@@ -578,16 +532,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="memory tokens: a Tempo-6B checkpoint or a tempo compressor checkpoint (default: fresh seeded init)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of a fresh memory-token init")
-    add_sampling_arguments(parser)
-    parser.add_argument("--unit-segments", type=int, default=None, help="segments per work unit (multiple of the cache shard)")
     parser.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per model forward pass")
-    parser.add_argument(
-        "--convert-threads",
-        type=int,
-        default=None,
-        help="threads per worker converting and resizing decoded frames, 0: inline (default: usable CPUs "
-        "up to 4, divided among --local_workers)",
-    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument(
@@ -597,6 +542,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="reference: the released model's bf16 roundings (fp16 weight load, bf16 rope and position "
         "embeddings); exact: transformers as is (default: reference with bfloat16, exact otherwise)",
     )
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Work-unit, decoding and runner options shared by ``tempo compress`` and ``tempo index``."""
+    add_sampling_arguments(parser)
+    parser.add_argument("--unit-segments", type=int, default=None, help="segments per work unit (multiple of the cache shard)")
+    parser.add_argument(
+        "--convert-threads",
+        type=int,
+        default=None,
+        help="threads per worker converting and resizing decoded frames, 0: inline (default: usable CPUs "
+        "up to 4, divided among --local_workers)",
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="process only the first N videos of the manifest (only those lines are read and validated)",
+    )
+    parser.add_argument("--force", action="store_true", help="recompute work that is already complete")
+    add_storage_option_argument(parser)
+    add_runner_arguments(parser, default_mode="threads")  # threads share one model
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--manifest", required=True, help="corpus manifest (JSON Lines; local path or fsspec URL)")
+    parser.add_argument("--cache", required=True, help="Zarr cache URL (local path, memory://, gs://...)")
+    add_model_arguments(parser)
+    parser.add_argument(
+        "--from-index",
+        default=None,
+        metavar="INDEX",
+        help="compress from a segment index built by `tempo index` (no video read, no vision encoder; "
+        "the sampling options are the index's)",
+    )
+    parser.add_argument(
+        "--fallback-video",
+        action="store_true",
+        help="with --from-index: compress videos the index lacks from the video instead of dead-lettering them",
+    )
     parser.add_argument(
         "--prompt-template",
         choices=tuple(TEMPLATES),
@@ -605,50 +590,96 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "prompt_template (default: the manifest's, else plain)",
     )
     parser.add_argument(
-        "--limit",
-        type=int,
-        default=None,
-        help="process only the first N videos of the manifest (only those lines are read and validated)",
-    )
-    parser.add_argument(
         "--dry-run",
         action="store_true",
         help="validate, probe and print the plan net of complete entries; loads no model (reads only the "
         "SVLM's config.json) and checks the cache's sampling configuration, not the model fingerprint",
     )
-    parser.add_argument("--force", action="store_true", help="recompute (video, query) pairs that are already complete")
     parser.add_argument(
         "--repair",
         action="store_true",
         help="verify every chunk checksum of complete entries and recompute the corrupt ones (see `tempo verify`)",
     )
+    add_storage_form_argument(parser)
+    add_job_arguments(parser)
+
+
+def add_storage_form_argument(parser: argparse.ArgumentParser) -> None:
+    """``--storage-form`` of a new cache (``tempo compress``, ``tempo index --cache``)."""
     parser.add_argument(
         "--storage-form",
-        choices=("auto", "bfloat16", "float16", "int8"),
+        choices=STORAGE_FORM_CHOICES,
         default="auto",
         help="how a NEW cache stores candidates (auto: bfloat16 when the model runs in bfloat16, else float16); "
         "an existing cache keeps its own",
     )
-    add_storage_option_argument(parser)
-    add_runner_arguments(parser, default_mode="threads")  # threads share one model
+
+
+def convert_threads_from_args(args: argparse.Namespace) -> int | None:
+    """``--convert-threads`` checked; by default shared among local workers."""
+    convert_threads = args.convert_threads
+    if convert_threads is not None and convert_threads < 0:
+        raise ConfigError(f"--convert-threads must be 0 (inline) or more, got {convert_threads}")
+    if convert_threads is None and args.local_workers > 1:  # local workers share this machine's CPUs
+        convert_threads = video.default_convert_threads() // args.local_workers  # 0: inline
+    return convert_threads
+
+
+def check_limit(args: argparse.Namespace) -> None:
+    """ConfigError for a negative ``--limit`` (before the manifest is read)."""
+    if args.limit is not None and args.limit < 0:
+        raise ConfigError(f"--limit must be >= 0, got {args.limit}")
+
+
+def model_spec_from_args(args: argparse.Namespace) -> ModelSpec:
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
+    return ModelSpec(
+        args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads, numerics=args.numerics
+    )
+
+
+def index_sampling(index_url: str, fingerprint: dict | None = None) -> video.SamplingConfig:
+    """The sampling of a segment index, after checking its sampling rule and, given the compressor's
+    ``fingerprint``, that it was built with this compressor's SVLM.
+
+    Raises IndexMismatch naming the differing fields (memory tokens may differ: the index
+    holds nothing that depends on them). Without ``fingerprint`` no model is needed (the
+    checks made before the model loads).
+    """
+    from schemas import index_layout
+    from tempo_ops.index_store import IndexReader
+
+    reader = IndexReader(index_url)
+    if fingerprint is not None:
+        stored, ours = reader.config["svlm"], index_layout.svlm_section(fingerprint)
+        if stored != ours:
+            fields = index_layout.config_differences(stored, ours)
+            raise IndexMismatch(
+                f"index was built with another SVLM / prompt / geometry; differing fields: {', '.join(fields)}", item=index_url
+            )
+    sampling = dict(reader.config["sampling"])
+    rule = sampling.pop("sampling_rule", None)
+    if rule != video.SAMPLING_RULE:  # the index's frames were chosen by another version of the rules
+        raise IndexMismatch(f"index was sampled with rule {rule!r}; this code samples with {video.SAMPLING_RULE!r}", item=index_url)
+    return video.SamplingConfig(**sampling)
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     """Run the job; exit status 0 (all done), 1 (some items dead-lettered), 2 (typed error), 130/143 (signal)."""
     # Everything cheap first: arguments, locations, device, manifest, the cache's own config.
-    use_storage_options(args, [args.manifest, args.cache, args.svlm, args.compressor])
+    use_storage_options(args, [args.manifest, args.cache, args.svlm, args.compressor, args.from_index])
     sampling = sampling_config_from_args(args)
-    convert_threads = args.convert_threads
-    if convert_threads is not None and convert_threads < 0:
-        raise ConfigError(f"--convert-threads must be 0 (inline) or more, got {convert_threads}")
-    if args.limit is not None and args.limit < 0:
-        raise ConfigError(f"--limit must be >= 0, got {args.limit}")
-    if convert_threads is None and args.local_workers > 1:  # local workers share this machine's CPUs
-        convert_threads = video.default_convert_threads() // args.local_workers  # 0: inline
-    check_output_location(args.cache, {"--manifest": args.manifest}, what="--cache")
+    convert_threads = convert_threads_from_args(args)
+    check_limit(args)
+    if args.fallback_video and not args.from_index:
+        raise ConfigError("--fallback-video needs --from-index")
+    inputs = {"--manifest": args.manifest, **({"--from-index": args.from_index} if args.from_index else {})}
+    check_output_location(args.cache, inputs, what="--cache")
     validate_manifest_or_raise(args.manifest, args.limit)
     if args.dry_run:
         return dry_run(args, sampling)
+    if args.from_index:
+        sampling = index_sampling(args.from_index)  # the SVLM part is checked once the model is loaded
     existing = open_existing_cache(args.cache)
     if existing is not None:
         check_cache_sampling(existing, sampling, args.storage_form)
@@ -656,20 +687,17 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
 
     from tempo_ops.store import CacheWriter
 
-    threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
-    spec = ModelSpec(
-        args.svlm, args.compressor, args.seed, args.device, args.dtype, args.max_batch_tokens, threads, numerics=args.numerics
-    )
+    spec = model_spec_from_args(args)
     print(f"[compress] loading compressor from {args.svlm} for the cache fingerprint", file=sys.stderr, flush=True)
     t_load = time.monotonic()
     model_handle = shared.Shared()
     # Kept referenced until the run ends, so an in-process local worker reuses it instead of loading again.
-    driver_model = model_handle.acquire(lambda: SharedModel(load_compressor(spec)))
-    print(f"[compress] compressor loaded in {time.monotonic() - t_load:.1f}s", file=sys.stderr, flush=True)
-    form = existing.storage_form if existing is not None else (
-        default_storage_form(getattr(driver_model.model, "dtype", None)) if args.storage_form == "auto" else args.storage_form
-    )
+    driver_model = model_handle.acquire(lambda: SharedModel(units.load_compressor(spec)))
+    if args.from_index:
+        sampling = index_sampling(args.from_index, driver_model.model.fingerprint())
+    form = choose_storage_form(existing, args.storage_form, getattr(driver_model.model, "dtype", None))
     config = cache_config(driver_model.model.fingerprint(), sampling, form)
+    print(f"[compress] compressor loaded in {time.monotonic() - t_load:.1f}s", file=sys.stderr, flush=True)
     writer = CacheWriter.open(args.cache, config)  # creates the cache or refuses a mismatching one
     unit_segments = args.unit_segments or writer.segments_per_shard
     if unit_segments % writer.segments_per_shard:
@@ -689,6 +717,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         limit=args.limit,
         convert_threads=convert_threads,
         run_id=run.run_id,
+        index=args.from_index,
+        fallback_video=args.fallback_video,
         prompt_template=args.prompt_template,
         model_handle=model_handle,
     )
@@ -700,36 +730,17 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     print(
         f"[compress] run {run.run_id}: manifest {args.manifest} valid"
         + (f" (first {args.limit} entries)" if args.limit is not None else "")
+        + (f", from index {args.from_index}" if args.from_index else "")
         + f", starting runner {runner_name(options)}",
         file=sys.stderr,
         flush=True,
     )
-    ProgressReporter.reset("compress")
-    from tempo_ops import leases
-
-    with run.interruptible(
-        partial=lambda: {"counts_so_far": ProgressReporter.snapshot("compress"), "cache": args.cache},
-        cleanup=lambda: leases.release_run(args.cache, run.run_id),
-    ):
-        pipeline = beam.Pipeline(options=options)
-        build_pipeline(pipeline, job)
-        result = pipeline.run()
-        if not is_local_runner(options):
-            print(f"[compress] submitted to {runner_name(options)}; the summary is written by local runs only", file=sys.stderr)
-            return EXIT_OK
-        result.wait_until_finish()
-    leases.release_run(args.cache, run.run_id)  # those of units that failed
+    result = run_pipeline("compress", options, lambda p: build_pipeline(p, job), run, lease_base=args.cache)
+    if result is None:
+        return EXIT_OK
     summary = write_summary(job, result, run=run, runner=runner_name(options), fingerprint=writer.fingerprint)
     print_summary(summary)
     return EXIT_OK if summary["failures"]["items"] == 0 else EXIT_ITEMS_FAILED
-
-
-def validate_manifest_or_raise(url: str, limit: int | None = None) -> None:
-    """Stream-validate the manifest, or only its first ``limit`` entries (reading stops there);
-    raise ManifestError listing every problem. Nothing is kept in memory but id hashes."""
-    problems = manifest_schema.validate_manifest(url, limit=limit)
-    if problems:
-        raise manifest_schema.manifest_error(url, problems)
 
 
 def check_device(device: str | None) -> None:
@@ -788,60 +799,50 @@ def check_cache_sampling(reader, sampling: video.SamplingConfig, storage_form: s
         )
 
 
+def compress_counts(counts: dict[str, int]) -> dict[str, int]:
+    """``queries_pending``: what this run planned but neither completed, failed nor left to another run
+    (0 unless a runner lost work)."""
+    done = sum(counts.get(k, 0) for k in ("queries_completed", "queries_failed", "queries_left_to_other_run"))
+    return {**counts, "queries_pending": max(0, counts.get("queries_planned", 0) - done)}
+
+
 def write_summary(job: CompressJob, result, *, run: JobRun, runner: str, fingerprint: str) -> dict:
     """Gather metrics + dead letters into the run summary and write it next to the cache (history + latest).
 
     Counts: ``videos_*`` are videos, ``segments_*`` video segments (each once, whatever its
-    number of queries), ``queries_*`` (video, query) entries; ``queries_pending`` is what this
-    run planned but neither completed nor failed (0 unless a runner lost work).
+    number of queries), ``queries_*`` (video, query) entries (compress_counts).
     """
-    wall = run.elapsed()
-    metrics = counter_values(result, METRICS_NAMESPACE)
-    failures = dead_letter_counts(run.own_dead_letter_url)
-    segments = int(metrics.get("segments_decoded", 0))
-    counts = {k: int(v) for k, v in sorted(metrics.items()) if not k.endswith("_ms")}
-    counts["queries_pending"] = max(
-        0, counts.get("queries_planned", 0) - counts.get("queries_completed", 0) - counts.get("queries_failed", 0)
+    return units.write_summary(
+        METRICS_NAMESPACE,
+        result,
+        run=run,
+        runner=runner,
+        outputs={"manifest": job.manifest, "cache": job.cache, "index": job.index},
+        config=job.config,
+        fingerprint=fingerprint,
+        counts=compress_counts,
     )
-    summary = {
-        "runner": runner,
-        "manifest": job.manifest,
-        "cache": job.cache,
-        "dead_letter_file": job.dead_letter_path,
-        "run_dead_letter_file": run.own_dead_letter_url,
-        "fingerprint": fingerprint,
-        "config": job.config,
-        "counts": counts,
-        "failures": {"items": sum(failures.values()), "by_code": failures},
-        "timing": {
-            "wall_s": round(wall, 3),
-            "decode_s": round(metrics.get("decode_ms", 0) / 1000, 3),
-            "model_s": round(metrics.get("model_ms", 0) / 1000, 3),
-            "segments_per_s": round(segments / wall, 3) if wall > 0 else None,
-        },
-    }
-    return run.write_summary(summary, status="complete" if not failures else "items_failed")
 
 
 def print_summary(summary: dict) -> None:
-    c, t, f = summary["counts"], summary["timing"], summary["failures"]
+    c, t = summary["counts"], summary["timing"]
+    segments = c.get("segments_decoded", 0) + c.get("segments_read_from_index", 0)
     print(
         f"[compress] done in {t['wall_s']:.1f}s: videos {c.get('videos_planned', 0)} ok / {c.get('videos_failed', 0)} failed, "
         f"queries {c.get('queries_completed', 0)} completed / {c.get('queries_failed', 0)} failed / "
         f"{c.get('queries_skipped_complete', 0)} already complete, {c.get('queries_stale_recomputed', 0)} stale, recomputed, "
-        f"{c.get('queries_corrupt_repaired', 0)} corrupt, repaired, video segments {c.get('segments_decoded', 0)} "
-        f"({t['segments_per_s']} segments/s; decode {t['decode_s']}s, model {t['model_s']}s)",
+        f"{c.get('queries_corrupt_repaired', 0)} corrupt, repaired, video segments {segments} "
+        f"({c.get('segments_read_from_index', 0)} from the index; {t['segments_per_s']} segments/s; decode {t['decode_s']}s, "
+        f"index {t['index_read_s']}s, model {t['model_s']}s)",
         file=sys.stderr,
     )
-    if f["items"]:
-        print(f"[compress] {f['items']} failed item(s) by code {f['by_code']}: see {summary['dead_letter_file']}", file=sys.stderr)
     if c.get("units_held_elsewhere"):
         print(
             f"[compress] {c['units_held_elsewhere']} work unit(s) were being computed by another run; "
             f"{c.get('queries_left_to_other_run', 0)} (video, query) entries are left for it to complete",
             file=sys.stderr,
         )
-    print(f"[compress] summary: {summary['cache']}.summary.json (history: {summary['history']})", file=sys.stderr)
+    print_failures("compress", summary)
 
 
 def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig) -> int:
@@ -862,9 +863,7 @@ def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig) -> int:
         if not args.force:
             complete = set(existing.entries(complete_only=True))
     k = int(existing.config["compressor"]["num_memory_tokens"]) if existing is not None else 128
-    form = existing.storage_form if existing is not None else (
-        default_storage_form(args.dtype) if args.storage_form == "auto" else args.storage_form
-    )
+    form = choose_storage_form(existing, args.storage_form, args.dtype)
     token_bytes = hidden + 4 if form == "int8" else hidden * 2  # int8: one float32 scale per token
     unit_segments = args.unit_segments or (existing.segments_per_shard if existing is not None else 32)
     totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "skipped_complete": 0, "bytes": 0}

@@ -18,7 +18,12 @@ shard's samples (tokens are in the sample), batches them by cost and answers as 
 Re-runs skip predictions already written (``--force`` redoes them). On a remote runner the job
 is submitted and the workers write the parts; running the same command locally afterwards finds
 nothing left to do and merges, summarises and plots. Exit status 0 when every planned
-prediction was made, 1 when some were dead-lettered, 2 on a configuration error.
+prediction was made, 1 when some were dead-lettered, 2 on a configuration or fatal storage
+error, 130/143 on SIGINT/SIGTERM (a partial summary marked ``interrupted`` is written; written
+parts are kept and the next run resumes). Runs, summaries and history follow
+``pipelines/job_support.py`` with the files inside ``--out``: ``DIR/summary.json``,
+``DIR/deadletter.jsonl`` (latest) and ``DIR/runs/{run_id}.*`` (history). ``--out`` may not be,
+contain or lie inside an input (``--cache``, ``--manifest``, ``--shards``, ``--llm``).
 """
 
 from __future__ import annotations
@@ -27,8 +32,6 @@ import argparse
 import json
 import os
 import sys
-import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,9 +53,16 @@ from pipelines.beam_support import (
     is_local_runner,
     pipeline_options_from_args,
     runner_name,
-    write_json,
 )
 from pipelines.build_shards import parse_budgets, parse_list, parse_policies
+from pipelines.job_support import (
+    EXIT_ITEMS_FAILED,
+    EXIT_OK,
+    JobRun,
+    add_storage_option_argument,
+    check_output_location,
+    use_storage_options,
+)
 from schemas import manifest as manifest_schema
 from tempo_ops.allocation import allocate_with_report
 from tempo_ops.errors import ConfigError
@@ -71,7 +81,6 @@ from tempo_ops.query_text import TEMPLATES
 
 METRICS_NAMESPACE = "tempo.eval"
 SUMMARY = "summary.json"
-DEAD_LETTERS = "deadletter.jsonl"
 
 
 @dataclass(frozen=True)
@@ -215,9 +224,10 @@ class _EvalFn(beam.DoFn):
         self.llm_ms = Metrics.distribution(METRICS_NAMESPACE, "llm_ms")
         self.written = Metrics.counter(METRICS_NAMESPACE, "predictions_written")
         self.failed = Metrics.counter(METRICS_NAMESPACE, "predictions_failed")
-        self.progress = ProgressReporter("eval")
 
     def setup(self) -> None:
+        # Made here, not in __init__: a pickled reporter would count into a copy of the tally.
+        self.progress = ProgressReporter("eval", unit="predictions")
         self.llm = self.shared_handle.acquire(lambda: SharedModel(load_llm(self.spec))).model
         self.store = PredictionStore(self.out)
 
@@ -236,7 +246,7 @@ class _EvalFn(beam.DoFn):
             return
         self.written.inc(len(outcome.rows))
         self.progress.add(
-            predictions=len(outcome.rows), failed=len(outcome.failures), segments=sum(r["n_segments"] for r in outcome.rows)
+            done=len(outcome.rows), failed=len(outcome.failures), segments=sum(r["n_segments"] for r in outcome.rows)
         )
         yield len(outcome.rows)
 
@@ -326,13 +336,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", default=None, help="model dtype (default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--numerics", default=None, choices=["reference", "exact"], help="default: reference for bf16")
+    add_storage_option_argument(parser)
     add_runner_arguments(parser, default_mode="threads")  # threads share one model
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
-    from tempo_ops.shards import read_index, shard_urls
-
-    started = time.time()
+    """Run the job; returns the exit status (see module docstring)."""
     if bool(args.cache) == bool(args.shards):
         raise ConfigError("give exactly one source: --cache (with --manifest) or --shards", item="eval")
     if args.cache and not args.manifest:
@@ -342,13 +351,24 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     if args.k_min < 0 or (args.k_max is not None and args.k_max < max(1, args.k_min)):
         raise ConfigError(f"need 0 <= --k-min <= --k-max, got {args.k_min}, {args.k_max}", item="k-min")
     group_by = parse_list(args.group_by, what="group-by") if args.group_by.strip() else []
+    use_storage_options(args, [args.cache, args.manifest, args.shards, args.llm, args.out])
+    inputs = {"--cache": args.cache, "--manifest": args.manifest, "--shards": args.shards, "--llm": args.llm}
+    check_output_location(args.out, {k: v for k, v in inputs.items() if v}, what="--out")
+    job = JobRun.start("eval", args.out, inside=True)
+    ProgressReporter.reset("eval")
+    with job.interruptible(partial=lambda: {"out": args.out, "counts_so_far": ProgressReporter.snapshot("eval")}):
+        return _run(args, extra_args, job, group_by)
+
+
+def _run(args: argparse.Namespace, extra_args: list[str], job: JobRun, group_by: list[str]) -> int:
+    from tempo_ops.shards import read_index, shard_urls
+
     threads = max(1, (os.cpu_count() or 1) // max(1, args.local_workers))
     spec = LLMSpec(args.llm, args.device, args.dtype, args.numerics, args.max_length, threads)
     print(f"[eval] loading the LLM stage from {args.llm}", file=sys.stderr)
     handle = shared.Shared()
     driver_llm = handle.acquire(lambda: SharedModel(load_llm(spec)))
     store = PredictionStore(args.out)
-
     if args.cache:
         from tempo_ops.store import CacheReader
 
@@ -375,7 +395,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     options = pipeline_options_from_args(extra_args, job_name="tempo-eval", local_workers=args.local_workers, local_mode=args.local_mode)
     if not (is_local_runner(options) and (args.local_workers == 1 or args.local_mode == "threads")):
         del driver_llm  # workers are other processes
-    dead_path = store.path(DEAD_LETTERS)
+    dead_path = job.dead_letter_url
     counts: dict[str, int]
     pipeline = beam.Pipeline(options=options)
     if args.cache:
@@ -387,6 +407,7 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         batches = [[plan.items[i] for i in b] for b in
                    plan_batches(plan.items, max_batch_tokens=args.max_batch_tokens, max_batch_size=args.batch_size)]
         counts["batches"] = len(batches)
+        ProgressReporter("eval", unit="predictions").add(quiet=True, total=len(plan.items))
         letters = [pipeline | "PlanDeadLetters" >> beam.Create(plan.dead)]
         if batches:
             results = (
@@ -414,9 +435,10 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
                 ).with_outputs(DEAD_LETTER, main="written")
             )
             letters.append(results[DEAD_LETTER])
-    _ = letters | "AllDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(dead_path)
-    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-    print(f"[eval] run {run_id}: {counts}, runner {runner_name(options)}", file=sys.stderr)
+    _ = letters | "AllDeadLetters" >> beam.Flatten() | "WriteDeadLetters" >> WriteDeadLetters(
+        args.out, job.run_id, inside=True
+    )
+    print(f"[eval] run {job.run_id}: {counts}, runner {runner_name(options)}", file=sys.stderr)
     result = pipeline.run()
     if not is_local_runner(options):
         print(
@@ -427,14 +449,12 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     result.wait_until_finish()
     rows = store.merge()
     metrics = counter_values(result, METRICS_NAMESPACE)
-    failures = dead_letter_counts(dead_path)
+    failures = dead_letter_counts(job.own_dead_letter_url)
     report = summarize(rows, group_by)
     plots = [store.write_file(name, png) for name, png in render_plots(report).items()] if rows else []
-    wall = time.time() - started
+    wall = job.elapsed()
     written = int(metrics.get("predictions_written", 0))
     summary = {
-        "job": "eval",
-        "run_id": run_id,
         "runner": runner_name(options),
         "config": config,
         "source": source,
@@ -453,9 +473,10 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         "group_by": group_by,
         "results": report,
     }
-    write_json(store.path(SUMMARY), summary)
+    status = "complete" if summary["failures"]["items"] == 0 else "items_failed"
+    summary = job.write_summary(summary, status=status)
     print_report(summary)
-    return 0 if summary["failures"]["items"] == 0 else 1
+    return EXIT_OK if status == "complete" else EXIT_ITEMS_FAILED
 
 
 def print_report(summary: dict[str, Any]) -> None:
@@ -481,7 +502,7 @@ def print_report(summary: dict[str, Any]) -> None:
             "(entries compressed under another prompt template; rendered anew for the LLM)"
         )
     print(f"predictions: {summary['predictions_file']}")
-    print(f"summary:     {summary['predictions_file'].rsplit('/', 1)[0]}/{SUMMARY}")
+    print(f"summary:     {summary['predictions_file'].rsplit('/', 1)[0]}/{SUMMARY} (history: {summary['history']})")
     for p in summary["plots"]:
         print(f"plot:        {p}")
     if summary["failures"]["items"]:

@@ -14,7 +14,11 @@ Files beside an output ``base`` (``{base}`` is the cache URL or the shards ``--o
 - ``{base}.runs/{run_id}.summary.json`` and ``{base}.runs/{run_id}.deadletter.jsonl``: one
   pair per run, never overwritten (the history; run ids sort by start time);
 - ``{base}.summary.json`` and ``{base}.deadletter.jsonl``: copies of the latest run's (the
-  ``latest`` pointer; object stores have no symbolic links). Each summary names its
+  ``latest`` pointer; object stores have no symbolic links).
+
+A job whose output is a directory of its own (``tempo eval --out DIR``) keeps them inside it
+instead (``inside=True``): ``DIR/summary.json``, ``DIR/deadletter.jsonl`` and the history
+``DIR/runs/{run_id}.summary.json``... Each summary names its
   ``run_id`` and ``status``: ``complete``, ``items_failed`` (some items dead-lettered, the
   rest done), ``failed`` (stopped by a fatal error such as ``disk_full``) or ``interrupted``
   (SIGINT/SIGTERM; counts are what this process saw so far).
@@ -199,17 +203,21 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
 
 
-def sidecar_url(base: str, suffix: str, run_id: str | None = None) -> str:
-    """``{base}.{suffix}`` (latest) or ``{base}.runs/{run_id}.{suffix}`` (history)."""
+def sidecar_url(base: str, suffix: str, run_id: str | None = None, *, inside: bool = False) -> str:
+    """``{base}.{suffix}`` (latest) or ``{base}.runs/{run_id}.{suffix}`` (history); with
+    ``inside``, ``{base}/{suffix}`` and ``{base}/runs/{run_id}.{suffix}``."""
     base = base.rstrip("/")
-    return f"{base}.runs/{run_id}.{suffix}" if run_id else f"{base}.{suffix}"
+    sep = "/" if inside else "."
+    return f"{base}{sep}runs/{run_id}.{suffix}" if run_id else f"{base}{sep}{suffix}"
 
 
-def write_sidecar(base: str, suffix: str, data: bytes, run_id: str, storage_options: dict | None = None) -> str:
+def write_sidecar(
+    base: str, suffix: str, data: bytes, run_id: str, storage_options: dict | None = None, *, inside: bool = False
+) -> str:
     """Write ``data`` as this run's history file and as the latest copy; returns the history URL."""
-    history = sidecar_url(base, suffix, run_id)
+    history = sidecar_url(base, suffix, run_id, inside=inside)
     write_bytes_atomic(history, data, storage_options)
-    write_bytes_atomic(sidecar_url(base, suffix), data, storage_options)
+    write_bytes_atomic(sidecar_url(base, suffix, inside=inside), data, storage_options)
     return history
 
 
@@ -250,30 +258,31 @@ class JobRun:
     run_id: str = field(default_factory=new_run_id)
     started: float = field(default_factory=time.time)
     storage_options: dict[str, Any] | None = None
+    inside: bool = False  # summary and history inside ``base`` (a directory), not beside it
 
     @classmethod
-    def start(cls, job: str, base: str, storage_options: dict | None = None) -> JobRun:
+    def start(cls, job: str, base: str, storage_options: dict | None = None, *, inside: bool = False) -> JobRun:
         """A new run; removes stale temporary folders of earlier, interrupted runs."""
-        run = cls(job, base.rstrip("/"), storage_options=storage_options)
+        run = cls(job, base.rstrip("/"), storage_options=storage_options, inside=inside)
         remove_stale_temp(run.base, storage_options)
         return run
 
     @property
     def summary_url(self) -> str:
-        return sidecar_url(self.base, "summary.json")
+        return sidecar_url(self.base, "summary.json", inside=self.inside)
 
     @property
     def dead_letter_url(self) -> str:
-        return sidecar_url(self.base, "deadletter.jsonl")
+        return sidecar_url(self.base, "deadletter.jsonl", inside=self.inside)
 
     @property
     def history_url(self) -> str:
-        return f"{self.base}.runs/"
+        return f"{self.base}/runs/" if self.inside else f"{self.base}.runs/"
 
     @property
     def own_dead_letter_url(self) -> str:
         """This run's dead letters (the latest copy may already be a concurrent run's)."""
-        return sidecar_url(self.base, "deadletter.jsonl", self.run_id)
+        return sidecar_url(self.base, "deadletter.jsonl", self.run_id, inside=self.inside)
 
     def elapsed(self) -> float:
         return time.time() - self.started
@@ -289,7 +298,7 @@ class JobRun:
             **doc,
         }
         data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-        write_sidecar(self.base, "summary.json", data, self.run_id, self.storage_options)
+        write_sidecar(self.base, "summary.json", data, self.run_id, self.storage_options, inside=self.inside)
         return doc
 
     @contextlib.contextmanager

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -240,6 +240,17 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(config).encode("ascii")).hexdigest()
 
 
+def require_sections(config: Mapping[str, Any], sections: Mapping[str, Sequence[str]]) -> None:
+    """ConfigError unless ``config[section]`` is a dict holding every field of ``sections[section]``."""
+    for section, fields in sections.items():
+        sub = config.get(section)
+        if not isinstance(sub, dict):
+            raise ConfigError(f"missing section {section!r}", item="config")
+        missing = [f for f in fields if f not in sub]
+        if missing:
+            raise ConfigError(f"missing field(s) {', '.join(section + '.' + m for m in missing)}", item="config")
+
+
 def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Check the cache configuration and return it as plain JSON (a fresh dict).
 
@@ -248,13 +259,7 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     if not isinstance(config, Mapping):
         raise ConfigError("cache config must be a dict", item="config")
     out = to_jsonable(config, item="config")
-    for section, fields in (("compressor", REQUIRED_COMPRESSOR_FIELDS), ("sampling", REQUIRED_SAMPLING_FIELDS)):
-        sub = out.get(section)
-        if not isinstance(sub, dict):
-            raise ConfigError(f"missing section {section!r}", item="config")
-        missing = [f for f in fields if f not in sub]
-        if missing:
-            raise ConfigError(f"missing field(s) {', '.join(section + '.' + m for m in missing)}", item="config")
+    require_sections(out, {"compressor": REQUIRED_COMPRESSOR_FIELDS, "sampling": REQUIRED_SAMPLING_FIELDS})
     if out.get("stored_dtype") not in STORAGE_FORMS:
         raise ConfigError(f"stored_dtype must be one of {list(STORAGE_FORMS)}, got {out.get('stored_dtype')!r}", item="config")
     for name in ("num_memory_tokens", "hidden_size"):
@@ -286,33 +291,57 @@ _MISSING = object()
 def check_layout(root_attrs: Mapping[str, Any] | None, item: str) -> dict[str, Any]:
     """Validate a cache root's attributes; return them. The ONE layout-version check.
 
-    Raises CacheLayoutError when the root is not a Tempo cache, or its ``layout_version``
-    is missing or not one of ``READABLE_VERSIONS``.
+    Raises CacheLayoutError when the root is not a Tempo cache, is damaged, its
+    ``layout_version`` is missing or not one of ``READABLE_VERSIONS``, or (v2) its
+    ``storage_form`` is missing or unknown.
     """
+    attrs = check_root(
+        root_attrs,
+        item,
+        kind=CACHE_KIND,
+        label="Tempo token cache",
+        versions=READABLE_VERSIONS,
+        required=(ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_SHARD, ROOT_TOKEN_CHUNK, ROOT_K, ROOT_D),
+        required_by_version={2: (ROOT_STORAGE_FORM,)},
+    )
+    if attrs[ROOT_LAYOUT_VERSION] >= 2 and attrs[ROOT_STORAGE_FORM] not in STORAGE_FORMS:
+        raise CacheLayoutError(f"unknown storage form {attrs[ROOT_STORAGE_FORM]!r}", item=item)
+    return attrs
+
+
+def check_root(
+    root_attrs: Mapping[str, Any] | None,
+    item: str,
+    *,
+    kind: str,
+    label: str,
+    versions: Collection[int],
+    required: Sequence[str],
+    required_by_version: Mapping[int, Sequence[str]] | None = None,
+) -> dict[str, Any]:
+    """Validate a hierarchy root's ``kind``, ``layout_version`` (one of ``versions``) and
+    ``required`` attributes, plus ``required_by_version[version]`` (cache and segment index
+    alike); return them. CacheLayoutError says what is wrong."""
     if root_attrs is None:
-        raise CacheLayoutError("no Tempo token cache here (root zarr.json missing or unreadable)", item=item)
+        raise CacheLayoutError(f"no {label} here (root zarr.json missing or unreadable)", item=item)
     if not isinstance(root_attrs, Mapping):
         raise CacheLayoutError("root zarr.json is damaged (attributes are not an object)", item=item)
-    if root_attrs.get(ROOT_KIND) != CACHE_KIND:
-        raise CacheLayoutError(f"not a Tempo token cache (root attribute {ROOT_KIND!r} is not {CACHE_KIND!r})", item=item)
-    version = root_attrs.get(ROOT_LAYOUT_VERSION)
-    if version is None:
+    if root_attrs.get(ROOT_KIND) != kind:
+        raise CacheLayoutError(f"not a {label} (root attribute {ROOT_KIND!r} is not {kind!r})", item=item)
+    found = root_attrs.get(ROOT_LAYOUT_VERSION)
+    if found is None:
         raise CacheLayoutError("root attribute 'layout_version' is missing", item=item)
-    if version not in READABLE_VERSIONS or isinstance(version, bool):
+    readable = sorted(versions)
+    if isinstance(found, bool) or found not in readable:
         raise CacheLayoutError(
-            f"layout_version {version!r} is not supported (this code reads {list(READABLE_VERSIONS)})",
+            f"layout_version {found!r} is not supported (this code reads {readable[0] if len(readable) == 1 else readable})",
             item=item,
-            found=version,
-            expected=LAYOUT_VERSION,
+            found=found,
+            expected=max(readable),
         )
-    names = [ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_SHARD, ROOT_TOKEN_CHUNK, ROOT_K, ROOT_D]
-    if version >= 2:
-        names.append(ROOT_STORAGE_FORM)
-    for name in names:
+    for name in (*required, *(required_by_version or {}).get(found, ())):
         if name not in root_attrs:
             raise CacheLayoutError(f"root attribute {name!r} is missing", item=item)
-    if version >= 2 and root_attrs[ROOT_STORAGE_FORM] not in STORAGE_FORMS:
-        raise CacheLayoutError(f"unknown storage form {root_attrs[ROOT_STORAGE_FORM]!r}", item=item)
     return dict(root_attrs)
 
 

@@ -250,6 +250,18 @@ class EntryInputsMismatch(CacheError):
     code = "entry_inputs_mismatch"
 
 
+class VideoNotIndexed(CacheError):
+    """A video asked of a segment index is absent from it or its indexing did not finish."""
+
+    code = "video_not_indexed"
+
+
+class IndexMismatch(CacheError):
+    """A segment index was built with another SVLM, prompt or geometry than the compressor in use."""
+
+    code = "index_mismatch"
+
+
 # --------------------------------------------------------------------------- allocation / shards
 class AllocationError(TempoError):
     """Invalid input to a token allocation policy."""

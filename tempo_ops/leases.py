@@ -15,7 +15,8 @@ the run ends or is interrupted.
 Taking a lease is "read, write ours, read back": on stores with read-after-write
 consistency (local files, GCS) of two runs racing for one unit exactly one sees its own
 lease on the read back (the last writer wins; the other backs off). One object per unit,
-each written by one run at a time: no shared mutable metadata (DESIGN.md 4).
+each written by one run at a time: no shared mutable metadata object (GCS allows about one
+update per second per object, and many writers of one object would contend for it).
 """
 
 from __future__ import annotations

@@ -166,6 +166,77 @@ _FORM_DTYPE = {"float16": ("float16", float("nan"), None), "bfloat16": ("uint16"
 _NP_STORED = {"float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2"), "int8": np.dtype("i1")}
 
 
+def open_root_for_writing(
+    url: str,
+    storage_options: dict[str, Any] | None,
+    retry: RetryPolicy,
+    cfg: dict[str, Any],
+    fingerprint: str,
+    *,
+    create: Any,
+    check: Any,
+    what: str,
+) -> tuple[Any, dict[str, Any]]:
+    """Open the store at ``url`` for writing: create its root (``create(store) -> attrs``) when
+    absent, check it (``check(attrs, url)``: layout and version) and its fingerprint.
+
+    Shared by the token cache and the segment index. Raises CacheNotWritable, CacheLayoutError
+    (a damaged root, or the checker's), or FingerprintMismatch naming the differing config fields.
+    """
+    try:
+        store = open_store(url, storage_options, policy=retry)
+        root = _root_attrs(store, url)  # CacheLayoutError when damaged: never rewrite it
+    except OSError as exc:  # permission, a file in the way, read-only filesystem (transient ones were retried)
+        raise CacheNotWritable(f"cannot open for writing: {exc}", item=url) from exc
+    if root is None:
+        root = create(store)
+    root = check(root, url)
+    if root[L.ROOT_FINGERPRINT] != fingerprint:
+        fields = L.config_differences(root[L.ROOT_CONFIG], cfg)
+        raise FingerprintMismatch(
+            f"{what} was written with a different configuration; differing fields: {', '.join(fields) or '(none: fingerprint only)'}",
+            item=url,
+            fields=fields,
+            cache_fingerprint=root[L.ROOT_FINGERPRINT],
+            given_fingerprint=fingerprint,
+        )
+    return store, root
+
+
+def create_root(url: str, store: Any, attrs: dict[str, Any], *, what: str) -> dict[str, Any]:
+    """Create a hierarchy's ``videos/`` group and then its root with ``attrs`` (the root last: the
+    hierarchy exists once its root does). Refuses a location that holds anything else, and one
+    whose root metadata was lost while its videos remain (never recreate it with, maybe, another
+    configuration)."""
+
+    async def list_dir(prefix: str) -> list[str]:
+        try:
+            return sorted([n.rstrip("/") async for n in store.list_dir(prefix)])
+        except FileNotFoundError:
+            return []
+
+    existing = [n for n in sync(list_dir("")) if n not in (L.VIDEOS, L.METADATA_FILE)]  # a concurrent creator's
+    if existing:
+        raise CacheLayoutError(f"not a {what} and not empty (holds {existing[:5]})", item=url)
+    videos = [n for n in sync(list_dir(L.VIDEOS)) if n != L.METADATA_FILE]
+    if videos:
+        raise CacheLayoutError(
+            f"root zarr.json is missing but the {what} holds videos ({videos[:3]}...); refusing to recreate "
+            "the root (restore it from a backup, or write to a new location)",
+            item=url,
+        )
+
+    async def create() -> None:
+        await _put_group(store, L.VIDEOS, {})
+        await _put_group(store, "", attrs)
+
+    try:
+        sync(create())
+    except OSError as exc:
+        raise CacheNotWritable(f"cannot create the {what}: {exc}", item=url) from exc
+    return attrs
+
+
 @functools.lru_cache(maxsize=64)
 def _array_metadata(form: str, n_segments: int, k: int, d: int, p: int, c: int) -> dict[str, bytes]:
     """``zarr.json`` bytes of an entry's arrays (layout v2), as zarr itself writes them: name → bytes.
@@ -292,6 +363,18 @@ def _decode_relevance_chunk(raw: bytes | None, g: _Geometry) -> np.ndarray | Non
     return np.frombuffer(raw, dtype="<f4", count=g.P).astype(np.float32)
 
 
+def _check_writable_layout(root_attrs: dict[str, Any] | None, url: str) -> dict[str, Any]:
+    """``L.check_layout``, and refuse to write into a cache of an older (read-only) layout."""
+    root = L.check_layout(root_attrs, url)
+    if root[L.ROOT_LAYOUT_VERSION] != L.LAYOUT_VERSION:
+        raise CacheLayoutError(
+            f"layout_version {root[L.ROOT_LAYOUT_VERSION]} caches are read-only for this version "
+            f"(writes need layout {L.LAYOUT_VERSION}); convert with `tempo migrate {url}`",
+            item=url,
+        )
+    return root
+
+
 class CacheWriter:
     """Writes videos and (video, query) entries into a layout-v2 token cache. Picklable (reopens by URL)."""
 
@@ -327,29 +410,16 @@ class CacheWriter:
         """
         cfg = L.validate_config(config)
         fingerprint = L.config_fingerprint(cfg)
-        try:
-            store = open_store(url, storage_options, policy=retry)
-            root = _root_attrs(store, url)
-        except OSError as exc:  # permission, a file in the way, read-only filesystem (transient ones were retried)
-            raise CacheNotWritable(f"cannot open for writing: {exc}", item=url) from exc
-        if root is None:
-            root = cls._create_root(url, store, cfg, fingerprint, segments_per_shard, token_chunk)
-        root = L.check_layout(root, url)
-        if root[L.ROOT_LAYOUT_VERSION] != L.LAYOUT_VERSION:
-            raise CacheLayoutError(
-                f"layout_version {root[L.ROOT_LAYOUT_VERSION]} caches are read-only for this version "
-                f"(writes need layout {L.LAYOUT_VERSION}); convert with `tempo migrate {url}`",
-                item=url,
-            )
-        if root[L.ROOT_FINGERPRINT] != fingerprint:
-            fields = L.config_differences(root[L.ROOT_CONFIG], cfg)
-            raise FingerprintMismatch(
-                f"cache was written with a different configuration; differing fields: {', '.join(fields) or '(none: fingerprint only)'}",
-                item=url,
-                fields=fields,
-                cache_fingerprint=root[L.ROOT_FINGERPRINT],
-                given_fingerprint=fingerprint,
-            )
+        store, root = open_root_for_writing(
+            url,
+            storage_options,
+            retry,
+            cfg,
+            fingerprint,
+            create=lambda store: cls._create_root(url, store, cfg, fingerprint, segments_per_shard, token_chunk),
+            check=_check_writable_layout,
+            what="cache",
+        )
         return cls(url, store, root, storage_options)
 
     @staticmethod
@@ -360,23 +430,6 @@ class CacheWriter:
         if segments_per_shard < 1 or token_chunk < 1 or k % token_chunk:
             raise CacheLayoutError(
                 f"segments_per_shard ({segments_per_shard}) must be >= 1 and token_chunk ({token_chunk}) must divide K={k}",
-                item=url,
-            )
-
-        async def list_dir(prefix: str) -> list[str]:
-            try:
-                return sorted([n.rstrip("/") async for n in store.list_dir(prefix)])
-            except FileNotFoundError:
-                return []
-
-        existing = [n for n in sync(list_dir("")) if n not in (L.VIDEOS, L.METADATA_FILE)]
-        if existing:
-            raise CacheLayoutError(f"not a Tempo token cache and not empty (holds {existing[:5]})", item=url)
-        videos = [n for n in sync(list_dir(L.VIDEOS)) if n != L.METADATA_FILE]
-        if videos:  # a cache whose root metadata was lost: never recreate it with (maybe) another config
-            raise CacheLayoutError(
-                f"root zarr.json is missing but the cache holds videos ({videos[:3]}...); refusing to recreate "
-                "the root (restore it from a backup, or write to a new cache)",
                 item=url,
             )
         attrs = {
@@ -392,16 +445,7 @@ class CacheWriter:
             L.ROOT_D: d,
             L.ROOT_STORAGE_FORM: cfg["stored_dtype"],
         }
-
-        async def create() -> None:
-            await _put_group(store, L.VIDEOS, {})
-            await _put_group(store, "", attrs)  # root last: a cache "exists" once its root is written
-
-        try:
-            sync(create())
-        except OSError as exc:
-            raise CacheNotWritable(f"cannot create the cache: {exc}", item=url) from exc
-        return attrs
+        return create_root(url, store, attrs, what="Tempo token cache")
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (_reopen_writer, (self.url, self.root_attrs[L.ROOT_CONFIG], self.storage_options))

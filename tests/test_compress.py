@@ -370,10 +370,10 @@ class _WrappedCompressor:
 
 
 def _wrap_compressor(monkeypatch, before) -> None:
-    import pipelines.compress as compress_job
+    import pipelines.units as units_module  # the model stages load through pipelines.units
 
-    real_load = compress_job.load_compressor
-    monkeypatch.setattr(compress_job, "load_compressor", lambda spec: _WrappedCompressor(real_load(spec), before))
+    real_load = units_module.load_compressor
+    monkeypatch.setattr(units_module, "load_compressor", lambda spec: _WrappedCompressor(real_load(spec), before))
 
 
 def test_model_and_write_failures_are_isolated(tiny_models, tmp_path, monkeypatch):

@@ -290,3 +290,26 @@ def test_short_segments_and_mixed_grids(comp, segs):
 def test_no_segments_gives_empty_result(comp):
     res = comp.compress([], ["q", "r"])
     assert res.candidates.shape == (2, 0, 128, 64) and res.relevance.shape == (2, 0)
+
+
+def test_compress_is_encode_then_compress_from_features(comp, segs):
+    from dataclasses import replace
+
+    feats = comp.encode_segments(segs)
+    assert [f.start_position for f in feats] == [0, 8, 400]
+    for f in feats:
+        n = int((f.input_ids == comp.model.config.video_token_id).sum())
+        assert f.visual.shape == (n, comp.hidden_size) and f.deepstack.shape[1:] == (n, comp.hidden_size)
+    whole = comp.compress(segs, ["q", ""])
+    split = comp.compress_from_features(feats, ["q", ""])
+    np.testing.assert_array_equal(whole.candidates, split.candidates)
+    np.testing.assert_array_equal(whole.relevance, split.relevance)
+    # Features in another dtype (an index stored in bf16) are cast to the model's.
+    bf16 = [replace(f, visual=f.visual.bfloat16(), deepstack=f.deepstack.bfloat16()) for f in feats]
+    assert np.abs(comp.compress_from_features(bf16, ["q"]).relevance - whole.relevance[0]).max() < 1e-2
+    with pytest.raises(InvalidSegment, match="video tokens"):
+        comp.compress_from_features([replace(feats[0], visual=feats[0].visual[:-1])], ["q"])
+    with pytest.raises(InvalidSegment, match="SegmentFeatures"):
+        comp.compress_from_features([segs[0]], ["q"])
+    with pytest.raises(InvalidQuery):
+        comp.compress_from_features(feats, [])

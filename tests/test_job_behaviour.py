@@ -179,7 +179,7 @@ def test_budgets_below_one_are_refused(compressed, tmp_path, capsys, budgets):
 
 # --------------------------------------------------------------------------- 8: dry run
 def test_dry_run_loads_no_model_plans_net_of_complete_and_reports_mismatch(compressed, tiny_models, capsys, monkeypatch):
-    import pipelines.compress as compress_job
+    import pipelines.units as compress_job  # the compressor loader of compress and index
 
     def no_model(spec):
         raise AssertionError("the dry run loaded the model")
@@ -201,7 +201,7 @@ def test_dry_run_loads_no_model_plans_net_of_complete_and_reports_mismatch(compr
 
 
 def test_sampling_mismatch_is_refused_before_the_model_loads(compressed, tiny_models, capsys, monkeypatch):
-    import pipelines.compress as compress_job
+    import pipelines.units as compress_job  # the compressor loader of compress and index
 
     monkeypatch.setattr(compress_job, "load_compressor", lambda spec: (_ for _ in ()).throw(AssertionError("model loaded")))
     manifest, cache = compressed

@@ -54,3 +54,24 @@ def test_signal_ends_the_job_with_one_line_and_a_partial_summary(tiny_models, tm
         assert tempo(_compress(manifest, cache, tiny_models)) == 0
         done = json.loads(Path(str(cache) + ".summary.json").read_text())
         assert done["counts"]["queries_completed"] + done["counts"]["queries_skipped_complete"] == 8
+
+
+def test_sigterm_ends_tempo_index_the_same_way(tiny_models, tmp_path):
+    """`tempo index` runs under the same JobRun (pipelines/units.run_pipeline): one line, 143,
+    a partial summary with the progress so far, its leases released, and a resumable index."""
+    manifest = _corpus(tmp_path / "c", n_videos=4)
+    index = tmp_path / "index.zarr"
+    args = ["index", "--manifest", str(manifest), "--index", str(index), "--svlm", tiny_models["svlm"],
+            "--compressor", tiny_models["tempo"], "--unit-segments", "2"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TEMPO_PROGRESS_INTERVAL_S="0")
+    rc, err = _run_until([sys.executable, "-m", "pipelines.cli", *args], "units 1/", signal.SIGTERM, env)
+    assert rc == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "tempo index: interrupted by SIGTERM; completed work is kept, re-run to resume"
+    summary = json.loads(Path(str(index) + ".summary.json").read_text())
+    assert summary["job"] == "index" and summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    assert summary["counts_so_far"]["units_done"] >= 1
+    assert not list(Path(str(index) + ".leases").rglob("*.json"))  # released on the way out
+    assert tempo(args) == 0
+    done = json.loads(Path(str(index) + ".summary.json").read_text())["counts"]
+    assert done["videos_completed"] + done.get("videos_skipped_complete", 0) == 4

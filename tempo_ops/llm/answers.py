@@ -1,4 +1,4 @@
-"""Parsing and scoring the LLM stage's answers, deterministically (DESIGN.md 2, "Answer parsing").
+"""Parsing and scoring the LLM stage's answers, deterministically (docs/METHOD.md "LLM stage").
 
 Three rules, chosen by the prompt template (``tempo_ops.query_text.PromptTemplate.answer_rule``)
 and by whether the query has options:

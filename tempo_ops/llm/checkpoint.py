@@ -1,4 +1,4 @@
-"""The LLM stage's part of a Tempo-6B-layout checkpoint (DESIGN.md 2, "Reference checkpoint layout").
+"""The LLM stage's part of a Tempo-6B-layout checkpoint (docs/METHOD.md "Checkpoint layout").
 
 A Tempo checkpoint is one directory (local path or fsspec URL): ``config.json`` (model_type
 ``tempo_qwen``: a Qwen3 config plus ``mm_*`` fields), safetensors shards listed by

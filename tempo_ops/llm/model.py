@@ -1,6 +1,6 @@
 """``TempoLLM``: the LLM stage of a Tempo checkpoint (projector + Qwen3 causal LM + tokenizer).
 
-Input construction (DESIGN.md 2, "LLM stage"; one function for evaluation and training,
+Input construction (docs/METHOD.md "LLM stage"; one function for evaluation and training,
 ``TempoLLM.build_inputs``):
 
     <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n
@@ -371,7 +371,8 @@ class TempoLLM(nn.Module):
         ``<image>`` inside ``context`` is removed (as ``render_query`` does).
         """
         post = self._post_template.format(context=str(context).replace(IMAGE_PLACEHOLDER, ""))
-        return list(self._pre_ids), [int(i) for i in self.tokenizer(post, add_special_tokens=False)["input_ids"]]
+        # Training and eval see the same few contexts many times: reuse text_ids' memo.
+        return list(self._pre_ids), self.text_ids(post)
 
     # ------------------------------------------------------------------ inputs
     def project(self, tokens: Any) -> torch.Tensor:

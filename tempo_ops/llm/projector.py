@@ -1,6 +1,6 @@
 """The multimodal projector: SVLM candidate tokens ``(T, D_svlm)`` → LLM embeddings ``(T, D_llm)``.
 
-Types (config field ``mm_projector_type``, DESIGN.md 2 "LLM stage"):
+Types (config field ``mm_projector_type``, docs/METHOD.md "LLM stage"):
 
 - ``"linear"``: ``Linear(D_svlm → D_llm)``; tensors ``model.mm_projector.{weight,bias}``.
 - ``"mlp{N}x_gelu"`` (N ≥ 1): ``Linear(D_svlm → D_llm)`` then (N−1) × [exact GELU,

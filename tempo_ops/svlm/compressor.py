@@ -72,6 +72,30 @@ class _Prepared:
     grid: torch.Tensor  # (1, 3) int64
 
 
+@dataclass(frozen=True)
+class SegmentFeatures:
+    """One segment's query-independent SVLM inputs, after the vision encoder (what an index stores).
+
+    Attributes:
+        input_ids: ``(P,) int64`` prefix token ids (system + video block, time stamps included).
+        mm_token_type_ids: ``(P,) int64`` (0 text, 2 video), rope-position input with ``grid``.
+        grid: ``(3,) int64`` video grid ``(t, h, w)`` in patches.
+        visual: ``(N, D)`` merged visual tokens, N = number of video tokens in ``input_ids``.
+        deepstack: ``(L, N, D)`` DeepStack features of the L DeepStack layers.
+        start_position: the segment's first sampled-frame position.
+        label: names the segment in errors.
+    ``visual``/``deepstack`` are torch tensors in the model dtype (any device).
+    """
+
+    input_ids: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    grid: torch.Tensor
+    visual: torch.Tensor
+    deepstack: torch.Tensor
+    start_position: int
+    label: str
+
+
 @dataclass
 class _PrefixState:
     """KV cache of a batch of G equal-length prefixes."""
@@ -381,25 +405,37 @@ class Compressor:
     def _inner(self) -> Any:
         return self.model.model
 
-    def _embed_with_video(
-        self, input_ids: torch.Tensor, pixels: torch.Tensor, grid: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """Token embeddings ``(B, L, D)`` with merged visual features scattered at video tokens.
+    def _vision(self, pixels: torch.Tensor, grid: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Vision encoder over the videos of ``grid`` ``(G, 3)``: per video the merged tokens
+        ``(N_g, D)`` and the DeepStack features ``(L, N_g, D)`` (model dtype, on the device)."""
+        vision = self._inner.get_video_features(pixels.to(self.device, self.dtype), grid, return_dict=True)
+        visual = [v.to(self.dtype) for v in vision.pooler_output]
+        layers = list(vision.deepstack_features or [])
+        deepstack = [
+            torch.stack([layer[g] for layer in layers]).to(self.dtype) if layers else visual[g].new_zeros((0, *visual[g].shape))
+            for g in range(len(visual))
+        ]
+        return visual, deepstack
 
-        Returns (embeds, visual mask ``(B, L) bool``, DeepStack features ``[(n_visual, D)]``).
+    def _embed_features(
+        self, input_ids: torch.Tensor, visual: Sequence[torch.Tensor], deepstack: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Token embeddings ``(B, L, D)`` with the merged visual tokens scattered at video tokens.
+
+        ``visual``/``deepstack``: per video, in row order, ``(N_g, D)`` / ``(L, N_g, D)``.
+        Returns (embeds, visual mask ``(B, L) bool``, DeepStack features ``[(ΣN_g, D)]`` per layer).
         """
-        inner = self._inner
-        embeds = inner.get_input_embeddings()(input_ids)
-        vision = inner.get_video_features(pixels.to(self.device, self.dtype), grid, return_dict=True)
-        video_embeds = torch.cat(vision.pooler_output, dim=0).to(embeds.dtype)
+        embeds = self._inner.get_input_embeddings()(input_ids)
+        video_embeds = torch.cat([v.to(self.device, embeds.dtype) for v in visual], dim=0)
         mask = input_ids == self._video_token_id
         if int(mask.sum()) != video_embeds.shape[0]:
             raise InferenceError(
                 f"{int(mask.sum())} video tokens in the prompt but {video_embeds.shape[0]} visual features"
             )
         embeds = embeds.masked_scatter(mask.unsqueeze(-1), video_embeds)
-        deepstack = [torch.cat(f, dim=0).to(embeds.dtype) for f in vision.deepstack_features]
-        return embeds, mask, deepstack
+        layers = deepstack[0].shape[0] if deepstack else 0
+        ds = [torch.cat([f[i].to(self.device, embeds.dtype) for f in deepstack], dim=0) for i in range(layers)]
+        return embeds, mask, ds
 
     def _read_outputs(self, hidden: torch.Tensor, lens: Sequence[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Candidates ``(R, K, D)`` at the memory positions right after each row's last real token
@@ -414,15 +450,14 @@ class Compressor:
         """``sigmoid((w_Yes − w_No) · h)`` in float32; ``h`` ``(R, D)`` → ``(R,)``."""
         return torch.sigmoid(h.float() @ self._relevance_direction)
 
-    def _run_prefix(self, batch: list[_Prepared]) -> _PrefixState:
+    def _run_prefix(self, batch: list[SegmentFeatures]) -> _PrefixState:
         from transformers import DynamicCache
 
         inner = self._inner
-        ids = torch.stack([p.input_ids for p in batch]).to(self.device)
-        mm = torch.stack([p.mm_token_type_ids for p in batch]).to(self.device)
-        pixels = torch.cat([p.pixel_values for p in batch])
-        grid = torch.cat([p.grid for p in batch]).to(self.device)
-        embeds, visual_mask, deepstack = self._embed_with_video(ids, pixels, grid)
+        ids = torch.stack([f.input_ids for f in batch]).to(self.device)
+        mm = torch.stack([f.mm_token_type_ids for f in batch]).to(self.device)
+        grid = torch.stack([f.grid.reshape(3) for f in batch]).to(self.device)
+        embeds, visual_mask, deepstack = self._embed_features(ids, [f.visual for f in batch], [f.deepstack for f in batch])
         position_ids, deltas = inner.get_rope_index(ids, mm, video_grid_thw=grid)
         cache = DynamicCache(config=self.model.config.text_config)
         inner.language_model(
@@ -478,7 +513,7 @@ class Compressor:
         return self._read_outputs(out.last_hidden_state, lens, k)
 
     # ------------------------------------------------------------------ batching
-    def _prefix_batches(self, prepared: list[_Prepared]) -> list[list[int]]:
+    def _prefix_batches(self, prepared: Sequence[_Prepared | SegmentFeatures]) -> list[list[int]]:
         """Segment indices grouped by prefix length, chunked so that G·P ≤ max_batch_tokens."""
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prepared):
@@ -498,6 +533,9 @@ class Compressor:
     def compress(self, segments: Sequence[Any], queries: Sequence[str]) -> CompressionResult:
         """Candidates and relevance of every segment for every query (shared-prefix path).
 
+        Equal to ``compress_from_features(encode_segments(segments), queries)`` — that is how it
+        is computed.
+
         Args:
             segments: objects with ``.frames (T, H, W, 3) uint8``, ``.start_position`` (sampled-frame
                 offset of the segment) and ``.real_fps`` (e.g. ``tempo_ops.video.Segment``).
@@ -507,17 +545,70 @@ class Compressor:
         Raises:
             InvalidSegment / InvalidQuery: bad inputs; InferenceError: the model failed on a batch.
         """
-        segments = list(segments)
-        suffixes = self._suffix_ids(queries)
+        self._suffix_ids(queries)  # bad queries fail before the vision encoder runs
+        return self.compress_from_features(self.encode_segments(segments), queries)
+
+    def encode_segments(self, segments: Sequence[Any]) -> list[SegmentFeatures]:
+        """The query-independent half: frames → prefix ids, grid, merged visual tokens, DeepStack features.
+
+        Args:
+            segments: as for ``compress``.
+        Returns:
+            One ``SegmentFeatures`` per segment (tensors on the model's device, model dtype).
+        Raises:
+            InvalidSegment: bad frames / start / fps; InferenceError: the vision encoder failed.
+        """
         prepared = [self._prepare_segment(s, i) for i, s in enumerate(segments)]
-        q_count, s_count, k, d = len(suffixes), len(prepared), self.num_memory_tokens, self.hidden_size
-        candidates = np.zeros((q_count, s_count, k, d), dtype=np.float32)
-        relevance = np.zeros((q_count, s_count), dtype=np.float32)
+        out: list[SegmentFeatures | None] = [None] * len(prepared)
         with torch.inference_mode():
             for batch in self._prefix_batches(prepared):
                 labels = ", ".join(prepared[i].label for i in batch)
                 try:
-                    state = self._run_prefix([prepared[i] for i in batch])
+                    pixels = torch.cat([prepared[i].pixel_values for i in batch])
+                    grid = torch.cat([prepared[i].grid for i in batch]).to(self.device)
+                    visual, deepstack = self._vision(pixels, grid)
+                except (RuntimeError, ValueError, IndexError) as exc:
+                    raise InferenceError(f"SVLM vision encoder failed: {exc}", item=labels) from exc
+                for j, i in enumerate(batch):
+                    p = prepared[i]
+                    n_video = int((p.input_ids == self._video_token_id).sum())
+                    if visual[j].shape[0] != n_video or deepstack[j].shape[1] != n_video:
+                        raise InferenceError(
+                            f"{n_video} video tokens in the prompt but {visual[j].shape[0]} visual features", item=p.label
+                        )
+                    out[i] = SegmentFeatures(
+                        input_ids=p.input_ids,
+                        mm_token_type_ids=p.mm_token_type_ids,
+                        grid=p.grid.reshape(3),
+                        visual=visual[j],
+                        deepstack=deepstack[j],
+                        start_position=int(segments[i].start_position),
+                        label=p.label,
+                    )
+        return [f for f in out if f is not None]
+
+    def compress_from_features(self, features: Sequence[SegmentFeatures], queries: Sequence[str]) -> CompressionResult:
+        """The query-dependent half: only the language model over [prefix + query + memory tokens].
+
+        Args:
+            features: ``SegmentFeatures`` from ``encode_segments`` or read back from an index
+                (any device/dtype; cast to the model's).
+            queries: query texts (empty → ``"Describe this content."``).
+        Returns:
+            ``CompressionResult(candidates (Q, S, K, D) float32, relevance (Q, S) float32)``.
+        Raises:
+            InvalidSegment: features of the wrong shape; InvalidQuery; InferenceError: the model failed.
+        """
+        features = [self._check_features(f, i) for i, f in enumerate(features)]
+        suffixes = self._suffix_ids(queries)
+        q_count, s_count, k, d = len(suffixes), len(features), self.num_memory_tokens, self.hidden_size
+        candidates = np.zeros((q_count, s_count, k, d), dtype=np.float32)
+        relevance = np.zeros((q_count, s_count), dtype=np.float32)
+        with torch.inference_mode():
+            for batch in self._prefix_batches(features):
+                labels = ", ".join(features[i].label for i in batch)
+                try:
+                    state = self._run_prefix([features[i] for i in batch])
                     rows = [(g, q) for g in range(len(batch)) for q in range(q_count)]
                     costs = [state.length + int(suffixes[q].numel()) + k for _, q in rows]
                     for chunk in self._cost_chunks(costs):
@@ -532,6 +623,23 @@ class Compressor:
                     raise InferenceError(f"SVLM forward pass failed: {exc}", item=labels) from exc
         self._check_outputs(candidates, relevance)
         return CompressionResult(candidates=candidates, relevance=relevance)
+
+    def _check_features(self, f: Any, i: int) -> SegmentFeatures:
+        """Validate one ``SegmentFeatures`` (shapes consistent with each other and with D)."""
+        label = getattr(f, "label", None) or f"segment {i}"
+        if not isinstance(f, SegmentFeatures):
+            raise InvalidSegment(f"expected SegmentFeatures, got {type(f).__name__}", item=label)
+        p = f.input_ids.numel()
+        n = int((f.input_ids == self._video_token_id).sum())
+        d = self.hidden_size
+        if f.input_ids.ndim != 1 or tuple(f.mm_token_type_ids.shape) != (p,) or f.grid.numel() != 3:
+            raise InvalidSegment("input_ids / mm_token_type_ids / grid shapes disagree", item=label)
+        if tuple(f.visual.shape) != (n, d) or f.deepstack.ndim != 3 or tuple(f.deepstack.shape[1:]) != (n, d):
+            raise InvalidSegment(
+                f"visual {tuple(f.visual.shape)} / deepstack {tuple(f.deepstack.shape)} do not match {n} video tokens x D={d}",
+                item=label,
+            )
+        return f
 
     def compress_unshared(self, segments: Sequence[Any], queries: Sequence[str]) -> CompressionResult:
         """Same result as ``compress``, computed the reference way: every (query, segment) sequence
@@ -578,7 +686,8 @@ class Compressor:
             attention[i, : lens[i] + k] = 1
         ids, mm, attention = ids.to(self.device), mm.to(self.device), attention.to(self.device)
         grid = torch.cat([p.grid for p in prefixes]).to(self.device)
-        embeds, visual_mask, deepstack = self._embed_with_video(ids, torch.cat([p.pixel_values for p in prefixes]), grid)
+        visual, per_video_deepstack = self._vision(torch.cat([p.pixel_values for p in prefixes]), grid)
+        embeds, visual_mask, deepstack = self._embed_features(ids, visual, per_video_deepstack)
         for i, n in enumerate(lens):
             embeds[i, n : n + k] = self._memory_on_device
         # Memory positions hold placeholder *text* ids, so get_rope_index continues text positions there.
