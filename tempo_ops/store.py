@@ -53,6 +53,7 @@ from tempo_ops.fs import DEFAULT_RETRY, RangeByteRequest, RetryPolicy, SuffixByt
 from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES, render_query
 from tempo_ops.store_shard import EMPTY as L_EMPTY
 from tempo_ops.store_shard import (
+    ShardBuffer,
     check_shard,
     chunk_crc_ok,
     crc32c_bytes,
@@ -301,14 +302,25 @@ def _torch() -> Any:
 _PASS_ELEMENTS = 1 << 18  # elements per pass of the checks and int8 quantisation below (fits in cache)
 
 
+BFLOAT16_MAX = 3.3895313892515355e38  # largest finite bfloat16: (2 - 2**-7) * 2**127
+
+
+def _bf16_bits_into(out: np.ndarray, x: np.ndarray) -> None:
+    """Write the bfloat16 bit patterns of ``x`` into ``out`` (``<u2``, same shape, rows may be strided)."""
+    torch = _torch()
+    x32 = np.ascontiguousarray(x, dtype=np.float32)
+    if torch is not None:  # same rounding as below, ~10x faster; converts straight into ``out``
+        torch.from_numpy(out.view(np.int16)).view(torch.bfloat16).copy_(torch.from_numpy(x32))
+        return
+    u = x32.view(np.uint32)
+    out[...] = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+
+
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 values → bfloat16 bit patterns ``<u2`` (round to nearest even; exact for bf16 values)."""
-    x32 = np.ascontiguousarray(x, dtype=np.float32)
-    torch = _torch()
-    if torch is not None:  # same rounding as below, ~10x faster
-        return torch.from_numpy(x32).to(torch.bfloat16).view(torch.int16).numpy().view("<u2")
-    u = x32.view(np.uint32)
-    return ((u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)).astype("<u2")
+    out = np.empty(np.shape(x), dtype="<u2")
+    _bf16_bits_into(out, x)
+    return out
 
 
 def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
@@ -316,24 +328,39 @@ def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(..., D)`` float → (int8 values in [-127, 127], float32 scale per token ``(...)``): x ≈ q * scale."""
-    x = np.asarray(x, dtype=np.float32)
-    flat = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
-    q = np.empty(flat.shape, dtype=np.int8)
-    scale = np.empty(flat.shape[0], dtype=np.float32)
-    rows = max(1, _PASS_ELEMENTS // max(1, flat.shape[1]))
-    buf = np.empty((min(rows, flat.shape[0]), flat.shape[1]), dtype=np.float32)
-    # Token rows in cache-sized passes with one reused buffer: 2-3x faster than whole-array temporaries.
-    for i in range(0, flat.shape[0], rows):
-        blk = flat[i : i + rows]
+def _quantize_int8_into(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``x`` ``(G, R, D)`` float32 (C-contiguous) → int8 into ``q`` (same shape, groups may be strided); scales ``(G, R)``.
+
+    Groups in cache-sized passes with one reused buffer: 2-3x faster than whole-array temporaries.
+    """
+    g_count, r, d = x.shape
+    scale = np.empty((g_count, r), dtype=np.float32)
+    per_pass = max(1, _PASS_ELEMENTS // max(1, r * d))
+    buf = np.empty((min(per_pass, g_count) * r, d), dtype=np.float32)
+    with np.errstate(invalid="ignore"):  # inf/NaN tokens get a non-finite scale, which the writer refuses
+        _quantize_passes(x, q, scale, buf, per_pass)
+    return scale
+
+
+def _quantize_passes(x: np.ndarray, q: np.ndarray, scale: np.ndarray, buf: np.ndarray, per_pass: int) -> None:
+    r, d = x.shape[1], x.shape[2]
+    for i in range(0, x.shape[0], per_pass):
+        blk = x[i : i + per_pass].reshape(-1, d)
         b = buf[: len(blk)]
         s = (np.maximum(blk.max(axis=-1), -blk.min(axis=-1)) / np.float32(127.0)).astype(np.float32)
-        scale[i : i + len(blk)] = s
+        scale[i : i + per_pass] = s.reshape(-1, r)
         np.divide(blk, np.where(s > 0, s, np.float32(1.0))[:, None], out=b)
         np.rint(b, out=b)
         np.clip(b, -127, 127, out=b)
-        q[i : i + len(blk)] = b
+        q[i : i + per_pass] = b.reshape(-1, r, d)
+
+
+def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(..., D)`` float → (int8 values in [-127, 127], float32 scale per token ``(...)``): x ≈ q * scale."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    flat = x.reshape(-1, 1, x.shape[-1]) if x.ndim else x.reshape(1, 1, 1)
+    q = np.empty(flat.shape, dtype=np.int8)
+    scale = _quantize_int8_into(flat, q)
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
@@ -341,13 +368,15 @@ def _max_abs_bits16(values: np.ndarray) -> int:
     """Largest ``bits & 0x7FFF`` over 16-bit float bit patterns (float16 or bfloat16 ``<u2``), in cache-sized passes.
 
     float16 values are all finite iff it is < 0x7C00; bfloat16 ones iff it is < 0x7F80.
+    ``values``: any shape whose rows (first axis) are each contiguous (e.g. a shard's chunks).
     """
-    v = np.ascontiguousarray(values).view(np.uint16).reshape(-1)
-    buf = np.empty(min(_PASS_ELEMENTS, v.size), dtype=np.uint16)
+    v = values.view(np.uint16).reshape(len(values), -1) if values.ndim > 1 else values.view(np.uint16).reshape(1, -1)
+    rows = max(1, _PASS_ELEMENTS // max(1, v.shape[1]))
+    buf = np.empty((min(rows, len(v)), v.shape[1]), dtype=np.uint16)
     top = 0
-    for i in range(0, v.size, _PASS_ELEMENTS):
-        b = buf[: min(_PASS_ELEMENTS, v.size - i)]
-        np.bitwise_and(v[i : i + _PASS_ELEMENTS], np.uint16(0x7FFF), out=b)
+    for i in range(0, len(v), rows):
+        b = buf[: len(v[i : i + rows])]
+        np.bitwise_and(v[i : i + rows], np.uint16(0x7FFF), out=b)
         top = max(top, int(b.max()))
     return top
 
@@ -695,34 +724,53 @@ class CacheWriter:
         self._entries[key] = (int(vattrs[L.ENTRY_N_SEGMENTS]), version)
         return self._entries[key]
 
-    def _encode_candidates(self, cand: np.ndarray, seg_start: int, item: str) -> tuple[np.ndarray, np.ndarray | None]:
-        """Candidates ``(n, K, D)`` → stored values (``<f2`` / bf16 bits ``<u2`` / ``i1``) and int8 scales ``(n, K)``."""
-        form = self._geo.form
+    def _encode_candidates(self, cand: np.ndarray, seg_start: int, item: str) -> tuple[list[np.ndarray], np.ndarray | None]:
+        """Candidates ``(n, K, D)`` → one sealed candidates shard object per shard of the block, and int8 scales ``(n, K)``.
+
+        Values are converted to the storage form (``<f2`` / bf16 bits ``<u2`` / ``i1``) straight
+        into each shard's buffer. Float16Overflow names the first value that does not fit.
+        """
+        g = self._geo
+        form = g.form
         if cand.dtype == np.float16:  # only inf/NaN can be wrong (numpy's float16 max/min/isfinite are slow)
-            fits = _max_abs_bits16(cand) < 0x7C00
+            if _max_abs_bits16(cand) >= 0x7C00:
+                self._raise_overflow(cand, seg_start, item)
         elif form == "float16":  # no temporaries: NaN propagates through max/min and fails the comparison
-            fits = bool(cand.max() <= L.FLOAT16_MAX and cand.min() >= -L.FLOAT16_MAX)
-        else:
-            fits = bool(np.isfinite(cand.max()) and np.isfinite(cand.min()))
-        if not fits:
-            limit = L.FLOAT16_MAX if form == "float16" else np.inf
-            bad_mask = ~np.isfinite(cand) | (np.abs(cand) > limit)
-            s, t, c = (int(v) for v in np.argwhere(bad_mask)[0])
-            what = "do not fit float16 (|x| > 65504, inf or NaN)" if form == "float16" else "are not finite"
-            raise Float16Overflow(
-                f"{int(bad_mask.sum())} candidate value(s) {what}; "
-                f"first at segment {seg_start + s}, token {t}, channel {c}: {cand[s, t, c]!r}",
-                item=item,
-                segment=seg_start + s,
-            )
-        if form == "float16":
-            return cand.astype("<f2", copy=False), None
-        if form == "bfloat16":
-            bits = to_bf16_bits(cand)
-            if _max_abs_bits16(bits) >= 0x7F80:  # rounded up to inf (beyond bf16's max)
-                raise Float16Overflow("candidate values overflow bfloat16", item=item, segment=seg_start)
-            return bits, None
-        return quantize_int8(cand)
+            if not (cand.max() <= L.FLOAT16_MAX and cand.min() >= -L.FLOAT16_MAX):
+                self._raise_overflow(cand, seg_start, item)
+        shards: list[np.ndarray] = []
+        scales = np.empty(cand.shape[:2], dtype=np.float32) if form == "int8" else None
+        for s0 in range(0, cand.shape[0], g.P):
+            part = cand[s0 : s0 + g.P]
+            buf = ShardBuffer(len(part), g.K, g.D, _NP_STORED[form], g.P, g.C, checksum=g.checksums)
+            src = part.reshape(buf.chunks.shape)
+            if form == "float16":
+                np.copyto(buf.chunks, src, casting="same_kind")
+            elif form == "bfloat16":
+                _bf16_bits_into(buf.chunks, src)
+                if _max_abs_bits16(buf.chunks) >= 0x7F80:  # NaN, inf, or rounded up beyond bf16's max
+                    self._raise_overflow(cand, seg_start, item)
+            else:
+                sc = _quantize_int8_into(np.ascontiguousarray(src, dtype=np.float32), buf.chunks)
+                if not np.isfinite(sc).all():  # NaN/inf propagate into the token's scale
+                    self._raise_overflow(cand, seg_start, item)
+                scales[s0 : s0 + len(part)] = sc.reshape(len(part), g.K)
+            shards.append(buf.seal())
+        return shards, scales
+
+    def _raise_overflow(self, cand: np.ndarray, seg_start: int, item: str) -> None:
+        """Raise Float16Overflow for the first candidate value that does not fit the storage form."""
+        form = self._geo.form
+        limit = {"float16": L.FLOAT16_MAX, "bfloat16": BFLOAT16_MAX}.get(form, np.inf)
+        bad_mask = ~np.isfinite(cand) | (np.abs(cand.astype(np.float32)) > limit)
+        s, t, c = (int(v) for v in np.argwhere(bad_mask)[0])
+        what = {"float16": "do not fit float16 (|x| > 65504, inf or NaN)", "bfloat16": "do not fit bfloat16 (inf or NaN)"}
+        raise Float16Overflow(
+            f"{int(bad_mask.sum())} candidate value(s) {what.get(form, 'are not finite')}; "
+            f"first at segment {seg_start + s}, token {t}, channel {c}: {cand[s, t, c]!r}",
+            item=item,
+            segment=seg_start + s,
+        )
 
     def write_block(
         self,
@@ -767,7 +815,7 @@ class CacheWriter:
         if bad_rel.any():
             bad = int(np.flatnonzero(bad_rel)[0])
             raise InvalidCacheBlock(f"relevance of segment {bad + seg_start} is not in [0, 1]: {rel32[bad]!r}", item=item)
-        stored, scales = self._encode_candidates(cand, seg_start, item)
+        shard_objects, scales = self._encode_candidates(cand, seg_start, item)
         store = self.store
 
         async def put() -> None:
@@ -776,7 +824,7 @@ class CacheWriter:
             for s0 in range(seg_start, end, g.P):
                 shard = s0 // g.P
                 part = slice(s0 - seg_start, s0 - seg_start + g.P)
-                data = encode_shard(stored[part], g.P, g.C, checksum=g.checksums)
+                data = shard_objects[(s0 - seg_start) // g.P]
                 puts.append(_put_bytes(store, L.candidates_shard_key(video_id, query_id, shard, version), data))
                 if scales is not None:
                     sdata = encode_shard(scales[part][:, None, :], g.P, 1, checksum=g.checksums)

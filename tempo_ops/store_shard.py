@@ -48,6 +48,56 @@ def encode_index(index: np.ndarray) -> bytes:
     return raw + crc32c_bytes(raw)
 
 
+class ShardBuffer:
+    """One shard object being filled in place: ``chunks`` is a writable view of its chunk data.
+
+    ``chunks`` has shape ``(n * K // C, C, W)`` in the value dtype (``n`` segments of the
+    shard present, C order, segment-major): callers convert straight into it, so the stored
+    values are written once, with no intermediate array. ``seal`` appends the crc32c of
+    each chunk (layout v2) and the index, and returns the whole object (uint8 array).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        tokens: int,
+        width: int,
+        dtype: np.dtype | str,
+        segments_per_shard: int,
+        token_chunk: int,
+        *,
+        checksum: bool = True,
+    ) -> None:
+        dtype = np.dtype(dtype)
+        if n > segments_per_shard or tokens % token_chunk:
+            raise ValueError(f"({n}, {tokens}, {width}) does not fit a shard of {segments_per_shard} x {tokens}/{token_chunk}")
+        self.checksum = checksum
+        self.chunks_per_segment = tokens // token_chunk
+        n_chunks = n * self.chunks_per_segment
+        self.data_nbytes = token_chunk * width * dtype.itemsize
+        chunk_nbytes = self.data_nbytes + (CRC_NBYTES if checksum else 0)
+        index = np.full((segments_per_shard, self.chunks_per_segment, 1, 2), EMPTY, dtype=np.uint64)
+        offsets = np.arange(n_chunks, dtype=np.uint64) * np.uint64(chunk_nbytes)
+        index[:n, :, 0, 0] = offsets.reshape(n, self.chunks_per_segment)
+        index[:n, :, 0, 1] = chunk_nbytes
+        self._index_bytes = encode_index(index)
+        self._body_nbytes = n_chunks * chunk_nbytes
+        self.out = np.empty(self._body_nbytes + len(self._index_bytes), dtype=np.uint8)
+        self._body = self.out[: self._body_nbytes].reshape(n_chunks, chunk_nbytes)
+        self._data = self._body[:, : self.data_nbytes]
+        self.chunks = self._data.view(dtype).reshape(n_chunks, token_chunk, width)
+
+    def seal(self) -> np.ndarray:
+        """Checksums and index written after the chunks; the shard object (uint8 array)."""
+        if self.checksum:
+            crcs = np.fromiter(
+                (google_crc32c.value(row.tobytes()) for row in self._data), dtype="<u4", count=len(self._data)
+            )
+            self._body[:, self.data_nbytes :] = crcs.view(np.uint8).reshape(-1, CRC_NBYTES)
+        self.out[self._body_nbytes :] = np.frombuffer(self._index_bytes, dtype=np.uint8)
+        return self.out
+
+
 def encode_shard(block: np.ndarray, segments_per_shard: int, token_chunk: int, *, checksum: bool = True) -> np.ndarray:
     """Encode ``block`` ``(n, T, W)`` (n <= P; little-endian values) as one shard object (uint8 array).
 
@@ -56,27 +106,9 @@ def encode_shard(block: np.ndarray, segments_per_shard: int, token_chunk: int, *
     the index. The data is copied once, straight into the output buffer.
     """
     n, k, w = block.shape
-    if n > segments_per_shard or k % token_chunk:
-        raise ValueError(f"block {block.shape} does not fit a shard of {segments_per_shard} x {k}/{token_chunk}")
-    chunks_per_segment = k // token_chunk
-    n_chunks = n * chunks_per_segment
-    data_nb = token_chunk * w * block.dtype.itemsize
-    chunk_nbytes = data_nb + (CRC_NBYTES if checksum else 0)
-    index = np.full((segments_per_shard, chunks_per_segment, 1, 2), EMPTY, dtype=np.uint64)
-    offsets = np.arange(n_chunks, dtype=np.uint64) * np.uint64(chunk_nbytes)
-    index[:n, :, 0, 0] = offsets.reshape(n, chunks_per_segment)
-    index[:n, :, 0, 1] = chunk_nbytes
-    index_bytes = encode_index(index)
-    body_nb = n_chunks * chunk_nbytes
-    out = np.empty(body_nb + len(index_bytes), dtype=np.uint8)
-    body = out[:body_nb].reshape(n_chunks, chunk_nbytes)
-    src = np.ascontiguousarray(block).view(np.uint8).reshape(n_chunks, data_nb)
-    body[:, :data_nb] = src
-    if checksum:
-        crcs = np.fromiter((google_crc32c.value(row.tobytes()) for row in src), dtype="<u4", count=n_chunks)
-        body[:, data_nb:] = crcs.view(np.uint8).reshape(n_chunks, CRC_NBYTES)
-    out[body_nb:] = np.frombuffer(index_bytes, dtype=np.uint8)
-    return out
+    buf = ShardBuffer(n, k, w, block.dtype, segments_per_shard, token_chunk, checksum=checksum)
+    buf.chunks[...] = block.reshape(buf.chunks.shape)
+    return buf.seal()
 
 
 def decode_index(raw: bytes, segments_per_shard: int, chunks_per_segment: int, *, item: str) -> np.ndarray:

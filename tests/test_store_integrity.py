@@ -330,6 +330,65 @@ def test_int8_form_meets_its_error_and_size_targets(tmp_path: Path) -> None:
         CacheReader(urls["int8"]).entry("v", "q").read_all()
 
 
+def test_values_are_converted_straight_into_the_shard_bytes_of_the_separate_steps(tmp_path: Path) -> None:
+    """The writer converts into each shard's buffer; the objects equal encode_shard of the converted values."""
+    from tempo_ops import store as store_mod
+    from tempo_ops.store_shard import encode_shard
+
+    cand, rel = block_data("v", "q")
+    cand = cand * 3.7
+    for form in ("float16", "bfloat16", "int8"):
+        url = str(tmp_path / form)
+        _write(_form_writer(url, form), cand, rel)
+        version = CacheReader(url).entry("v", "q").version
+        for shard in range(S // P):
+            block = cand[shard * P : (shard + 1) * P]
+            if form == "float16":
+                stored = block.astype("<f2")
+            elif form == "bfloat16":
+                stored = to_bf16_bits(block)
+            else:
+                stored, _ = quantize_int8(block)
+            want = encode_shard(stored, P, C).tobytes()
+            got = (Path(url) / L.candidates_shard_key("v", "q", shard, version)).read_bytes()
+            assert got == want, (form, shard)
+    # the torch conversion and the numpy fallback round alike (nearest even), into strided rows too
+    x = np.random.default_rng(3).standard_normal((6, 40), dtype=np.float32) * 1e3
+    x[0, :3] = [np.inf, -np.inf, np.nan]
+    torch_bits = to_bf16_bits(x)
+    real = store_mod._torch
+    store_mod._torch = lambda: None
+    try:
+        strided = np.zeros((6, 44), dtype="<u2")[:, :40]
+        store_mod._bf16_bits_into(strided, x)
+    finally:
+        store_mod._torch = real
+    np.testing.assert_array_equal(torch_bits[:, 3:], strided[:, 3:])
+    assert (torch_bits[0, :2] == [0x7F80, 0xFF80]).all() and (torch_bits[0, 2] & 0x7FFF) > 0x7F80
+
+
+@pytest.mark.parametrize("form", ["bfloat16", "int8"])
+def test_values_the_form_cannot_hold_are_refused_before_writing(tmp_path: Path, form: str) -> None:
+    from tempo_ops.errors import Float16Overflow
+
+    url = str(tmp_path / form)
+    w = _form_writer(url, form)
+    w.write_video("v", make_meta())
+    w.begin_entry("v", "q", "?", S)
+    cand, rel = block_data("v", "q")
+    bads = (np.inf, -np.inf, np.nan) + ((3.4e38,) if form == "bfloat16" else ())  # 3.4e38 rounds to bf16 inf
+    for bad in bads:
+        block = cand[:P].copy()
+        block[2, 5, 7] = bad
+        with pytest.raises(Float16Overflow, match="segment 2, token 5, channel 7") as info:
+            w.write_block("v", "q", 0, block, rel[:P])
+        assert info.value.item == "v/q"
+    assert not (Path(url) / L.candidates_shard_key("v", "q", 0, w.pending_version("v", "q"))).exists()
+    ok = cand[:P].copy()
+    ok[0, 0, 0] = 3.38e38 if form == "bfloat16" else 1e30  # large but representable
+    w.write_block("v", "q", 0, ok, rel[:P])
+
+
 # ---------------------------------------------------------------- v1 compatibility and migration
 def _v1_copy(tmp_path: Path) -> str:
     url = str(tmp_path / "v1cache")
