@@ -38,7 +38,8 @@ from schemas.cache_layout import (
 from tempo_ops.errors import ConfigError
 from tempo_ops.keys import sanitize_key
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: every chunk carries a crc32c (zarr codec); 1 (no checksums) is still read
+READABLE_VERSIONS = (1, 2)
 INDEX_KIND = "tempo_segment_index"
 STORED_DTYPES = ("bfloat16", "float32")
 DEFAULT_STORED_DTYPE = "bfloat16"
@@ -146,13 +147,13 @@ def check_layout(root_attrs: Mapping[str, Any] | None, item: str) -> dict[str, A
     """Validate an index root's attributes; return them. The ONE layout-version check of the index.
 
     Raises CacheLayoutError when the root is not a Tempo segment index or its
-    ``layout_version`` is missing or not ``LAYOUT_VERSION``.
+    ``layout_version`` is missing or not one of ``READABLE_VERSIONS``.
     """
     return check_root(
         root_attrs,
         item,
         kind=INDEX_KIND,
         label="Tempo segment index",
-        versions=(LAYOUT_VERSION,),
+        versions=READABLE_VERSIONS,
         required=(ROOT_FINGERPRINT, ROOT_CONFIG, ROOT_SEGMENTS_PER_UNIT, ROOT_D, ROOT_DEEPSTACK_LAYERS),
     )

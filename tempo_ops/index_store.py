@@ -30,6 +30,7 @@ import tempo_ops
 from schemas import cache_layout as CL
 from schemas import index_layout as L
 from tempo_ops.errors import (
+    CacheCorrupt,
     CacheLayoutError,
     EntryIncomplete,
     InvalidCacheBlock,
@@ -115,14 +116,19 @@ def _chunks(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     return (1, *shape[1:]) if name in ("visual", "deepstack") else shape
 
 
-def _unit_objects(arrays: dict[str, np.ndarray]) -> dict[str, bytes]:
-    """Every object (``name/zarr.json``, ``name/c/...``) of the unit's arrays, as zarr writes them."""
+def _unit_objects(arrays: dict[str, np.ndarray], *, checksum: bool) -> dict[str, bytes]:
+    """Every object (``name/zarr.json``, ``name/c/...``) of the unit's arrays, as zarr writes them.
+
+    ``checksum`` (layout 2): each chunk carries zarr's ``crc32c`` codec, so plain zarr verifies it too.
+    """
     scratch = zarr.storage.MemoryStore()
     for name in L.ARRAYS:
         a = arrays[name]
         arr = zarr.create_array(
             store=scratch, name=name, shape=a.shape, dtype=a.dtype, chunks=_chunks(name, a.shape),
-            compressors=None, filters=None, fill_value=0,
+            compressors=[zarr.codecs.Crc32cCodec()] if checksum else None, filters=None, fill_value=0,
+            # layout 2 writes all-zero chunks too, so an absent chunk is always damage (reads check it)
+            config={"write_empty_chunks": checksum},
         )
         arr[...] = a
 
@@ -271,7 +277,7 @@ class IndexWriter:
             raise InvalidCacheBlock("a unit needs at least one segment", item=f"{video_id} unit {unit}")
         d = int(self.root_attrs[L.ROOT_D])
         arrays = _encode_unit(features, self.stored_dtype, self.deepstack_layers, d)
-        objects = _unit_objects(arrays)
+        objects = _unit_objects(arrays, checksum=int(self.root_attrs[L.ROOT_LAYOUT_VERSION]) >= 2)
         path = L.unit_path(video_id, unit)
         attrs = {
             L.ROOT_KIND: L.UNIT_KIND,
@@ -393,6 +399,7 @@ class IndexVideo:
             raise InvalidCacheBlock(f"segment range [{start}, {stop}) is outside [0, {self.n_segments})", item=self.video_id)
         out: list[SegmentFeatures] = []
         stored = self._reader.stored_dtype
+        checksummed = int(self._reader.root_attrs[L.ROOT_LAYOUT_VERSION]) >= 2
         for u in sorted({self._unit_of(s) for s in range(start, stop)}):
             path = L.unit_path(self.video_id, u)
             uattrs = sync(_get_attrs(self._reader.store, path))
@@ -400,10 +407,9 @@ class IndexVideo:
                 raise EntryIncomplete(f"unit {u} is missing", item=self.video_id)
             a0 = int(uattrs[L.UNIT_SEG_START])
             lo, hi = max(start, a0) - a0, min(stop, int(uattrs[L.UNIT_SEG_STOP])) - a0
-            grp = zarr.open_group(self._reader.store, path=path, mode="r")
-            small = {n: np.asarray(grp[n][...]) for n in ("n_visual", "input_ids", "mm_token_type_ids", "prefix_length", "grid", "start_position")}
-            visual = np.asarray(grp["visual"][lo:hi])
-            deepstack = np.asarray(grp["deepstack"][lo:hi])
+            small, visual, deepstack = _read_unit(
+                self._reader.store, path, lo, hi, item=f"{self.video_id} unit {u}", checksummed=checksummed
+            )
             for j in range(lo, hi):
                 n, p = int(small["n_visual"][j]), int(small["prefix_length"][j])
                 out.append(
@@ -418,6 +424,41 @@ class IndexVideo:
                     )
                 )
         return out
+
+
+_SMALL_ARRAYS = ("n_visual", "input_ids", "mm_token_type_ids", "prefix_length", "grid", "start_position")
+
+
+def _read_unit(
+    store: Any, path: str, lo: int, hi: int, *, item: str, checksummed: bool
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """A unit's small arrays whole and rows ``[lo, hi)`` of ``visual`` / ``deepstack``.
+
+    In layout 2 (``checksummed``) every chunk read must exist (a deleted chunk would read as
+    the fill value, zeros) and pass its crc32c: CacheCorrupt naming the unit and the chunk otherwise.
+    """
+    try:
+        grp = zarr.open_group(store, path=path, mode="r")
+        arrays = {n: grp[n] for n in (*_SMALL_ARRAYS, "visual", "deepstack")}
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        raise CacheCorrupt(f"unit array metadata is missing or damaged ({exc})", item=item, chunk=path) from None
+
+    def chunk_keys(name: str) -> list[str]:
+        arr = arrays[name]
+        rows = range(lo, hi) if name in ("visual", "deepstack") else range(1)
+        return [] if arr.size == 0 else [f"{path}/{name}/c/" + "/".join([str(r)] + ["0"] * (arr.ndim - 1)) for r in rows]
+
+    if checksummed:  # layout 1 left all-zero chunks out, so absence proves nothing there
+        keys = [k for n in arrays for k in chunk_keys(n)]
+        present = sync(_gather_limited([store.exists(k) for k in keys]))
+        missing = [k for k, ok in zip(keys, present) if not ok]
+        if missing:
+            raise CacheCorrupt(f"{len(missing)} chunk(s) of the unit are missing", item=item, chunk=missing[0])
+    try:
+        small = {n: np.asarray(arrays[n][...]) for n in _SMALL_ARRAYS}
+        return small, np.asarray(arrays["visual"][lo:hi]), np.asarray(arrays["deepstack"][lo:hi])
+    except ValueError as exc:  # zarr's crc32c codec: "Stored and computed checksum do not match"
+        raise CacheCorrupt(f"a chunk of the unit is damaged: fails its crc32c or is truncated ({exc})", item=item, chunk=path) from None
 
 
 def index_nbytes(url: str, storage_options: dict[str, Any] | None = None) -> int:

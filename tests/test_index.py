@@ -227,7 +227,9 @@ def test_from_index_entries_carry_identity_checksums_and_repair(indexed, tiny_mo
     c = _summary(cache)["counts"]
     assert (c["queries_corrupt_repaired"], c["queries_completed"], c["queries_skipped_complete"]) == (1, 1, 3)
     repaired = CacheReader(str(cache)).entry("a", "q1")
-    np.testing.assert_array_equal(repaired.read_all(), before)
+    # The repair computes a/q1 alone, the first run with a/q2 in the same batch: float32 GEMMs may
+    # round differently with the batch size on some CPUs, so stored float16 values may differ by an ulp.
+    np.testing.assert_allclose(repaired.read_all(), before, rtol=2e-3, atol=1e-3)
     assert repaired.verify(full=True) == []
 
 
@@ -378,9 +380,10 @@ def test_index_root_checks_are_the_caches(indexed, tmp_path):
     assert not root.exists()
 
     attrs = json.loads(good)["attributes"]
-    assert index_layout.check_layout(attrs, "i")[index_layout.ROOT_LAYOUT_VERSION] == 1
-    with pytest.raises(CacheLayoutError, match=r"this code reads 1\)"):
-        index_layout.check_layout({**attrs, "layout_version": 2}, "i")  # the cache's v2 is not the index's
+    assert index_layout.check_layout(attrs, "i")[index_layout.ROOT_LAYOUT_VERSION] == 2
+    assert index_layout.check_layout({**attrs, "layout_version": 1}, "i")[index_layout.ROOT_LAYOUT_VERSION] == 1
+    with pytest.raises(CacheLayoutError, match=r"this code reads \[1, 2\]"):
+        index_layout.check_layout({**attrs, "layout_version": 3}, "i")
     cache_root = json.loads((indexed["from_index"] / "zarr.json").read_text())["attributes"]
     assert cache_layout.check_layout(cache_root, "c")["storage_form"] == "float16"
     with pytest.raises(CacheLayoutError, match="'storage_form' is missing"):
@@ -495,3 +498,48 @@ def test_index_job_shares_compress_job_behaviour(tiny_models, corpus, tmp_path, 
     assert (c.get("units_held_elsewhere", 0), c["videos_completed"], c["videos_skipped_complete"]) == (0, 1, 1)
     assert IndexReader(str(index)).video_ids() == ["a", "b/c"]
     assert not Path(str(index) + ".leases").exists()
+
+
+def test_index_chunks_are_checksummed_and_damage_becomes_a_dead_letter(indexed, tiny_models, corpus, tmp_path):
+    """Layout 2: a flipped byte or a deleted chunk of a unit raises CacheCorrupt naming the unit
+    (never zeros or wrong features); compress --from-index dead-letters that video and goes on."""
+    import shutil
+
+    import zarr
+
+    from schemas import index_layout as IL
+    from tempo_ops.errors import CacheCorrupt
+    from tempo_ops.index_store import IndexReader
+
+    copy = tmp_path / "damaged.zarr"
+    shutil.copytree(indexed["index"], copy)
+    assert IndexReader(str(copy)).root_attrs["layout_version"] == IL.LAYOUT_VERSION == 2
+    unit0 = IL.unit_path("a", 0)
+    codecs = json.loads((copy / unit0 / "visual" / "zarr.json").read_text())["codecs"]
+    assert [c["name"] for c in codecs][-1] == "crc32c"  # plain zarr verifies it too
+    good = IndexReader(str(copy)).video("a").features()
+    chunk = copy / unit0 / "visual" / "c" / "1" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[5] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    with pytest.raises(CacheCorrupt, match="crc32c") as info:
+        IndexReader(str(copy)).video("a").features()
+    assert info.value.item == "a unit 0" and info.value.code == "cache_corrupt"
+    with pytest.raises(ValueError, match="checksum"):
+        zarr.open_group(str(copy), mode="r")[f"{unit0}/visual"][1]
+    # segments of other units are still served, and equal what was written
+    later = IndexReader(str(copy)).video("a").features(2, 4)
+    assert all(torch.equal(x.visual, y.visual) for x, y in zip(later, good[2:4]))
+    (copy / IL.unit_path("a", 1) / "deepstack" / "c" / "0" / "0" / "0" / "0").unlink()
+    with pytest.raises(CacheCorrupt, match="missing") as info:
+        IndexReader(str(copy)).video("a").features(2, 4)
+    assert info.value.item == "a unit 1"
+
+    cache = tmp_path / "from_damaged.zarr"
+    rc = tempo(["compress", "--from-index", str(copy), "--manifest", str(corpus["later"]), "--cache", str(cache), *_model_args(tiny_models)])
+    assert rc != 0
+    letters = _dead_letters(cache)
+    assert {d["video_id"] for d in letters if d.get("code") == "cache_corrupt"} == {"a"}, letters
+    from tempo_ops.store import CacheReader
+
+    assert ("b/c", "q1") in CacheReader(str(cache)).entries()  # the rest of the job completed
