@@ -207,8 +207,12 @@ def test_micro_batching_and_accumulation_do_not_change_the_update(tiny_models, s
     b = train(_cfg(shards, init, tmp_path / "b", steps=2, batch=4, grad_accum=2, max_batch_tokens=40))
     wa, wb = _weights(a["final_checkpoint"]), _weights(b["final_checkpoint"])
     assert wa.keys() == wb.keys()
+    init_w = _weights(Path(init))
+    moved = max(float((wa[k] - init_w[k].float()).abs().max()) for k in wa)
     diff = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert diff < 1e-5
+    # float32 sums in another order: Adam turns that rounding into update differences of ~1e-5
+    # (measured 1.3e-5 on one CPU, < 1e-5 on another) against weights that moved ~1e-2.
+    assert moved > 1e-3 and diff < 1e-4 and diff < 0.01 * moved, (moved, diff)
     la = [r["loss"] for r in read_metrics(Path(a["metrics"]), "train")]
     lb = [r["loss"] for r in read_metrics(Path(b["metrics"]), "train")]
     assert la == pytest.approx(lb, rel=1e-5) and la[1] < la[0]
