@@ -449,9 +449,12 @@ def _read_unit(
         return [] if arr.size == 0 else [f"{path}/{name}/c/" + "/".join([str(r)] + ["0"] * (arr.ndim - 1)) for r in rows]
 
     if checksummed:  # layout 1 left all-zero chunks out, so absence proves nothing there
-        keys = [k for n in arrays for k in chunk_keys(n)]
-        present = sync(_gather_limited([store.exists(k) for k in keys]))
-        missing = [k for k, ok in zip(keys, present) if not ok]
+
+        async def listed() -> set[str]:  # one listing of the unit, not a request per chunk
+            return {k async for k in store.list_prefix(f"{path}/")}
+
+        present = sync(listed())
+        missing = [k for n in arrays for k in chunk_keys(n) if k not in present]
         if missing:
             raise CacheCorrupt(f"{len(missing)} chunk(s) of the unit are missing", item=item, chunk=missing[0])
     try:

@@ -337,22 +337,17 @@ def _quantize_int8_into(x: np.ndarray, q: np.ndarray) -> np.ndarray:
     scale = np.empty((g_count, r), dtype=np.float32)
     per_pass = max(1, _PASS_ELEMENTS // max(1, r * d))
     buf = np.empty((min(per_pass, g_count) * r, d), dtype=np.float32)
-    with np.errstate(invalid="ignore"):  # inf/NaN tokens get a non-finite scale, which the writer refuses
-        _quantize_passes(x, q, scale, buf, per_pass)
-    return scale
-
-
-def _quantize_passes(x: np.ndarray, q: np.ndarray, scale: np.ndarray, buf: np.ndarray, per_pass: int) -> None:
-    r, d = x.shape[1], x.shape[2]
-    for i in range(0, x.shape[0], per_pass):
+    for i in range(0, g_count, per_pass):
         blk = x[i : i + per_pass].reshape(-1, d)
         b = buf[: len(blk)]
         s = (np.maximum(blk.max(axis=-1), -blk.min(axis=-1)) / np.float32(127.0)).astype(np.float32)
         scale[i : i + per_pass] = s.reshape(-1, r)
-        np.divide(blk, np.where(s > 0, s, np.float32(1.0))[:, None], out=b)
-        np.rint(b, out=b)
-        np.clip(b, -127, 127, out=b)
-        q[i : i + per_pass] = b.reshape(-1, r, d)
+        with np.errstate(invalid="ignore"):  # inf/NaN tokens get a non-finite scale, which the writer refuses
+            np.divide(blk, np.where(s > 0, s, np.float32(1.0))[:, None], out=b)
+            np.rint(b, out=b)
+            np.clip(b, -127, 127, out=b)
+            q[i : i + per_pass] = b.reshape(-1, r, d)
+    return scale
 
 
 def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -370,7 +365,8 @@ def _max_abs_bits16(values: np.ndarray) -> int:
     float16 values are all finite iff it is < 0x7C00; bfloat16 ones iff it is < 0x7F80.
     ``values``: any shape whose rows (first axis) are each contiguous (e.g. a shard's chunks).
     """
-    v = values.view(np.uint16).reshape(len(values), -1) if values.ndim > 1 else values.view(np.uint16).reshape(1, -1)
+    v = np.atleast_2d(values).view(np.uint16)
+    v = v.reshape(len(v), -1)
     rows = max(1, _PASS_ELEMENTS // max(1, v.shape[1]))
     buf = np.empty((min(rows, len(v)), v.shape[1]), dtype=np.uint16)
     top = 0
