@@ -12,9 +12,11 @@ One (video, query) entry: 128 segments x 128 tokens x D=2048 (64 MiB as float16/
   to fit B): bytes read (byte-counting store wrapper) / bytes of the selected tokens (target
   <= 1.25), for the direct reader and plain zarr slicing.
 - Verification overhead: the same direct reads with the crc32c check disabled.
-- int8: per-token cosine to the original (Gaussian tokens, tokens with outlier channels, and the
-  tiny compressor's real candidates), and the LLM stage's answer logits on the tiny model with
-  int8 vs bfloat16 tokens (all K tokens of every segment, last prompt position).
+- int8: per-token cosine to the original for the stored scheme (per-token scale + per-segment
+  channel exponents) and the first, per-token-only scheme, on Gaussian tokens and five kinds
+  of outliers hidden states show, and on the tiny compressor's real candidates; the LLM
+  stage's answer logits on the tiny model with int8 vs bfloat16 tokens (all K tokens of every
+  segment, last prompt position).
 
 Run: ``python -m bench.bench_store`` → ``bench/results/store.json``.
 """
@@ -91,8 +93,38 @@ def stored_blocks(form: str, cand32: np.ndarray, p: int) -> list[tuple[np.ndarra
         elif form == "bfloat16":
             out.append((to_bf16_bits(block),))
         else:
-            out.append(quantize_int8(block))
+            out.append(tuple(a for a in quantize_int8(block) if a is not None))  # values, scales, channel exponents
     return out
+
+
+OUTLIER_KINDS = (
+    "outlier_channels_1pct_x20",
+    "outlier_channels_random_per_segment",
+    "four_channels_x100",
+    "sink_token_x50",
+    "lognormal_channel_scale",
+    "heavy_tailed_elements_student_t3",
+)
+
+
+def outlier_candidates(rng: np.random.Generator, kind: str) -> np.ndarray:
+    """(S, K, D) float32 activations with the outliers of transformer hidden states (int8's hard cases)."""
+    x = rng.standard_normal((S, K, D), dtype=np.float32)
+    if kind == "outlier_channels_1pct_x20":  # the same 1% of channels 20x larger everywhere
+        x[..., rng.choice(D, D // 100, replace=False)] *= 20.0
+    elif kind == "outlier_channels_random_per_segment":  # a different 1% of channels in every segment
+        for s in range(S):
+            x[s][:, rng.choice(D, D // 100, replace=False)] *= 20.0
+    elif kind == "four_channels_x100":
+        x[..., :4] *= 100.0
+    elif kind == "sink_token_x50":  # one huge-norm token per segment on top of 1% outlier channels
+        x[:, 0] *= 50.0
+        x[..., : D // 100] *= 20.0
+    elif kind == "lognormal_channel_scale":  # channel magnitudes spread over orders of magnitude
+        x *= rng.lognormal(0.0, 1.0, D).astype(np.float32)
+    elif kind == "heavy_tailed_elements_student_t3":  # spikes anywhere, not tied to channels or tokens
+        x = rng.standard_t(3, (S, K, D)).astype(np.float32)
+    return x
 
 
 def cosine_per_token(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -120,8 +152,7 @@ def int8_llm_logits(work: Path) -> dict[str, Any]:
     question = "What moves across the frame?"
     cand = comp.compress(segments, [question]).candidates[0]  # (S, K, D) float32
     bf = store_mod.from_bf16_bits(to_bf16_bits(cand))  # what the bfloat16 form stores, exactly
-    q, sc = quantize_int8(bf)
-    i8 = store_mod.dequantize_int8(q, sc)
+    i8 = store_mod.dequantize_int8(*quantize_int8(bf))
     cos = cosine_per_token(i8, bf)
     llm = TempoLLM.from_pretrained(models["tempo"], device="cpu")
     n_seg, k_tok = bf.shape[0], bf.shape[1]
@@ -265,13 +296,15 @@ def main() -> None:
             counting = CountingStore(open_store(str(work / form), read_only=True))
             reader = CacheReader(str(work / form), store=counting)
             scores = reader.entry("video", "q1").relevance()
-            token_nbytes = D * _NP_STORED[form].itemsize + (4 if form == "int8" else 0)
+            token_nbytes = D * _NP_STORED[form].itemsize + (4 if form == "int8" else 0)  # + int8's token scale
             rows = {}
             for budget in BUDGETS:
                 k = ata_like(scores, budget)
                 ranges = [(0, int(x)) for x in k]
                 selected = int(k.sum()) * token_nbytes
                 row: dict[str, Any] = {"tokens_selected": int(k.sum()), "bytes_selected": selected}
+                if form == "int8":  # decoding also needs each read segment's channel exponents (D bytes)
+                    row["bytes_selected_with_channel_exponents"] = selected + int((k > 0).sum()) * D
                 for method in ("direct", "zarr"):
                     t = median_time(
                         lambda m=method, r=ranges, rd=reader: rd.entry("video", "q1").read_token_ranges(r, method=m),
@@ -285,9 +318,14 @@ def main() -> None:
                     row[method] = {
                         "median_s": t["median_s"],
                         "bytes_read": counting.get_bytes,
+                        "bytes_read_per_kept_token": counting.get_bytes / int(k.sum()),
                         "requests": counting.get_requests,
                         "bytes_read_over_selected": counting.get_bytes / selected,
                     }
+                    if form == "int8":
+                        row[method]["bytes_read_over_selected_with_channel_exponents"] = (
+                            counting.get_bytes / row["bytes_selected_with_channel_exponents"]
+                        )
                 rows[f"B{budget}"] = row
             budget_rows[form] = rows
         budget_rows["target_bytes_over_selected"] = 1.25
@@ -315,13 +353,15 @@ def main() -> None:
         figures["verification"] = overhead
 
         # ---------------------------------------------------------------- int8 accuracy
-        out = rng.standard_normal((S, K, D), dtype=np.float32)
-        out[..., rng.choice(D, D // 100, replace=False)] *= 20.0  # 1% outlier channels
-        acc = {}
-        for name, x in (("gaussian", cand32), ("outlier_channels_1pct_x20", out)):
-            q, sc = quantize_int8(x)
-            cos = cosine_per_token(store_mod.dequantize_int8(q, sc), x)
-            acc[name] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "tokens_below_0_999": int((cos < 0.999).sum())}
+        acc: dict[str, Any] = {}
+        for name in ("gaussian", *OUTLIER_KINDS):
+            x = cand32 if name == "gaussian" else outlier_candidates(rng, name)
+            row = {}
+            for scheme, channel_scaled in (("token_channel", True), ("token_only_first_scheme", False)):
+                q, sc, ex = quantize_int8(x, channel_scaled=channel_scaled)
+                cos = cosine_per_token(store_mod.dequantize_int8(q, sc, ex), x)
+                row[scheme] = {"min_cosine": float(cos.min()), "mean_cosine": float(cos.mean()), "tokens_below_0_999": int((cos < 0.999).sum())}
+            acc[name] = row
         acc["target_min_cosine"] = 0.999
         acc.update(int8_llm_logits(work))
         figures["int8_accuracy"] = acc

@@ -864,7 +864,8 @@ def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig) -> int:
             complete = set(existing.entries(complete_only=True))
     k = int(existing.config["compressor"]["num_memory_tokens"]) if existing is not None else 128
     form = choose_storage_form(existing, args.storage_form, args.dtype)
-    token_bytes = hidden + 4 if form == "int8" else hidden * 2  # int8: one float32 scale per token
+    # per segment: K tokens (int8: D bytes + a float32 scale each, + one int8 exponent per channel) + relevance
+    segment_bytes = k * (hidden + 4) + hidden + 4 if form == "int8" else k * hidden * 2 + 4
     unit_segments = args.unit_segments or (existing.segments_per_shard if existing is not None else 32)
     totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "skipped_complete": 0, "bytes": 0}
     print(f"{'video_id':<24} {'segments':>8} {'units':>5} {'queries':>7} {'est. bytes':>12}  note")
@@ -887,7 +888,7 @@ def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig) -> int:
             print(f"{entry.video_id:<24} {'-':>8} {'-':>5} {n_queries:>7} {'-':>12}  error [{exc.code}] {exc.reason}")
             continue
         units = len(unit_ranges(plan.n_segments, unit_segments))
-        est = n_queries * plan.n_segments * (k * token_bytes + 4)
+        est = n_queries * plan.n_segments * segment_bytes
         totals["videos"] += 1
         totals["segments"] += plan.n_segments
         totals["units"] += units

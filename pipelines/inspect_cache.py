@@ -39,7 +39,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"fingerprint:      {summary['fingerprint']}",
         f"written by:       tempo_ops {summary['tempo_ops_version']} at {summary['created_at']}",
         f"shards:           {summary['segments_per_shard']} segments/shard, {summary['token_chunk']} tokens/chunk",
-        f"storage form:     {summary['storage_form']}",
+        f"storage form:     {summary['storage_form']}" + (f" (scheme {summary['int8_scheme']})" if summary.get("int8_scheme") else ""),
         "compressor:",
         *(f"  {k}: {v}" for k, v in sorted(cfg.get("compressor", {}).items())),
         "sampling:",

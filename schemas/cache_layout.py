@@ -15,6 +15,7 @@ Zarr v3 hierarchy (keys relative to the cache root; ``vkey = sanitize_key(video_
     v2: videos/{vkey}/queries/{qkey}/{version}/  version group (attrs: ENTRY_INPUTS ...), holding
         candidates (S, K, D) {float16 | bfloat16 bits as uint16 | int8}, shards (P, K, D), chunks (1, C, D)
         scales     (S, K) float32 (int8 form only), shards (P, K), chunks (1, K)
+        channel_exponents (S, D) int8 (int8 form, scheme "token_channel"), shards (P, D), chunks (1, D)
         relevance  (S,) float32, chunks (P,)
         every chunk and shard index ends in a crc32c; float fill values are NaN
     v1: videos/{vkey}/queries/{qkey}/candidates (S, K, D) float16 and .../relevance, no per-chunk crc32c
@@ -40,7 +41,13 @@ STORED_DTYPE = "float16"  # v1's only form
 STORAGE_FORMS = ("bfloat16", "float16", "int8")  # v2: config["stored_dtype"]
 FLOAT16_MAX = 65504.0
 BF16_NAN_BITS = 0x7FC0  # fill value of bfloat16 candidates (stored as uint16 bit patterns)
-INT8_MISSING = -128  # fill value of int8 candidates (quantised values lie in [-127, 127])
+INT8_MISSING = -128  # fill value of int8 candidates and channel exponents (stored values lie in [-127, 127])
+# int8 schemes (root attribute INT8_SCHEME): "token" = x ≈ q·scale[token] (the first int8 caches;
+# a root without the attribute); "token_channel" = x ≈ q·scale[token]·2**exponent[segment, channel]
+# (new caches): a power-of-two pre-scale per channel, (max|x| · mean|x|)**(3/8) over the segment's
+# tokens rounded to a power of two, keeps outlier channels and sink tokens from crushing the others.
+INT8_SCHEMES = ("token", "token_channel")
+INT8_SCHEME = "token_channel"  # what new int8 caches are written with
 TEMPO_DTYPE_ATTR = "tempo_dtype"  # array attribute: what the stored numbers mean ("bfloat16", "int8_scaled")
 CRC_NBYTES = 4  # crc32c appended to every v2 chunk and every shard index
 
@@ -56,10 +63,12 @@ QUERIES = "queries"
 CANDIDATES = "candidates"
 RELEVANCE = "relevance"
 SCALES = "scales"
+CHANNEL_EXPONENTS = "channel_exponents"
 METADATA_FILE = "zarr.json"
 CANDIDATES_DIMS = ("segment", "token", "channel")
 RELEVANCE_DIMS = ("segment",)
 SCALES_DIMS = ("segment", "token")
+CHANNEL_EXPONENTS_DIMS = ("segment", "channel")
 
 # ---------------------------------------------------------------- root attributes
 ROOT_KIND = "kind"  # == CACHE_KIND
@@ -73,6 +82,7 @@ ROOT_TOKEN_CHUNK = "token_chunk"  # C
 ROOT_K = "num_memory_tokens"  # K (== config.compressor.num_memory_tokens)
 ROOT_D = "hidden_size"  # D (== config.compressor.hidden_size)
 ROOT_STORAGE_FORM = "storage_form"  # v2: one of STORAGE_FORMS (== config.stored_dtype)
+ROOT_INT8_SCHEME = "int8_scheme"  # v2 int8 caches: one of INT8_SCHEMES (absent: "token")
 
 # ---------------------------------------------------------------- video attributes
 VIDEO_KIND = "tempo_video"
@@ -151,6 +161,10 @@ def scales_path(video_id: str, query_id: str, version: str | None = None) -> str
     return f"{data_path(video_id, query_id, version)}/{SCALES}"
 
 
+def channel_exponents_path(video_id: str, query_id: str, version: str | None = None) -> str:
+    return f"{data_path(video_id, query_id, version)}/{CHANNEL_EXPONENTS}"
+
+
 def metadata_key(node_path: str) -> str:
     """Store key of a node's ``zarr.json`` ('' is the root)."""
     return f"{node_path}/{METADATA_FILE}" if node_path else METADATA_FILE
@@ -163,6 +177,10 @@ def candidates_shard_key(video_id: str, query_id: str, shard_index: int, version
 
 def scales_shard_key(video_id: str, query_id: str, shard_index: int, version: str | None = None) -> str:
     return f"{scales_path(video_id, query_id, version)}/c/{shard_index}/0"
+
+
+def channel_exponents_shard_key(video_id: str, query_id: str, shard_index: int, version: str | None = None) -> str:
+    return f"{channel_exponents_path(video_id, query_id, version)}/c/{shard_index}/0"
 
 
 def relevance_chunk_key(video_id: str, query_id: str, chunk_index: int, version: str | None = None) -> str:
@@ -306,6 +324,8 @@ def check_layout(root_attrs: Mapping[str, Any] | None, item: str) -> dict[str, A
     )
     if attrs[ROOT_LAYOUT_VERSION] >= 2 and attrs[ROOT_STORAGE_FORM] not in STORAGE_FORMS:
         raise CacheLayoutError(f"unknown storage form {attrs[ROOT_STORAGE_FORM]!r}", item=item)
+    if attrs.get(ROOT_INT8_SCHEME, "token") not in INT8_SCHEMES:
+        raise CacheLayoutError(f"unknown int8 scheme {attrs[ROOT_INT8_SCHEME]!r}", item=item)
     return attrs
 
 
@@ -348,6 +368,11 @@ def check_root(
 def storage_form(root_attrs: Mapping[str, Any]) -> str:
     """The storage form of a checked root (v1: always float16)."""
     return STORED_DTYPE if root_attrs.get(ROOT_LAYOUT_VERSION) == 1 else str(root_attrs[ROOT_STORAGE_FORM])
+
+
+def int8_channel_scaled(root_attrs: Mapping[str, Any]) -> bool:
+    """True when a checked root's int8 candidates carry per-(segment, channel) exponents."""
+    return storage_form(root_attrs) == "int8" and root_attrs.get(ROOT_INT8_SCHEME, "token") == "token_channel"
 
 
 def validate_video_meta(video_id: str, meta: Mapping[str, Any]) -> dict[str, Any]:

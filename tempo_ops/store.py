@@ -239,7 +239,7 @@ def create_root(url: str, store: Any, attrs: dict[str, Any], *, what: str) -> di
 
 
 @functools.lru_cache(maxsize=64)
-def _array_metadata(form: str, n_segments: int, k: int, d: int, p: int, c: int) -> dict[str, bytes]:
+def _array_metadata(form: str, n_segments: int, k: int, d: int, p: int, c: int, channel_scaled: bool = False) -> dict[str, bytes]:
     """``zarr.json`` bytes of an entry's arrays (layout v2), as zarr itself writes them: name → bytes.
 
     Built in a scratch MemoryStore and copied by one put each: letting zarr create the arrays
@@ -266,6 +266,12 @@ def _array_metadata(form: str, n_segments: int, k: int, d: int, p: int, c: int) 
             compressors=crc, filters=None, fill_value=float("nan"), dimension_names=L.SCALES_DIMS,
         )
         names.append(L.SCALES)
+    if channel_scaled:
+        zarr.create_array(
+            store=scratch, name=L.CHANNEL_EXPONENTS, shape=(n_segments, d), dtype="int8", shards=(p, d), chunks=(1, d),
+            compressors=crc, filters=None, fill_value=L.INT8_MISSING, dimension_names=L.CHANNEL_EXPONENTS_DIMS,
+        )
+        names.append(L.CHANNEL_EXPONENTS)
 
     async def read() -> dict[str, bytes]:
         out = {}
@@ -328,35 +334,70 @@ def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def _quantize_int8_into(x: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """``x`` ``(G, R, D)`` float32 (C-contiguous) → int8 into ``q`` (same shape, groups may be strided); scales ``(G, R)``.
+def _channel_exponents(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    """``(m, K, D)`` float32 → ``(m, D)`` int8 ``e``: per (segment, channel), ``2**e`` ≈
+    ``(max_t |x| · mean_t |x|) ** (3/8)``, the geometric mean of the channel's largest and typical
+    magnitude raised to 3/4 (the max alone lets one sink token set every channel's factor, the
+    mean alone misses element spikes); 0 for channels that are all zero or not finite (the
+    writer refuses those). ``buf``: scratch of ``x``'s shape."""
+    np.abs(x, out=buf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log2(buf.max(axis=1)) + np.log2(buf.sum(axis=1) / np.float32(x.shape[1]))
+        e = np.rint(np.float32(0.375) * logs)
+    return np.where(np.isfinite(e), np.clip(e, -127, 127), 0).astype(np.int8)
 
-    Groups in cache-sized passes with one reused buffer: 2-3x faster than whole-array temporaries.
+
+def _quantize_int8_into(x: np.ndarray, q: np.ndarray, *, channel_scaled: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Segments ``x`` ``(n, K, D)`` float32 (C-contiguous) → int8 into ``q`` (``n`` leading, ``K·D``
+    values per segment in C order, may be strided, e.g. a shard's chunks ``(n, K/C, C, D)``).
+
+    Returns the per-token scales ``(n, K)`` float32 and, with ``channel_scaled``, the channel
+    exponents ``(n, D)`` int8 (else None): ``x ≈ q · scale[..., None] · 2**e[:, None, :]``. The
+    channel pre-scale divides each channel by a power of two that tracks its magnitude in the
+    segment (``_channel_exponents``; exact in float32), so outlier channels no longer set every
+    token's step. Segments in cache-sized passes through one reused buffer.
     """
-    g_count, r, d = x.shape
-    scale = np.empty((g_count, r), dtype=np.float32)
-    per_pass = max(1, _PASS_ELEMENTS // max(1, r * d))
-    buf = np.empty((min(per_pass, g_count) * r, d), dtype=np.float32)
-    for i in range(0, g_count, per_pass):
-        blk = x[i : i + per_pass].reshape(-1, d)
+    n, k, d = x.shape
+    scale = np.empty((n, k), dtype=np.float32)
+    exps = np.empty((n, d), dtype=np.int8) if channel_scaled else None
+    per_pass = max(1, _PASS_ELEMENTS // max(1, k * d))
+    buf = np.empty((min(per_pass, n), k, d), dtype=np.float32)
+    for i in range(0, n, per_pass):
+        blk = x[i : i + per_pass]
         b = buf[: len(blk)]
+        if exps is not None:
+            e = _channel_exponents(blk, b)
+            exps[i : i + len(blk)] = e
+            np.multiply(blk, np.ldexp(np.float32(1.0), -e.astype(np.int32))[:, None, :], out=b)
+            blk = b
         s = (np.maximum(blk.max(axis=-1), -blk.min(axis=-1)) / np.float32(127.0)).astype(np.float32)
-        scale[i : i + per_pass] = s.reshape(-1, r)
+        scale[i : i + len(b)] = s
         with np.errstate(invalid="ignore"):  # inf/NaN tokens get a non-finite scale, which the writer refuses
-            np.divide(blk, np.where(s > 0, s, np.float32(1.0))[:, None], out=b)
+            np.divide(blk, np.where(s > 0, s, np.float32(1.0))[..., None], out=b)
             np.rint(b, out=b)
             np.clip(b, -127, 127, out=b)
-            q[i : i + per_pass] = b.reshape(-1, r, d)
-    return scale
+            q[i : i + len(b)] = b.reshape(q[i : i + len(b)].shape)
+    return scale, exps
 
 
-def quantize_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(..., D)`` float → (int8 values in [-127, 127], float32 scale per token ``(...)``): x ≈ q * scale."""
+def quantize_int8(x: np.ndarray, *, channel_scaled: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Segments ``(S, K, D)`` float → (int8 values in [-127, 127], float32 scale per token ``(S, K)``,
+    int8 channel exponents ``(S, D)`` or None): what the int8 form stores (``dequantize_int8`` inverts).
+
+    ``channel_scaled=False`` is the first int8 scheme ("token", no exponents; any ``(..., D)``).
+    """
     x = np.ascontiguousarray(x, dtype=np.float32)
-    flat = x.reshape(-1, 1, x.shape[-1]) if x.ndim else x.reshape(1, 1, 1)
-    q = np.empty(flat.shape, dtype=np.int8)
-    scale = _quantize_int8_into(flat, q)
-    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+    if channel_scaled and x.ndim != 3:
+        raise ValueError(f"channel-scaled int8 quantises segments (S, K, D), got shape {x.shape}")
+    seg = x if channel_scaled else (x.reshape(-1, 1, x.shape[-1]) if x.ndim else x.reshape(1, 1, 1))
+    q = np.empty(seg.shape, dtype=np.int8)
+    scale, exps = _quantize_int8_into(seg, q, channel_scaled=channel_scaled)
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1]), exps
+
+
+def channel_factors(exponents: np.ndarray) -> np.ndarray:
+    """int8 channel exponents → float32 ``2**e`` (exact)."""
+    return np.ldexp(np.float32(1.0), np.asarray(exponents, dtype=np.int32)).astype(np.float32)
 
 
 def _max_abs_bits16(values: np.ndarray) -> int:
@@ -377,9 +418,27 @@ def _max_abs_bits16(values: np.ndarray) -> int:
     return top
 
 
-def dequantize_int8(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """int8 ``(..., D)`` and scales ``(...)`` → float32."""
-    return q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+def dequantize_int8(q: np.ndarray, scale: np.ndarray, exponents: np.ndarray | None = None) -> np.ndarray:
+    """int8 ``(..., D)``, scales ``(...)`` [, channel exponents: ``(S, D)`` for ``q`` ``(S, K, D)``] → float32."""
+    out = q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+    if exponents is not None:
+        out *= channel_factors(exponents)[..., None, :]
+    return out
+
+
+class _SideArray:
+    """An int8 entry's per-segment side array (one chunk of ``count`` values per segment, shards of P):
+    ``scales`` (kind "s", one value per token: a token range reads its slice) or
+    ``channel_exponents`` ("e", one per channel: read whole)."""
+
+    def __init__(self, kind: str, name: str, key_of: Any, dtype: np.dtype, count: int, per_token: bool, g: _Geometry) -> None:
+        self.kind, self.name, self.key_of, self.dtype, self.count, self.per_token = kind, name, key_of, dtype, count, per_token
+        self.chunk_nbytes = count * dtype.itemsize + g.crc
+        self.index_nbytes = L.shard_index_nbytes(g.P, 1, 1)
+
+    def bad_values(self, values: np.ndarray) -> bool:
+        """True when decoded values cannot have been written: non-finite scales, exponents = the fill."""
+        return not np.isfinite(values).all() if self.per_token else bool((values == L.INT8_MISSING).any())
 
 
 class _Geometry:
@@ -399,9 +458,14 @@ class _Geometry:
         self.chunk_data_nbytes = self.C * self.token_nbytes
         self.chunk_nbytes = self.chunk_data_nbytes + self.crc
         self.index_nbytes = L.shard_index_nbytes(self.P, self.K, self.C)
-        self.scale_chunk_nbytes = self.K * 4 + self.crc
-        self.scale_index_nbytes = L.shard_index_nbytes(self.P, 1, 1)
         self.rel_chunk_nbytes = self.P * 4 + self.crc
+        self.channel_scaled = L.int8_channel_scaled(root_attrs)
+        sides = []
+        if self.form == "int8":  # one chunk per segment beside the candidates: token scales [, channel exponents]
+            sides.append(_SideArray("s", L.SCALES, L.scales_shard_key, np.dtype("<f4"), self.K, True, self))
+            if self.channel_scaled:
+                sides.append(_SideArray("e", L.CHANNEL_EXPONENTS, L.channel_exponents_shard_key, np.dtype("i1"), self.D, False, self))
+        self.sides: list[_SideArray] = sides
 
     def n_shards(self, n_segments: int) -> int:
         return -(-n_segments // self.P)
@@ -498,6 +562,7 @@ class CacheWriter:
             L.ROOT_K: k,
             L.ROOT_D: d,
             L.ROOT_STORAGE_FORM: cfg["stored_dtype"],
+            **({L.ROOT_INT8_SCHEME: L.INT8_SCHEME} if cfg["stored_dtype"] == "int8" else {}),
         }
         return create_root(url, store, attrs, what="Tempo token cache")
 
@@ -678,7 +743,7 @@ class CacheWriter:
             L.ENTRY_STARTED_AT: _now(),
             L.ENTRY_PACKAGE_VERSION: tempo_ops.__version__,
         }
-        metas = _array_metadata(g.form, n_segments, g.K, g.D, g.P, g.C)
+        metas = _array_metadata(g.form, n_segments, g.K, g.D, g.P, g.C, g.channel_scaled)
         vpath = L.data_path(video_id, query_id, version)
 
         async def create() -> None:
@@ -720,8 +785,9 @@ class CacheWriter:
         self._entries[key] = (int(vattrs[L.ENTRY_N_SEGMENTS]), version)
         return self._entries[key]
 
-    def _encode_candidates(self, cand: np.ndarray, seg_start: int, item: str) -> tuple[list[np.ndarray], np.ndarray | None]:
-        """Candidates ``(n, K, D)`` → one sealed candidates shard object per shard of the block, and int8 scales ``(n, K)``.
+    def _encode_candidates(self, cand: np.ndarray, seg_start: int, item: str) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
+        """Candidates ``(n, K, D)`` → one sealed candidates shard object per shard of the block, and
+        the int8 side arrays by kind: scales ``(n, K)`` float32 [, channel exponents ``(n, D)`` int8].
 
         Values are converted to the storage form (``<f2`` / bf16 bits ``<u2`` / ``i1``) straight
         into each shard's buffer. Float16Overflow names the first value that does not fit.
@@ -735,24 +801,26 @@ class CacheWriter:
             if not (cand.max() <= L.FLOAT16_MAX and cand.min() >= -L.FLOAT16_MAX):
                 self._raise_overflow(cand, seg_start, item)
         shards: list[np.ndarray] = []
-        scales = np.empty(cand.shape[:2], dtype=np.float32) if form == "int8" else None
+        sides = {side.kind: np.empty((cand.shape[0], side.count), dtype=side.dtype) for side in g.sides}
         for s0 in range(0, cand.shape[0], g.P):
             part = cand[s0 : s0 + g.P]
             buf = ShardBuffer(len(part), g.K, g.D, _NP_STORED[form], g.P, g.C, checksum=g.checksums)
-            src = part.reshape(buf.chunks.shape)
             if form == "float16":
-                np.copyto(buf.chunks, src, casting="same_kind")
+                np.copyto(buf.chunks, part.reshape(buf.chunks.shape), casting="same_kind")
             elif form == "bfloat16":
-                _bf16_bits_into(buf.chunks, src)
+                _bf16_bits_into(buf.chunks, part.reshape(buf.chunks.shape))
                 if _max_abs_bits16(buf.chunks) >= 0x7F80:  # NaN, inf, or rounded up beyond bf16's max
                     self._raise_overflow(cand, seg_start, item)
             else:
-                sc = _quantize_int8_into(np.ascontiguousarray(src, dtype=np.float32), buf.chunks)
+                chunks = buf.chunks.reshape(len(part), g.K // g.C, g.C, g.D)  # a view: splits the chunk axis only
+                sc, exps = _quantize_int8_into(np.ascontiguousarray(part, dtype=np.float32), chunks, channel_scaled=g.channel_scaled)
                 if not np.isfinite(sc).all():  # NaN/inf propagate into the token's scale
                     self._raise_overflow(cand, seg_start, item)
-                scales[s0 : s0 + len(part)] = sc.reshape(len(part), g.K)
+                sides["s"][s0 : s0 + len(part)] = sc
+                if exps is not None:
+                    sides["e"][s0 : s0 + len(part)] = exps
             shards.append(buf.seal())
-        return shards, scales
+        return shards, sides
 
     def _raise_overflow(self, cand: np.ndarray, seg_start: int, item: str) -> None:
         """Raise Float16Overflow for the first candidate value that does not fit the storage form."""
@@ -811,20 +879,20 @@ class CacheWriter:
         if bad_rel.any():
             bad = int(np.flatnonzero(bad_rel)[0])
             raise InvalidCacheBlock(f"relevance of segment {bad + seg_start} is not in [0, 1]: {rel32[bad]!r}", item=item)
-        shard_objects, scales = self._encode_candidates(cand, seg_start, item)
+        shard_objects, sides = self._encode_candidates(cand, seg_start, item)
         store = self.store
 
         async def put() -> None:
-            # Candidates (and scales) first, relevance last: a relevance chunk present means its block landed.
+            # Candidates (and int8 side arrays) first, relevance last: a relevance chunk present means its block landed.
             puts = []
             for s0 in range(seg_start, end, g.P):
                 shard = s0 // g.P
                 part = slice(s0 - seg_start, s0 - seg_start + g.P)
                 data = shard_objects[(s0 - seg_start) // g.P]
                 puts.append(_put_bytes(store, L.candidates_shard_key(video_id, query_id, shard, version), data))
-                if scales is not None:
-                    sdata = encode_shard(scales[part][:, None, :], g.P, 1, checksum=g.checksums)
-                    puts.append(_put_bytes(store, L.scales_shard_key(video_id, query_id, shard, version), sdata))
+                for side in g.sides:
+                    sdata = encode_shard(sides[side.kind][part][:, None, :], g.P, 1, checksum=g.checksums)
+                    puts.append(_put_bytes(store, side.key_of(video_id, query_id, shard, version), sdata))
             await _gather_limited(puts)
             rel_puts = []
             for s0 in range(seg_start, end, g.P):
@@ -842,7 +910,7 @@ class CacheWriter:
         """The version's array metadata objects exist and are the ones this writer would create."""
         n_seg, version = self._entry(video_id, query_id, None)
         g = self._geo
-        expected = _array_metadata(g.form, n_seg, g.K, g.D, g.P, g.C)
+        expected = _array_metadata(g.form, n_seg, g.K, g.D, g.P, g.C, g.channel_scaled)
         vpath = L.data_path(video_id, query_id, version)
 
         async def run() -> list[Any]:
@@ -854,8 +922,7 @@ class CacheWriter:
         """Shard number → what is wrong with it (missing, torn, bad index checksum, absent chunks)."""
         g, store, item = self._geo, self.store, f"{video_id}/{query_id}"
         kinds = [(L.candidates_shard_key, g.index_nbytes, g.K // g.C, g.chunk_nbytes)]
-        if g.form == "int8":
-            kinds.append((L.scales_shard_key, g.scale_index_nbytes, 1, g.scale_chunk_nbytes))
+        kinds += [(side.key_of, side.index_nbytes, 1, side.chunk_nbytes) for side in g.sides]
 
         async def check(shard: int) -> EntryIncomplete | None:
             for key_of, index_nbytes, chunks, chunk_nbytes in kinds:
@@ -1110,7 +1177,7 @@ class CacheReader:
         version = eattrs.get(L.ENTRY_VERSION) if self.layout_version >= 2 else None
         if self.layout_version >= 2 and not isinstance(version, str):
             raise CacheCorrupt("complete entry names no version", item=item, chunk=L.metadata_key(epath))
-        names = [L.CANDIDATES, L.RELEVANCE] + ([L.SCALES] if self._geo.form == "int8" else [])
+        names = [L.CANDIDATES, L.RELEVANCE] + [side.name for side in self._geo.sides]
         dpath = L.data_path(video_id, query_id, version)
 
         async def load() -> list[Any]:
@@ -1157,9 +1224,10 @@ def _direct_readable(metas: dict[str, dict[str, Any]], g: _Geometry) -> bool:
         and cmeta.get("data_type") == _FORM_DTYPE[g.form][0]
         and cmeta.get("chunk_grid", {}).get("configuration", {}).get("chunk_shape") == [g.P, g.K, g.D]
     )
-    if g.form == "int8":
-        smeta = metas[L.SCALES]
-        ok = ok and smeta.get("codecs") == sharded([1, g.K]) and smeta.get("data_type") == "float32"
+    for side in g.sides:
+        smeta = metas[side.name]
+        ok = ok and smeta.get("codecs") == sharded([1, side.count], side.dtype.itemsize)
+        ok = ok and smeta.get("data_type") == ("float32" if side.per_token else "int8")
     return ok
 
 
@@ -1277,63 +1345,79 @@ class EntryReader:
         dtype = dtype or ("float16" if self.storage_form == "float16" else "float32")
         if dtype not in ("float16", "float32"):
             raise InvalidTokenRange(f"dtype must be 'float16' or 'float32', got {dtype!r}", item=self._item())
-        stored, scales, starts = self._read(self._check_ranges(ranges), method)
-        values = self._to_float(stored, scales, np.dtype(dtype))
+        stored, sides, starts = self._read(self._check_ranges(ranges), method)
+        values = self._to_float(stored, sides, starts, np.dtype(dtype))
         return [values[starts[i] : starts[i + 1]] for i in range(self.n_segments)]
 
     def read_stored(
         self, ranges: Sequence[tuple[int, int]], *, method: str = "auto"
-    ) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """The stored values of the ranges: (tokens per segment, int8 scales per segment or None).
+    ) -> tuple[list[np.ndarray], list[np.ndarray] | None, np.ndarray | None]:
+        """The stored values of the ranges: (tokens per segment, int8 scales per segment or None,
+        int8 channel exponents ``(S, D)`` or None).
 
-        Tokens are float16, uint16 (bfloat16 bit patterns) or int8 ``(n_i, D)``; scales float32 ``(n_i,)``.
+        Tokens are float16, uint16 (bfloat16 bit patterns) or int8 ``(n_i, D)``; scales float32
+        ``(n_i,)``; exponents int8 (rows of segments with an empty range hold -128, unread).
+        Token ``t`` of segment ``i`` is ``q[t] * scales[i][t] * 2**exponents[i]`` (float32).
         """
-        stored, scales, starts = self._read(self._check_ranges(ranges), method)
+        stored, sides, starts = self._read(self._check_ranges(ranges), method)
         toks = [stored[starts[i] : starts[i + 1]] for i in range(self.n_segments)]
-        sc = None if scales is None else [scales[starts[i] : starts[i + 1]] for i in range(self.n_segments)]
-        return toks, sc
+        sc = None if "s" not in sides else [sides["s"][starts[i] : starts[i + 1]] for i in range(self.n_segments)]
+        return toks, sc, sides.get("e")
 
-    def _to_float(self, stored: np.ndarray, scales: np.ndarray | None, dtype: np.dtype) -> np.ndarray:
+    def _to_float(self, stored: np.ndarray, sides: dict[str, np.ndarray], starts: np.ndarray, dtype: np.dtype) -> np.ndarray:
         if self.storage_form == "float16":
             return stored if dtype == np.float16 else stored.astype(dtype)
-        values = from_bf16_bits(stored) if self.storage_form == "bfloat16" else dequantize_int8(stored, scales)
+        if self.storage_form == "bfloat16":
+            values = from_bf16_bits(stored)
+        else:
+            values = dequantize_int8(stored, sides["s"])
+            if "e" in sides:  # rows of segment i times 2**e[i] (exact)
+                factors = channel_factors(sides["e"])
+                for i in range(self.n_segments):
+                    if starts[i + 1] > starts[i]:
+                        values[starts[i] : starts[i + 1]] *= factors[i]
         return values if dtype == np.float32 else values.astype(dtype)
 
-    def _read(self, rs: list[tuple[int, int]], method: str) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        """Read validated ranges into one ``(sum of lengths, D)`` stored-dtype buffer (+ scales); return them and row starts."""
+    def _read(self, rs: list[tuple[int, int]], method: str) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+        """Read validated ranges into one ``(sum of lengths, D)`` stored-dtype buffer; return it, the
+        int8 side arrays by kind (scales ``(rows,)`` float32; exponents ``(S, D)`` int8) and row starts."""
         g = self._geo
         lengths = np.array([b - a for a, b in rs], dtype=np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         out = np.empty((int(starts[-1]), self.D), dtype=g.stored)
-        scales = np.empty(int(starts[-1]), dtype=np.float32) if g.form == "int8" else None
+        sides = {
+            side.kind: np.empty(int(starts[-1]), dtype=side.dtype) if side.per_token
+            else np.full((self.n_segments, side.count), L.INT8_MISSING, dtype=side.dtype)
+            for side in g.sides
+        }
         if method not in ("auto", "direct", "zarr"):
             raise InvalidTokenRange(f"unknown read method {method!r}", item=self._item())
         use_direct = method == "direct" or (method == "auto" and self.direct)
         if use_direct and not self.direct:
             raise CacheLayoutError("candidates are not encoded for direct reads; use method='zarr'", item=self._item())
         if use_direct and g.checksums:
-            sync(self._read_direct_chunks(rs, starts, out, scales))
+            sync(self._read_direct_chunks(rs, starts, out, sides))
         elif use_direct:
             sync(self._read_direct_v1(rs, starts, out))
         else:
-            self._read_zarr(rs, starts, out, scales)
-        return out, scales, starts
+            self._read_zarr(rs, starts, out, sides)
+        return out, sides, starts
 
-    def _read_zarr(self, rs: list[tuple[int, int]], starts: np.ndarray, out: np.ndarray, scales: np.ndarray | None) -> None:
+    def _read_zarr(self, rs: list[tuple[int, int]], starts: np.ndarray, out: np.ndarray, sides: dict[str, np.ndarray]) -> None:
         arr = self.candidates_array()
-        sarr = (
-            zarr.open_array(self._store, path=L.scales_path(self.video_id, self.query_id, self.version), mode="r")
-            if scales is not None
-            else None
-        )
+        dpath = L.data_path(self.video_id, self.query_id, self.version)
+        side_arrays = [(side, zarr.open_array(self._store, path=f"{dpath}/{side.name}", mode="r")) for side in self._geo.sides]
         for i, (a, b) in enumerate(rs):
             if b <= a:
                 continue
-            for src, dst in ((arr, out), (sarr, scales)):
-                if src is None:
-                    continue
+            copies = [(arr, (i, slice(a, b)), out, slice(starts[i], starts[i + 1]))]
+            copies += [
+                (sarr, (i, slice(a, b)) if side.per_token else i, sides[side.kind], slice(starts[i], starts[i + 1]) if side.per_token else i)
+                for side, sarr in side_arrays
+            ]
+            for src, sel, dst, at in copies:
                 try:
-                    dst[starts[i] : starts[i + 1]] = src[i, a:b]
+                    dst[at] = src[sel]
                 except Exception as exc:  # zarr raises its own errors for a failed crc32c or a torn shard
                     why = f"segment {i} tokens [{a}, {b}) unreadable ({type(exc).__name__}: {exc})"
                     raise self._corrupt(why, src.path) from exc
@@ -1341,19 +1425,23 @@ class EntryReader:
             missing = (
                 np.isnan(block).any() if self.storage_form == "float16"
                 else (block == L.BF16_NAN_BITS).any() if self.storage_form == "bfloat16"
-                else (block == L.INT8_MISSING).any() or np.isnan(scales[starts[i] : starts[i + 1]]).any()
+                else (block == L.INT8_MISSING).any()
             )
             if missing:
                 raise self._corrupt(f"segment {i} tokens [{a}, {b}) read as the fill value (chunk missing)", arr.path)
+            for side, sarr in side_arrays:
+                if side.bad_values(sides[side.kind][starts[i] : starts[i + 1]] if side.per_token else sides[side.kind][i]):
+                    raise self._corrupt(f"{side.name} of segment {i} read as the fill value (chunk missing)", sarr.path)
 
     async def _index(self, kind: str, shard: int) -> np.ndarray:
-        """The (checksum-verified) shard index of candidates (``kind`` "c") or scales ("s") shard ``shard``."""
+        """The (checksum-verified) shard index of candidates (``kind`` "c") or an int8 side array ("s", "e")."""
         if (kind, shard) not in self._indexes:
             g = self._geo
             if kind == "c":
                 key, nbytes, chunks = L.candidates_shard_key(self.video_id, self.query_id, shard, self.version), g.index_nbytes, g.K // g.C
             else:
-                key, nbytes, chunks = L.scales_shard_key(self.video_id, self.query_id, shard, self.version), g.scale_index_nbytes, 1
+                side = next(sd for sd in g.sides if sd.kind == kind)
+                key, nbytes, chunks = side.key_of(self.video_id, self.query_id, shard, self.version), side.index_nbytes, 1
             raw = await _get_bytes(self._store, key, SuffixByteRequest(nbytes))
             if raw is None:
                 raise self._corrupt(f"shard {shard} is missing", key)
@@ -1364,13 +1452,14 @@ class EntryReader:
         return self._indexes[(kind, shard)]
 
     async def _read_direct_chunks(
-        self, rs: list[tuple[int, int]], starts: np.ndarray, out: np.ndarray, scales: np.ndarray | None
+        self, rs: list[tuple[int, int]], starts: np.ndarray, out: np.ndarray, sides: dict[str, np.ndarray]
     ) -> None:
         """v2: fetch the whole inner chunks holding the ranges (merged into runs), verify each crc32c, copy rows."""
         g = self._geo
         touched = [i for i, (a, b) in enumerate(rs) if b > a]
         shards = sorted({i // g.P for i in touched})
-        kinds = ["c"] + (["s"] if scales is not None else [])
+        kinds = ["c"] + [side.kind for side in g.sides]
+        by_kind = {side.kind: side for side in g.sides}
         indexes = dict(zip([(k, s) for k in kinds for s in shards], await _gather_limited([self._index(k, s) for k in kinds for s in shards])))
         # per key: [(offset, nbytes, chunk-handler args)]
         wanted: dict[str, list[tuple[int, int, tuple[Any, ...]]]] = {}
@@ -1385,13 +1474,13 @@ class EntryReader:
                     raise self._corrupt(f"segment {i} token chunk {c} is {'missing' if off == int(L_EMPTY) else 'mis-sized'}", ckey)
                 lo, hi = max(a, c * g.C), min(b, (c + 1) * g.C)
                 wanted.setdefault(ckey, []).append((off, nb, ("c", i, c, lo - c * g.C, hi - c * g.C, int(starts[i]) + lo - a)))
-            if scales is not None:
-                skey = L.scales_shard_key(self.video_id, self.query_id, shard, self.version)
-                sidx = indexes[("s", shard)]
+            for side in g.sides:
+                skey = side.key_of(self.video_id, self.query_id, shard, self.version)
+                sidx = indexes[(side.kind, shard)]
                 off, nb = int(sidx[local, 0, 0]), int(sidx[local, 0, 1])
-                if off == int(L_EMPTY) or nb != g.scale_chunk_nbytes:
-                    raise self._corrupt(f"scales of segment {i} are missing", skey)
-                wanted.setdefault(skey, []).append((off, nb, ("s", i, 0, a, b, int(starts[i]))))
+                if off == int(L_EMPTY) or nb != side.chunk_nbytes:
+                    raise self._corrupt(f"{side.name} of segment {i} are missing", skey)
+                wanted.setdefault(skey, []).append((off, nb, (side.kind, i, 0, a, b, int(starts[i]))))
         requests = []
         for key, chunks in wanted.items():
             chunks.sort(key=lambda t: t[0])
@@ -1414,17 +1503,21 @@ class EntryReader:
             for off, nb, (kind, seg, c, r0, r1, row) in run:
                 chunk = view[off - start : off - start + nb]
                 if not chunk_crc_ok(chunk):
-                    what = f"token chunk {c}" if kind == "c" else "scales chunk"
+                    what = f"token chunk {c}" if kind == "c" else f"{by_kind[kind].name} chunk"
                     raise self._corrupt(f"segment {seg} {what} fails its crc32c", key)
                 if kind == "c":
                     vals = np.frombuffer(chunk, dtype=g.stored, count=g.C * self.D).reshape(g.C, self.D)
                     out[row : row + r1 - r0] = vals[r0:r1]
+                    continue
+                side = by_kind[kind]
+                vals = np.frombuffer(chunk, dtype=side.dtype, count=side.count)
+                vals = vals[r0:r1] if side.per_token else vals
+                if side.bad_values(vals):
+                    raise self._corrupt(f"{side.name} of segment {seg} are not valid", key)
+                if side.per_token:
+                    sides[kind][row : row + r1 - r0] = vals
                 else:
-                    assert scales is not None
-                    sc = np.frombuffer(chunk, dtype="<f4", count=self.K)
-                    if not np.isfinite(sc[r0:r1]).all():
-                        raise self._corrupt(f"scales of segment {seg} are not finite", key)
-                    scales[row : row + r1 - r0] = sc[r0:r1]
+                    sides[kind][seg] = vals
 
         await _gather_limited([fetch(k, r) for k, r in requests])
 
@@ -1459,9 +1552,9 @@ class EntryReader:
 
     def read_all(self, *, method: str = "auto", dtype: str | None = None) -> np.ndarray:
         """All candidates ``(S, K, D)`` (dtype as in ``read_token_ranges``)."""
-        stored, scales, _ = self._read([(0, self.K)] * self.n_segments, method)
+        stored, sides, starts = self._read([(0, self.K)] * self.n_segments, method)
         dtype = dtype or ("float16" if self.storage_form == "float16" else "float32")
-        return self._to_float(stored, scales, np.dtype(dtype)).reshape(self.n_segments, self.K, self.D)
+        return self._to_float(stored, sides, starts, np.dtype(dtype)).reshape(self.n_segments, self.K, self.D)
 
     def verify(self, *, full: bool = True) -> list[dict[str, str]]:
         """Check the entry's stored data; return its problems ``[{"chunk", "reason"}]`` (empty: intact).
@@ -1476,7 +1569,7 @@ class EntryReader:
         except CacheCorrupt as exc:
             problems.append({"chunk": str(exc.details.get("chunk")), "reason": exc.reason})
         g = self._geo
-        kinds = ["c"] + (["s"] if g.form == "int8" else [])
+        kinds = ["c"] + [side.kind for side in g.sides]
         for shard in range(g.n_shards(self.n_segments)):
             for kind in kinds:
                 try:
@@ -1495,7 +1588,8 @@ def cache_summary(url: str, storage_options: dict[str, Any] | None = None, *, re
     """Configuration, counts and per-video rows of a cache (for ``tempo inspect``).
 
     Returns ``{"url", "layout_version", "fingerprint", "config", "tempo_ops_version",
-    "created_at", "segments_per_shard", "token_chunk", "storage_form", "counts": {"videos",
+    "created_at", "segments_per_shard", "token_chunk", "storage_form", "int8_scheme" (int8 caches,
+    else None), "counts": {"videos",
     "queries", "complete", "incomplete", "unreadable"}, "unreadable": [{"key", "reason"}],
     "total_bytes", "videos": [{"video_id", "n_segments", "queries_complete", "queries_total",
     "bytes"}]}``. Bytes are stored object sizes.
@@ -1544,6 +1638,7 @@ def cache_summary(url: str, storage_options: dict[str, Any] | None = None, *, re
         "segments_per_shard": reader.segments_per_shard,
         "token_chunk": int(ra[L.ROOT_TOKEN_CHUNK]),
         "storage_form": reader.storage_form,
+        "int8_scheme": ra.get(L.ROOT_INT8_SCHEME, "token") if reader.storage_form == "int8" else None,
         "counts": {
             "videos": len(rows),
             "queries": n_total,

@@ -90,9 +90,8 @@ class ShardBuffer:
     def seal(self) -> np.ndarray:
         """Checksums and index written after the chunks; the shard object (uint8 array)."""
         if self.checksum:
-            crcs = np.fromiter(
-                (google_crc32c.value(row.tobytes()) for row in self._data), dtype="<u4", count=len(self._data)
-            )
+            crc = google_crc32c.value  # takes each contiguous ndarray row as a buffer (no copy)
+            crcs = np.fromiter((crc(row) for row in self._data), dtype="<u4", count=len(self._data))
             self._body[:, self.data_nbytes :] = crcs.view(np.uint8).reshape(-1, CRC_NBYTES)
         self.out[self._body_nbytes :] = np.frombuffer(self._index_bytes, dtype=np.uint8)
         return self.out

@@ -30,7 +30,15 @@ from pipelines.cli import main as tempo
 from schemas import cache_layout as L
 from tempo_ops.cache_maintenance import migrate_cache, verify_cache
 from tempo_ops.errors import CacheCorrupt, CacheLayoutError, EntryNotFound, InvalidCacheBlock
-from tempo_ops.store import CacheReader, CacheWriter, dequantize_int8, from_bf16_bits, quantize_int8, to_bf16_bits
+from tempo_ops.store import (
+    CacheReader,
+    CacheWriter,
+    cache_summary,
+    dequantize_int8,
+    from_bf16_bits,
+    quantize_int8,
+    to_bf16_bits,
+)
 
 V1_FIXTURE = Path(__file__).parent / "data" / "cache_v1"
 
@@ -284,8 +292,8 @@ def test_bfloat16_form_is_lossless_for_bf16_values_and_plain_zarr_readable(tmp_p
         got = e.read_all(method=method)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, bf)
-    stored, scales = e.read_stored([(0, K)] * S)
-    assert stored[0].dtype == np.uint16 and scales is None
+    stored, scales, exps = e.read_stored([(0, K)] * S)
+    assert stored[0].dtype == np.uint16 and scales is None and exps is None
     # plain zarr: uint16 bit patterns + attribute; the documented conversion gives the values back
     arr = e.candidates_array()
     assert arr.dtype == np.uint16 and arr.attrs[L.TEMPO_DTYPE_ATTR] == "bfloat16"
@@ -301,12 +309,13 @@ def test_int8_form_meets_its_error_and_size_targets(tmp_path: Path) -> None:
     urls = {f: str(tmp_path / f) for f in ("int8", "bfloat16")}
     for form, url in urls.items():
         _write(_form_writer(url, form), cand, rel)
-    # size target at a realistic width (D = 2048; the per-token scale and checksums are per-token overhead)
-    wide_d, wide = 2048, np.random.default_rng(0).standard_normal((S, K, 2048)).astype(np.float32)
+    # size target at the real geometry (K = 128, D = 2048: scales, exponents and checksums are the overhead)
+    wide_k, wide_d = 128, 2048
+    wide = np.random.default_rng(0).standard_normal((S, wide_k, wide_d)).astype(np.float32)
     wide_urls = {f: str(tmp_path / f"wide-{f}") for f in ("int8", "bfloat16")}
     for form, url in wide_urls.items():
-        cfg = dict(make_config(hidden_size=wide_d), stored_dtype=form)
-        _write(CacheWriter.open(url, cfg, segments_per_shard=P, token_chunk=C), wide, rel)
+        cfg = dict(make_config(hidden_size=wide_d, num_memory_tokens=wide_k), stored_dtype=form)
+        _write(CacheWriter.open(url, cfg, segments_per_shard=P, token_chunk=2), wide, rel)
     sizes = {f: sum(p.stat().st_size for p in Path(u).rglob("*") if p.is_file() and "/c/" in str(p)) for f, u in wide_urls.items()}
     assert sizes["int8"] <= 0.52 * sizes["bfloat16"], sizes
     e = CacheReader(urls["int8"]).entry("v", "q")
@@ -314,20 +323,113 @@ def test_int8_form_meets_its_error_and_size_targets(tmp_path: Path) -> None:
     cos = (got * cand).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(cand, axis=-1))
     assert cos.min() >= 0.999
     np.testing.assert_array_equal(e.read_all(method="zarr"), got)
-    toks, scales = e.read_stored([(0, K)] * S)
-    q, sc = quantize_int8(cand)
+    toks, scales, exps = e.read_stored([(0, K)] * S)
+    q, sc, ex = quantize_int8(cand)
     np.testing.assert_array_equal(toks[3], q[3])
     np.testing.assert_array_equal(scales[3], sc[3])
-    np.testing.assert_array_equal(dequantize_int8(q, sc), got)
-    # plain zarr: int8 values and per-token float32 scales
+    np.testing.assert_array_equal(exps, ex)
+    np.testing.assert_array_equal(dequantize_int8(q, sc, ex), got)
+    part = e.read_stored([(1, 3) if i % 2 else (0, 0) for i in range(S)])[2]  # exponents of read segments only
+    assert (part[1::2] == ex[1::2]).all() and (part[::2] == L.INT8_MISSING).all()
+    # plain zarr: int8 values, per-token float32 scales, per-(segment, channel) power-of-two exponents
     grp = zarr.open_group(urls["int8"], mode="r")[L.data_path("v", "q", e.version)]
-    np.testing.assert_array_equal(grp["candidates"][:].astype(np.float32) * grp["scales"][:][..., None], got)
+    plain = grp["candidates"][:].astype(np.float32) * grp["scales"][:][..., None] * 2.0 ** grp["channel_exponents"][:][:, None, :]
+    np.testing.assert_array_equal(plain.astype(np.float32), got)
+    assert CacheReader(urls["int8"]).root_attrs[L.ROOT_INT8_SCHEME] == "token_channel"
+    assert cache_summary(urls["int8"])["int8_scheme"] == "token_channel" and cache_summary(urls["bfloat16"])["int8_scheme"] is None
 
-    # a damaged scales chunk is detected
-    sshard = Path(urls["int8"]) / L.scales_shard_key("v", "q", 0, e.version)
-    _flip(sshard, 3)
-    with pytest.raises(CacheCorrupt, match="scales chunk fails its crc32c"):
-        CacheReader(urls["int8"]).entry("v", "q").read_all()
+    # a damaged scales or exponents chunk is detected by both readers and by verify
+    for key_of, what in ((L.scales_shard_key, "scales"), (L.channel_exponents_shard_key, "channel_exponents")):
+        shard = Path(urls["int8"]) / key_of("v", "q", 0, e.version)
+        saved = shard.read_bytes()
+        _flip(shard, 3)
+        with pytest.raises(CacheCorrupt, match=f"{what} chunk fails its crc32c"):
+            CacheReader(urls["int8"]).entry("v", "q").read_all()
+        with pytest.raises(CacheCorrupt, match="unreadable"):
+            CacheReader(urls["int8"]).entry("v", "q").read_all(method="zarr")
+        assert [c["query_id"] for c in verify_cache(urls["int8"])["corrupt"]] == ["q"]
+        shard.unlink()  # deleted: an error, never the fill value read as numbers
+        with pytest.raises(CacheCorrupt, match=f"shard 0 is missing.*{what}"):
+            CacheReader(urls["int8"]).entry("v", "q").read_all()
+        with pytest.raises(CacheCorrupt, match=f"{what} of segment 0 read as the fill value"):
+            CacheReader(urls["int8"]).entry("v", "q").read_all(method="zarr")
+        shard.write_bytes(saved)
+    np.testing.assert_array_equal(CacheReader(urls["int8"]).entry("v", "q").read_all(), got)
+
+
+def _outlier_segments(rng: np.random.Generator, kind: str, s: int = 4, k: int = 32, d: int = 512) -> np.ndarray:
+    """Activations with the outliers transformer hidden states show (the int8 form's hard case)."""
+    x = rng.standard_normal((s, k, d)).astype(np.float32)
+    if kind == "outlier_channels":  # 1% of channels 20x larger in every token
+        x[..., rng.choice(d, d // 100, replace=False)] *= 20
+    elif kind == "few_huge_channels":  # 4 channels 100x larger
+        x[..., :4] *= 100
+    elif kind == "sink_token":  # one token with a huge norm, and outlier channels
+        x[:, 0] *= 50
+        x[..., : d // 100] *= 20
+    elif kind == "lognormal_channels":  # channel magnitudes spread over orders of magnitude
+        x *= rng.lognormal(0.0, 1.0, d).astype(np.float32)
+    elif kind == "heavy_tailed_elements":  # Student-t (3 dof) values: spikes anywhere
+        x = rng.standard_t(3, (s, k, d)).astype(np.float32)
+    return x
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return (a64 * b64).sum(-1) / (np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1))
+
+
+@pytest.mark.parametrize(
+    "kind", ["gaussian", "outlier_channels", "few_huge_channels", "sink_token", "lognormal_channels", "heavy_tailed_elements"]
+)
+def test_int8_cosine_target_holds_for_every_token_with_outlier_channels(kind: str) -> None:
+    x = _outlier_segments(np.random.default_rng(7), kind)
+    cos = _cosine(dequantize_int8(*quantize_int8(x)), x)
+    assert cos.min() >= 0.999, (kind, float(cos.min()))
+    if kind in ("outlier_channels", "few_huge_channels", "sink_token"):  # what the channel pre-scale is for
+        q, sc, _ = quantize_int8(x, channel_scaled=False)
+        assert _cosine(dequantize_int8(q, sc), x).min() < 0.999
+
+
+def test_int8_channel_exponents_edge_cases() -> None:
+    x = np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float32)
+    x[0, :, 3] = 0.0  # an all-zero channel: exponent 0
+    x[0, 2] = 0.0  # an all-zero token: scale 0, values 0
+    x[1] *= np.float32(1e-30)  # tiny and huge magnitudes keep their relative precision
+    x[1, :, 0] = 1e30
+    q, sc, ex = quantize_int8(x)
+    assert ex.dtype == np.int8 and ex[0, 3] == 0 and sc[0, 2] == 0 and (q[0, 2] == 0).all()
+    a1 = np.abs(x[1, :, 1]).astype(np.float64)  # 1e-30 squared underflows float32: sum the logs
+    assert ex[1, 0] == round(0.75 * np.log2(1e30)) and ex[1, 1] == round(0.375 * np.log2(a1.max() * a1.mean()))
+    back = dequantize_int8(q, sc, ex)
+    assert (back[0, 2] == 0).all() and (back[0, :, 3] == 0).all()
+    np.testing.assert_allclose(back[1, :, 0], x[1, :, 0], rtol=1e-2)
+    with pytest.raises(ValueError, match=r"\(S, K, D\)"):
+        quantize_int8(x[0])
+
+
+def test_int8_cache_of_the_first_scheme_still_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 caches written before channel exponents (no ``int8_scheme`` in the root) read as before."""
+    cand, rel = block_data("v", "q")
+    url = str(tmp_path / "token-only")
+    monkeypatch.setattr(L, "INT8_SCHEME", "token")
+    _write(_form_writer(url, "int8"), cand, rel)
+    root = Path(url) / "zarr.json"
+    doc = json.loads(root.read_text())
+    del doc["attributes"][L.ROOT_INT8_SCHEME]  # exactly what the first int8 caches hold
+    root.write_text(json.dumps(doc))
+    e = CacheReader(url).entry("v", "q")
+    assert not (Path(url) / L.channel_exponents_path("v", "q", e.version)).exists()
+    q, sc, ex = quantize_int8(cand, channel_scaled=False)
+    assert ex is None
+    for method in ("direct", "zarr"):
+        np.testing.assert_array_equal(e.read_all(method=method), dequantize_int8(q, sc))
+    assert e.read_stored([(0, K)] * S)[2] is None
+    assert verify_cache(url)["corrupt"] == [] and cache_summary(url)["int8_scheme"] == "token"
+    doc["attributes"][L.ROOT_INT8_SCHEME] = "per_tensor"
+    root.write_text(json.dumps(doc))
+    with pytest.raises(CacheLayoutError, match="unknown int8 scheme"):
+        CacheReader(url)
 
 
 def test_values_are_converted_straight_into_the_shard_bytes_of_the_separate_steps(tmp_path: Path) -> None:
@@ -348,7 +450,7 @@ def test_values_are_converted_straight_into_the_shard_bytes_of_the_separate_step
             elif form == "bfloat16":
                 stored = to_bf16_bits(block)
             else:
-                stored, _ = quantize_int8(block)
+                stored, _, _ = quantize_int8(block)
             want = encode_shard(stored, P, C).tobytes()
             got = (Path(url) / L.candidates_shard_key("v", "q", shard, version)).read_bytes()
             assert got == want, (form, shard)
