@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def shard_sets(out: str, storage_options: dict[str, Any] | None) -> list[str]:
     """Shard-set directories at or directly under ``out`` (those holding index.json or completion records)."""
-    from tempo_ops.fs import url_to_fs
+    from tempo_ops.fs import is_local_url, url_to_fs
 
     fs, base = url_to_fs(out, storage_options)
     base = base.rstrip("/")
@@ -41,8 +41,8 @@ def shard_sets(out: str, storage_options: dict[str, Any] | None) -> list[str]:
     if is_set(base):
         return [out.rstrip("/")]
     subdirs = sorted(p for p in fs.ls(base, detail=False) if fs.isdir(p))
-    prefix = out.rstrip("/")[: len(out.rstrip("/")) - len(base)]  # keep the URL scheme
-    return [f"{prefix}{p}" for p in subdirs if is_set(p)]
+    # fsspec lists absolute paths without the scheme: local ones are usable as they are
+    return [p if is_local_url(out) else fs.unstrip_protocol(p) for p in subdirs if is_set(p)]
 
 
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:

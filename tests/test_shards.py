@@ -8,6 +8,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import pytest
 import webdataset as wds
@@ -473,7 +474,7 @@ def test_shard_dataset_verifies_each_tar_while_streaming(tmp_path):
         list(shard_dataset([str(tar)]))
 
 
-def test_rerun_rewrites_broken_truncated_and_missing_tars(tmp_path, capsys):
+def test_rerun_rewrites_broken_truncated_and_missing_tars(tmp_path, capsys, monkeypatch):
     from pipelines.cli import main
 
     cache, manifest, _ = build_cache(tmp_path)
@@ -495,6 +496,16 @@ def test_rerun_rewrites_broken_truncated_and_missing_tars(tmp_path, capsys):
     assert "already complete" not in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in sorted((out / "20-ata").glob("*.tar"))} == good
     assert main(["verify", "--shards", str(out / "20-ata"), "--json"]) == 0
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)  # a relative directory of shard sets
+    assert main(["verify", "--shards", "shards"]) == 0
+    assert f"{out / '20-ata'}: 3/3 shards intact" in capsys.readouterr().out
+    fs_mem = "memory://verify-sets"  # a URL with a scheme keeps it
+    mem = fsspec.filesystem("memory")
+    for p in sorted((out / "20-ata").iterdir()):
+        mem.pipe(f"/verify-sets/20-ata/{p.name}", p.read_bytes())
+    assert main(["verify", "--shards", fs_mem]) == 0
+    assert "memory:///verify-sets/20-ata: 3/3 shards intact" in capsys.readouterr().out
 
 
 def test_corrupt_unreadable_and_mismatched_entries_are_dead_letters(tmp_path, capsys):
