@@ -98,6 +98,7 @@ from pipelines.units import (
     validate_manifest_or_raise,
     video_meta,
 )
+from schemas import cache_layout as L
 from schemas import index_layout
 from schemas import manifest as manifest_schema
 from tempo_ops import video
@@ -422,7 +423,7 @@ class WriteBlockFn(_CacheDoFn):
             yield dead(exc, video_id=unit.video_id, query_id=qid, stage="write", unit=unit.unit_index)
             yield key, ("failed", unit.unit_index, unit.n_units)
             return
-        self.bytes_written.inc(int(candidates.shape[0] * candidates.shape[1] * candidates.shape[2] * 2 + relevance.size * 4))
+        self.bytes_written.inc(int(candidates.shape[0]) * self.writer.segment_nbytes)
         # Progress in video segments: a unit's segments count once, when its last query's block lands.
         last = qid == unit.queries[-1][0]
         self.progress.add(done=int(candidates.shape[0]) if last else 0, blocks_done=1)
@@ -864,8 +865,7 @@ def dry_run(args: argparse.Namespace, sampling: video.SamplingConfig) -> int:
             complete = set(existing.entries(complete_only=True))
     k = int(existing.config["compressor"]["num_memory_tokens"]) if existing is not None else 128
     form = choose_storage_form(existing, args.storage_form, args.dtype)
-    # per segment: K tokens (int8: D bytes + a float32 scale each, + one int8 exponent per channel) + relevance
-    segment_bytes = k * (hidden + 4) + hidden + 4 if form == "int8" else k * hidden * 2 + 4
+    segment_bytes = L.segment_nbytes(form, k, hidden)
     unit_segments = args.unit_segments or (existing.segments_per_shard if existing is not None else 32)
     totals = {"videos": 0, "failed": 0, "segments": 0, "units": 0, "entries": 0, "skipped_complete": 0, "bytes": 0}
     print(f"{'video_id':<24} {'segments':>8} {'units':>5} {'queries':>7} {'est. bytes':>12}  note")

@@ -192,6 +192,13 @@ def stored_itemsize(form: str) -> int:
     return 1 if form == "int8" else 2
 
 
+def segment_nbytes(form: str, k: int, d: int, *, int8_scheme: str = INT8_SCHEME) -> int:
+    """Stored bytes of one segment of an entry (candidates, int8 side arrays, relevance), without
+    the per-chunk checksums and shard indexes."""
+    side = k * 4 + (d if int8_scheme == "token_channel" else 0) if form == "int8" else 0
+    return k * d * stored_itemsize(form) + side + 4
+
+
 def entry_inputs(
     query_text: str, prompt_template: str, video_identity: Mapping[str, Any] | None, fingerprint: str, n_segments: int
 ) -> dict[str, Any]:

@@ -571,6 +571,12 @@ class CacheWriter:
 
     # ------------------------------------------------------------ properties
     @property
+    def segment_nbytes(self) -> int:
+        """Stored bytes of one segment of an entry (candidates, int8 side arrays, relevance; no checksums)."""
+        g = self._geo
+        return L.segment_nbytes(g.form, g.K, g.D, int8_scheme="token_channel" if g.channel_scaled else "token")
+
+    @property
     def segments_per_shard(self) -> int:
         """P: work units must start at multiples of it (one writer per shard)."""
         return self._geo.P

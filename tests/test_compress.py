@@ -126,6 +126,30 @@ def test_outputs_equal_direct_tempo_ops(full_run, tiny_models, corpus):
     assert meta["timestamp_texts"] == [s.timestamp_text for s in segments]
 
 
+def test_int8_storage_form_end_to_end(full_run, tiny_models, corpus, tmp_path):
+    """`--storage-form int8`: channel-scaled int8 entries, within the cosine target of the float16
+    run's tokens, and the summary's bytes_written counts what the form stores."""
+    from schemas import cache_layout as L
+    from tempo_ops.store import CacheReader
+
+    lines = [json.loads(x) for x in corpus.read_text().splitlines()]
+    manifest = tmp_path / "short.jsonl"
+    short = next(x for x in lines if x["video_id"] == "short/clip")
+    manifest.write_text(json.dumps(dict(short, uri=str(corpus.parent / short["uri"]))) + "\n")
+    cache = tmp_path / "int8.zarr"
+    assert tempo(_compress_args(manifest, cache, tiny_models, "--storage-form", "int8")) == 0
+    reader = CacheReader(str(cache))
+    assert reader.storage_form == "int8" and reader.root_attrs[L.ROOT_INT8_SCHEME] == "token_channel"
+    entry = reader.entry("short/clip", "q1")
+    assert entry.verify(full=True) == []
+    got = entry.read_all()
+    ref = CacheReader(str(full_run[0])).entry("short/clip", "q1").read_all().astype(np.float32)
+    cos = (got * ref).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(ref, axis=-1))
+    assert cos.min() >= 0.999
+    k, d = entry.K, entry.D
+    assert _summary(cache)["counts"]["bytes_written"] == entry.n_segments * (k * d + k * 4 + d + 4)
+
+
 @pytest.mark.parametrize("mode", ["threads", "processes"])
 def test_two_local_workers_give_the_single_worker_results(full_run, tiny_models, corpus, tmp_path, mode):
     from tempo_ops.store import CacheReader
