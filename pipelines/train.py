@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import posixpath
 import sys
 
 from tempo_ops.train.loop import TRAIN_MODES, TrainConfig, train
@@ -58,6 +59,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     import torch.distributed as dist
 
+    from pipelines.job_support import check_output_location
+
+    # Before any work: a run directory that is, holds or lies inside an input would overwrite it.
+    inputs = [("--init", args.init)]
+    for option, value in (("--shards", args.shards), ("--eval-shards", args.eval_shards)):
+        for url in (u.strip() for u in (value or "").split(",") if u.strip()):  # an index.json or .tar: its set's directory
+            inputs.append((option, posixpath.dirname(url.rstrip("/")) if url.endswith((".json", ".tar")) else url))
+    for option, url in inputs:
+        check_output_location(args.out, {option: url}, what="--out")
     try:
         summary = train(config_from_args(args))
     finally:

@@ -200,6 +200,26 @@ def test_bad_settings_are_config_errors(tiny_models, shards, tmp_path):
         train(_cfg(shards, init, tmp_path / "d", steps=None, epochs=0.25, batch=4))
 
 
+@pytest.mark.parametrize("where", ["shard_set", "inside_shard_set", "encloses_init", "second_eval_set"])
+def test_out_overlapping_an_input_is_refused_before_any_work(tiny_models, shards, tmp_path, capsys, where):
+    from pipelines.cli import main as tempo
+
+    init, set_dir = tiny_models["tempo"], Path(shards).parent
+    other = write_random_shard_set(tmp_path / "other", n_samples=2, per_shard=2)
+    out = {
+        "shard_set": set_dir,
+        "inside_shard_set": set_dir / "run",
+        "encloses_init": Path(init).parent,
+        "second_eval_set": Path(other).parent,
+    }[where]
+    before = sorted(p.name for p in out.iterdir()) if out.exists() else None
+    args = ["train", "--shards", shards, "--init", init, "--out", str(out), "--steps", "1", "--eval-shards", f"{shards},{other}"]
+    assert tempo(args) == 2
+    err = capsys.readouterr().err
+    assert "output_overlaps_input" in err and str(out) in err
+    assert (sorted(p.name for p in out.iterdir()) if out.exists() else None) == before  # nothing written there
+
+
 def test_micro_batching_and_accumulation_do_not_change_the_update(tiny_models, shards, tmp_path):
     """One step of 8 samples == 2 accumulated micro-steps of 4 == micro-batches cut by tokens."""
     init = tiny_models["tempo"]
