@@ -9,9 +9,13 @@ resumes from the run's latest complete checkpoint. The loop is ``tempo_ops.train
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import posixpath
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterator
 
 from tempo_ops.train.loop import TRAIN_MODES, TrainConfig, train
 
@@ -56,10 +60,34 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
 
 
+@contextlib.contextmanager
+def sigterm_stops_at_step_end() -> Iterator[Callable[[], bool]]:
+    """Within the block, a first SIGTERM (a preemption notice) only asks the loop to stop after the
+    current step, with a checkpoint; a second one interrupts at once. Yields the poll function."""
+    from pipelines.job_support import JobInterrupted
+
+    asked: list[int] = []
+
+    def handler(signum, _frame):
+        if asked:
+            raise JobInterrupted(signum)
+        asked.append(signum)
+        print("[train] SIGTERM: stopping after this step with a checkpoint (send it again to stop now)", file=sys.stderr, flush=True)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield lambda: bool(asked)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     import torch.distributed as dist
 
-    from pipelines.job_support import check_output_location
+    from pipelines.job_support import JobInterrupted, check_output_location
 
     # Before any work: a run directory that is, holds or lies inside an input would overwrite it.
     inputs = [("--init", args.init)]
@@ -69,10 +97,14 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
     for option, url in inputs:
         check_output_location(args.out, {option: url}, what="--out")
     try:
-        summary = train(config_from_args(args))
+        with sigterm_stops_at_step_end() as stop:
+            summary = train(config_from_args(args), stop_requested=stop)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+    if summary.get("status") == "interrupted":
+        print(f"[train] stopped after step {summary['steps_done']}/{summary['steps']}: checkpoint {summary['checkpoint']}", file=sys.stderr)
+        raise JobInterrupted(signal.SIGTERM)  # the CLI's one line and exit status 143
     if summary:
         before, after = summary.get("eval_before"), summary.get("eval_after")
         print(f"[train] done: {summary['steps']} steps, final loss {summary['final_loss']:.4f}", file=sys.stderr)

@@ -295,6 +295,64 @@ def test_sigkill_and_restart_continue_the_same_loss_curve(tiny_models, shards, t
     assert all(torch.equal(wr[k], wk[k]) for k in wr)
 
 
+def test_sigterm_checkpoints_the_current_step_and_resumes_the_same_loss_curve(tiny_models, shards, tmp_path):
+    """SIGTERM (a preemption notice) stops after the running step with a checkpoint of it and exit
+    143; the re-run resumes there with the uninterrupted run's losses. No periodic checkpoints."""
+    args = dict(steps=24, batch=2, warmup=2, shuffle=4, seed=3)
+    ref = train(_cfg(shards, tiny_models["tempo"], tmp_path / "ref", **args))
+    assert ref["status"] == "complete"
+    out = tmp_path / "preempted"
+    argv = _cli(
+        "train", "--shards", shards, "--init", tiny_models["tempo"], "--out", str(out), "--train", "projector+llm",
+        "--steps", "24", "--batch", "2", "--warmup", "2", "--shuffle", "4", "--seed", "3", "--lr", "0.01", "--threads", "1",
+    )
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    err = err.decode()
+    assert proc.returncode == 143, err[-2000:]
+    assert "interrupted by SIGTERM" in err and "stopping after this step" in err
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["steps_done"]
+    assert summary["status"] == "interrupted" and 2 <= stopped < 24
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [stopped]  # the step it stopped at, nothing else
+    assert [r["step"] for r in read_metrics(metrics, "train")] == list(range(1, stopped + 1))
+
+    resumed = train(_cfg(shards, tiny_models["tempo"], out, **args))
+    assert resumed["status"] == "complete" and resumed["resumed_from_step"] == stopped
+    assert [r["loss"] for r in read_metrics(metrics, "train")] == [r["loss"] for r in read_metrics(Path(ref["metrics"]), "train")]
+    wr, wk = _weights(ref["final_checkpoint"]), _weights(resumed["final_checkpoint"])
+    assert all(torch.equal(wr[k], wk[k]) for k in wr)
+
+
+def test_sigterm_to_torchrun_checkpoints_every_rank_at_the_same_step(tiny_models, shards, tmp_path):
+    """torchrun forwards SIGTERM to both ranks: they agree on the step, save one checkpoint of it
+    (every rank's data position) and stop; torchrun itself reports the signal (exit 1)."""
+    out = tmp_path / "ddp"
+    argv = _cli("train", "--shards", shards, "--init", tiny_models["tempo"], "--out", str(out), "--steps", "40",
+                "--batch", "2", "--threads", "1", torchrun=2)
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and "interrupted by SIGTERM" in err.decode(), err.decode()[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stopped = summary["steps_done"]
+    assert summary["status"] == "interrupted" and 2 <= stopped < 40
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [stopped]
+    state, _ = ckpt.load_trainer_state(out / ckpt.checkpoint_name(stopped))
+    assert state["world_size"] == 2 and len(state["positions"]) == 2
+
+
 def test_two_ddp_processes_equal_one_process_with_twice_the_batch(tiny_models, shards, tmp_path):
     """torchrun, 2 ranks × batch 2 (gloo) gives the weights of 1 process × batch 4."""
     common = ["--shards", shards, "--init", tiny_models["tempo"], "--train", "projector+llm", "--steps", "3",

@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,12 +326,16 @@ def _total_steps(cfg: TrainConfig, source: Any, dist: Dist) -> int:
     return steps
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None) -> dict[str, Any]:
     """Run (or resume) a training run; returns the run summary (rank 0 writes it to ``RUN/summary.json``).
 
     Resuming: when ``cfg.out`` holds a complete checkpoint, the run continues from the latest
     one (model, optimizer, schedule, every rank's data position and RNG state); the settings
     that shape the loss curve must be unchanged (``ConfigError`` names the differing ones).
+
+    ``stop_requested`` (e.g. set by SIGTERM on a preemptible machine) is polled at the end of
+    every step; when it is true on any rank, all ranks checkpoint that step and stop, and the
+    summary has ``status: "interrupted"`` (re-running the command resumes from there).
     """
     from tempo_ops.llm import TempoLLM
 
@@ -446,6 +451,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             file=sys.stderr,
             flush=True,
         )
+    stopped_at: int | None = None
     try:
         first_eval = run_eval(start_step) if eval_urls and resume is None else None
         last_loss = None
@@ -469,7 +475,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            (loss_all,) = _all_sum([loss_sum], dist, device)
+            # One all-reduce: the loss and whether any rank was asked to stop (all stop at the same step).
+            loss_all, stop_votes = _all_sum([loss_sum, float(bool(stop_requested and stop_requested()))], dist, device)
             dt = time.perf_counter() - t0
             done = step + 1
             last_loss = loss_all / n_labels
@@ -496,8 +503,34 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 run_eval(done)
             if cfg.save_every and done % cfg.save_every == 0 and done != total_steps:
                 save(done)
+            if stop_votes > 0 and done != total_steps:
+                if not (cfg.save_every and done % cfg.save_every == 0):
+                    save(done)
+                stopped_at = done
+                break
     finally:
         stream.close()
+    if stopped_at is not None:
+        summary = {
+            "kind": "tempo-train-run",
+            "status": "interrupted",
+            "run": str(run),
+            "steps": total_steps,
+            "steps_done": stopped_at,
+            "resumed_from_step": start_step if resume is not None else None,
+            "final_loss": last_loss,
+            "eval_before": first_eval,
+            "checkpoint": str(run / ckpt.checkpoint_name(stopped_at)),
+            "metrics": str(run / METRICS_NAME),
+            "wall_s": time.time() - started,
+            "config": dataclasses.asdict(cfg),
+        }
+        if dist.main:
+            log.close()
+            with open(run / SUMMARY_NAME, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        _barrier(dist)
+        return summary
     final_eval = run_eval(total_steps) if eval_urls else None
     save(total_steps)
     summary: dict[str, Any] = {}
@@ -506,6 +539,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         plot = plot_loss(read_metrics(run / METRICS_NAME), run / PLOT_NAME)
         summary = {
             "kind": "tempo-train-run",
+            "status": "complete",
             "run": str(run),
             "steps": total_steps,
             "resumed_from_step": start_step if resume is not None else None,
