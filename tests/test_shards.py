@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -529,3 +533,48 @@ def test_corrupt_unreadable_and_mismatched_entries_are_dead_letters(tmp_path, ca
     summary = json.loads((tmp_path / "shards.summary.json").read_text())
     assert summary["counts"]["unreadable"] == 1 and summary["failures"] == 3
     assert read_index(str(out / "200-ata"))["total_samples"] == 0  # nothing corrupt reaches a shard
+
+
+_SLOW_AFTER_FIRST_SHARD = """
+import sys, time
+import pipelines.build_shards as bs
+real, calls = bs.write_shard, []
+def slow(*a, **k):
+    calls.append(1)
+    if len(calls) > 1:
+        time.sleep(60)
+    return real(*a, **k)
+bs.write_shard = slow
+from pipelines.cli import main
+sys.exit(main())
+"""
+
+
+def test_sigterm_ends_tempo_shards_with_an_interrupted_summary_and_the_rerun_completes(tmp_path):
+    """SIGTERM while shards are written: exit 143, one line, a partial summary; the re-run keeps the
+    shard that landed, writes the rest, and the sets equal an uninterrupted run's, byte for byte."""
+    from tests.test_job_signals import _run_until
+
+    cache, manifest, _ = build_cache(tmp_path)
+    common = ["--cache", cache, "--manifest", manifest, "--budgets", "20", "--shard-size-mb", "0.0001"]
+    assert run_cli(*common, "--out", str(tmp_path / "ref")) == 0
+    out = tmp_path / "shards"
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TEMPO_PROGRESS_INTERVAL_S="0", PYTHONPATH=str(repo))
+    cmd = [sys.executable, "-c", _SLOW_AFTER_FIRST_SHARD, "shards", *common, "--out", str(out), "--local_workers", "1"]
+    rc, err = _run_until(cmd, "shards 1/", signal.SIGTERM, env)
+    assert rc == 143, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "tempo shards: interrupted by SIGTERM; completed work is kept, re-run to resume"
+    summary = json.loads(Path(f"{out}.summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGTERM"
+    landed = sorted(p.name for p in (out / "20-ata").glob("*.tar"))
+    assert len(landed) == 1 and not (out / "20-ata" / "index.json").exists()
+
+    assert run_cli(*common, "--out", str(out)) == 0
+    done = json.loads(Path(f"{out}.summary.json").read_text())
+    assert done["status"] == "complete"
+    ref = {p.name: p.read_bytes() for p in sorted((tmp_path / "ref" / "20-ata").iterdir())}
+    got = {p.name: p.read_bytes() for p in sorted((out / "20-ata").iterdir())}
+    assert got.keys() == ref.keys() and all(got[k] == ref[k] for k in ref if k.endswith(".tar"))
+    assert subprocess.run([sys.executable, "-m", "pipelines.cli", "verify", "--shards", str(out)], cwd=repo, env=env).returncode == 0
