@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 import posixpath
 import signal
 import sys
@@ -103,7 +104,8 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     if summary.get("status") == "interrupted":
-        print(f"[train] stopped after step {summary['steps_done']}/{summary['steps']}: checkpoint {summary['checkpoint']}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[train] stopped after step {summary['steps_done']}/{summary['steps']}: checkpoint {summary['checkpoint']}", file=sys.stderr)
         raise JobInterrupted(signal.SIGTERM)  # the CLI's one line and exit status 143
     if summary:
         before, after = summary.get("eval_before"), summary.get("eval_after")
