@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from test_eval import corpus, tempo  # noqa: F401 - corpus is a fixture
 from test_job_behaviour import _one_error_line, _tree
-from test_job_signals import _run_until
+from test_job_signals import _run_until, slow_after_first_call
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,19 +51,6 @@ def test_eval_malformed_storage_option_is_one_error_line(corpus, tiny_models, tm
 
 # The job as a user runs it, with each LLM batch after the first one slowed down, so SIGTERM
 # lands while the run is in flight (after one batch's predictions were written).
-_SLOW_AFTER_FIRST_BATCH = """
-import sys, time
-import pipelines.evaluate as ev
-real, calls = ev.evaluate_batch, []
-def slow(*a, **k):
-    calls.append(1)
-    if len(calls) > 1:
-        time.sleep(60)
-    return real(*a, **k)
-ev.evaluate_batch = slow
-from pipelines.cli import main
-sys.exit(main())
-"""
 
 
 def test_eval_sigterm_exits_143_with_an_interrupted_summary_and_resumes(corpus, tiny_models, tmp_path):  # noqa: F811
@@ -71,7 +58,7 @@ def test_eval_sigterm_exits_143_with_an_interrupted_summary_and_resumes(corpus, 
     out = tmp_path / "eval"
     args = _eval(cache, manifest, tiny_models["tempo"], out, "--budgets", "8,16", "--batch-size", "1")
     env = dict(os.environ, PYTHONUNBUFFERED="1", TEMPO_PROGRESS_INTERVAL_S="0", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-c", _SLOW_AFTER_FIRST_BATCH, *args]
+    cmd = [sys.executable, "-c", slow_after_first_call("pipelines.evaluate", "evaluate_batch"), *args]
     rc, err = _run_until(cmd, "[eval] 1/6 predictions", signal.SIGTERM, env)
     assert rc == 143, err
     assert "Traceback" not in err

@@ -18,6 +18,24 @@ from pipelines.cli import main as tempo
 REPO = Path(__file__).resolve().parents[1]
 
 
+def slow_after_first_call(module: str, name: str) -> str:
+    """A ``python -c`` program running the tempo CLI (its arguments) with ``module.name`` sleeping
+    60 s from its second call on: the job is busy when a test signals it after the first."""
+    return f"""
+import sys, time
+import {module} as target
+real, calls = target.{name}, []
+def slow(*a, **k):
+    calls.append(1)
+    if len(calls) > 1:
+        time.sleep(60)
+    return real(*a, **k)
+target.{name} = slow
+from pipelines.cli import main
+sys.exit(main())
+"""
+
+
 def _run_until(cmd: list[str], trigger: str, sig: int, env: dict) -> tuple[int, str]:
     proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
     seen = []

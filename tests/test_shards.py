@@ -535,25 +535,12 @@ def test_corrupt_unreadable_and_mismatched_entries_are_dead_letters(tmp_path, ca
     assert read_index(str(out / "200-ata"))["total_samples"] == 0  # nothing corrupt reaches a shard
 
 
-_SLOW_AFTER_FIRST_SHARD = """
-import sys, time
-import pipelines.build_shards as bs
-real, calls = bs.write_shard, []
-def slow(*a, **k):
-    calls.append(1)
-    if len(calls) > 1:
-        time.sleep(60)
-    return real(*a, **k)
-bs.write_shard = slow
-from pipelines.cli import main
-sys.exit(main())
-"""
 
 
 def test_sigterm_ends_tempo_shards_with_an_interrupted_summary_and_the_rerun_completes(tmp_path):
     """SIGTERM while shards are written: exit 143, one line, a partial summary; the re-run keeps the
     shard that landed, writes the rest, and the sets equal an uninterrupted run's, byte for byte."""
-    from tests.test_job_signals import _run_until
+    from tests.test_job_signals import _run_until, slow_after_first_call
 
     cache, manifest, _ = build_cache(tmp_path)
     common = ["--cache", cache, "--manifest", manifest, "--budgets", "20", "--shard-size-mb", "0.0001"]
@@ -561,7 +548,7 @@ def test_sigterm_ends_tempo_shards_with_an_interrupted_summary_and_the_rerun_com
     out = tmp_path / "shards"
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONUNBUFFERED="1", TEMPO_PROGRESS_INTERVAL_S="0", PYTHONPATH=str(repo))
-    cmd = [sys.executable, "-c", _SLOW_AFTER_FIRST_SHARD, "shards", *common, "--out", str(out), "--local_workers", "1"]
+    cmd = [sys.executable, "-c", slow_after_first_call("pipelines.build_shards", "write_shard"), "shards", *common, "--out", str(out), "--local_workers", "1"]
     rc, err = _run_until(cmd, "shards 1/", signal.SIGTERM, env)
     assert rc == 143, err
     assert "Traceback" not in err

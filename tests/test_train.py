@@ -295,6 +295,19 @@ def test_sigkill_and_restart_continue_the_same_loss_curve(tiny_models, shards, t
     assert all(torch.equal(wr[k], wk[k]) for k in wr)
 
 
+def _sigterm_after_two_steps(argv: list[str], out: Path) -> tuple[int, str]:
+    """Run ``argv``, send SIGTERM once RUN/metrics.jsonl holds two records; (exit status, stderr)."""
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    return proc.returncode, err.decode()
+
+
 def test_sigterm_checkpoints_the_current_step_and_resumes_the_same_loss_curve(tiny_models, shards, tmp_path):
     """SIGTERM (a preemption notice) stops after the running step with a checkpoint of it and exit
     143; the re-run resumes there with the uninterrupted run's losses. No periodic checkpoints."""
@@ -306,16 +319,9 @@ def test_sigterm_checkpoints_the_current_step_and_resumes_the_same_loss_curve(ti
         "train", "--shards", shards, "--init", tiny_models["tempo"], "--out", str(out), "--train", "projector+llm",
         "--steps", "24", "--batch", "2", "--warmup", "2", "--shuffle", "4", "--seed", "3", "--lr", "0.01", "--threads", "1",
     )
-    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 120
-    while proc.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    err = err.decode()
-    assert proc.returncode == 143, err[-2000:]
+    rc, err = _sigterm_after_two_steps(argv, out)
+    metrics = out / "metrics.jsonl"
+    assert rc == 143, err[-2000:]
     assert "interrupted by SIGTERM" in err and "stopping after this step" in err
     summary = json.loads((out / "summary.json").read_text())
     stopped = summary["steps_done"]
@@ -336,15 +342,8 @@ def test_sigterm_to_torchrun_checkpoints_every_rank_at_the_same_step(tiny_models
     out = tmp_path / "ddp"
     argv = _cli("train", "--shards", shards, "--init", tiny_models["tempo"], "--out", str(out), "--steps", "40",
                 "--batch", "2", "--threads", "1", torchrun=2)
-    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 180
-    while proc.poll() is None and time.monotonic() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=180)
-    assert proc.returncode != 0 and "interrupted by SIGTERM" in err.decode(), err.decode()[-2000:]
+    rc, err = _sigterm_after_two_steps(argv, out)
+    assert rc != 0 and "interrupted by SIGTERM" in err, err[-2000:]
     summary = json.loads((out / "summary.json").read_text())
     stopped = summary["steps_done"]
     assert summary["status"] == "interrupted" and 2 <= stopped < 40
