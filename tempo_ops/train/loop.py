@@ -510,60 +510,54 @@ def train(cfg: TrainConfig, *, stop_requested: Callable[[], bool] | None = None)
                 break
     finally:
         stream.close()
-    if stopped_at is not None:
-        summary = {
+    def run_summary(status: str, **fields: Any) -> dict[str, Any]:
+        return {
             "kind": "tempo-train-run",
-            "status": "interrupted",
+            "status": status,
             "run": str(run),
             "steps": total_steps,
-            "steps_done": stopped_at,
             "resumed_from_step": start_step if resume is not None else None,
             "final_loss": last_loss,
             "eval_before": first_eval,
-            "checkpoint": str(run / ckpt.checkpoint_name(stopped_at)),
             "metrics": str(run / METRICS_NAME),
+            **fields,
             "wall_s": time.time() - started,
             "config": dataclasses.asdict(cfg),
         }
+
+    def write_summary(summary: dict[str, Any]) -> None:
+        with open(run / SUMMARY_NAME, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+
+    if stopped_at is not None:  # every rank returns it: each one exits as interrupted
+        summary = run_summary("interrupted", steps_done=stopped_at, checkpoint=str(run / ckpt.checkpoint_name(stopped_at)))
         if dist.main:
             log.close()
-            with open(run / SUMMARY_NAME, "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            write_summary(summary)
         _barrier(dist)
         return summary
     final_eval = run_eval(total_steps) if eval_urls else None
     save(total_steps)
-    summary: dict[str, Any] = {}
+    summary = {}
     if dist.main:
         log.close()
-        plot = plot_loss(read_metrics(run / METRICS_NAME), run / PLOT_NAME)
-        summary = {
-            "kind": "tempo-train-run",
-            "status": "complete",
-            "run": str(run),
-            "steps": total_steps,
-            "resumed_from_step": start_step if resume is not None else None,
-            "world_size": dist.world,
-            "device": str(device),
-            "precision": "bf16 autocast" if device.type == "cuda" else "float32",
-            "train": cfg.train,
-            "trainable_parameters": sum(p.numel() for p in params),
-            "samples_per_step": cfg.batch * cfg.grad_accum * dist.world,
-            "samples_this_session": totals["samples"],
-            "tokens_this_session": totals["tokens"],
-            "samples_per_s": totals["samples"] / totals["seconds"] if totals["seconds"] else None,
-            "tokens_per_s": totals["tokens"] / totals["seconds"] if totals["seconds"] else None,
-            "final_loss": last_loss,
-            "eval_before": first_eval,
-            "eval_after": final_eval,
-            "final_checkpoint": str(run / ckpt.checkpoint_name(total_steps)),
-            "checkpoints": [str(p) for _s, p in ckpt.list_checkpoints(run)],
-            "metrics": str(run / METRICS_NAME),
-            "plot": plot,
-            "wall_s": time.time() - started,
-            "config": dataclasses.asdict(cfg),
-        }
-        with open(run / SUMMARY_NAME, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        summary = run_summary(
+            "complete",
+            world_size=dist.world,
+            device=str(device),
+            precision="bf16 autocast" if device.type == "cuda" else "float32",
+            train=cfg.train,
+            trainable_parameters=sum(p.numel() for p in params),
+            samples_per_step=cfg.batch * cfg.grad_accum * dist.world,
+            samples_this_session=totals["samples"],
+            tokens_this_session=totals["tokens"],
+            samples_per_s=totals["samples"] / totals["seconds"] if totals["seconds"] else None,
+            tokens_per_s=totals["tokens"] / totals["seconds"] if totals["seconds"] else None,
+            eval_after=final_eval,
+            final_checkpoint=str(run / ckpt.checkpoint_name(total_steps)),
+            checkpoints=[str(p) for _s, p in ckpt.list_checkpoints(run)],
+            plot=plot_loss(read_metrics(run / METRICS_NAME), run / PLOT_NAME),
+        )
+        write_summary(summary)
     _barrier(dist)
     return summary
