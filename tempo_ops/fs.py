@@ -15,22 +15,30 @@
   never dead-lettered per item), keeping everything already complete.
 - ``write_bytes_atomic(url, data)`` writes one whole object: a temporary file renamed into
   place locally, a single PUT on object stores (which never show a partial object).
+- ``put_local_files(items)`` is the one local write primitive: files written piece by piece
+  to temporaries and renamed into place together once all were written.
+  :class:`LocalObjectStore` (what ``open_store`` returns for paths) puts through it and runs
+  small requests inline on Zarr's event loop; ``local_root(store)`` says where a store's
+  files are, so the cache writer can stream a shard to disk without building it in memory.
 - :class:`CountingStore` counts requests and bytes moved (benchmarks, tests).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from zarr.abc.store import ByteRequest, RangeByteRequest, Store, SuffixByteRequest
-from zarr.core.buffer import Buffer, BufferPrototype
+from zarr.core.buffer import Buffer, BufferPrototype, default_buffer_prototype
 from zarr.storage import FsspecStore, LocalStore, WrapperStore
 
 from tempo_ops.errors import CacheNotWritable, CacheWriteError, DiskFull, TempoError
@@ -294,13 +302,101 @@ def is_local_url(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
+def put_local_files(items: Sequence[tuple[str, Iterable[Any]]]) -> None:
+    """Write each ``(path, pieces)`` as a whole file; ``pieces``: buffer-likes, written in order
+    (an iterator may reuse one buffer: each piece is written before the next is asked for).
+
+    Every file goes to a temporary beside it (``<name>.<hex>.partial``, the name Zarr's
+    LocalStore uses, so listings never take it for a key; parents created) and all are renamed
+    into place only after all were written: an OS error, or a ``pieces`` iterator that raises
+    (a value check), leaves every target as it was and no temporary behind.
+    """
+    staged: list[tuple[str, str]] = []
+    try:
+        for path, pieces in items:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{uuid.uuid4().hex}.partial"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            staged.append((tmp, path))
+            try:
+                for piece in pieces:
+                    view = memoryview(piece).cast("B")
+                    while view:  # a write may take fewer bytes than asked
+                        view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+        while staged:
+            tmp, path = staged[0]
+            os.replace(tmp, path)
+            staged.pop(0)
+    finally:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+_INLINE_NBYTES = 1 << 16  # requests up to this size run on the event loop: a thread hop costs more
+
+
+def _small_read(key: str, byte_range: ByteRequest | None) -> bool:
+    if byte_range is None:
+        return key.endswith("zarr.json")
+    if isinstance(byte_range, RangeByteRequest):
+        return byte_range.end - byte_range.start <= _INLINE_NBYTES
+    return isinstance(byte_range, SuffixByteRequest) and byte_range.suffix <= _INLINE_NBYTES
+
+
+class LocalObjectStore(LocalStore):
+    """Zarr's LocalStore with puts through :func:`put_local_files` and small requests (metadata,
+    shard indexes, chunk ranges) run inline on the event loop instead of in a worker thread:
+    a metadata put costs ~0.2 ms instead of ~0.8 ms, which is most of beginning and finalising
+    a cache entry. Large reads and writes still run in threads, concurrently."""
+
+    async def get(
+        self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None
+    ) -> Buffer | None:
+        if not _small_read(key, byte_range):
+            return await super().get(key, prototype, byte_range)
+        if not self._is_open:
+            await self._open()
+        try:
+            return _zarr_local_get(self.root / key, prototype or default_buffer_prototype(), byte_range)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    async def set(self, key: str, value: Buffer) -> None:
+        if not self._is_open:
+            await self._open()
+        self._check_writable()
+        if not isinstance(value, Buffer):
+            raise TypeError(f"LocalObjectStore.set(): `value` must be a Buffer instance, got {type(value)}")
+        items = [(str(self.root / key), [value.as_buffer_like()])]
+        if len(value) <= _INLINE_NBYTES:
+            put_local_files(items)
+        else:
+            await asyncio.to_thread(put_local_files, items)
+
+
+def _zarr_local_get(path: Path, prototype: BufferPrototype, byte_range: ByteRequest | None) -> Buffer:
+    from zarr.storage._local import _get  # LocalStore's own reader: the same byte-range semantics
+
+    return _get(path, prototype, byte_range)
+
+
+def local_root(store: Store) -> str | None:
+    """The directory of a local store (looking through wrappers such as RetryingStore), else None."""
+    while isinstance(store, WrapperStore):
+        store = store._store
+    return str(store.root) if isinstance(store, LocalStore) else None
+
+
 def open_base_store(url: str, storage_options: dict[str, Any] | None = None, read_only: bool = False) -> Store:
-    """The unwrapped Zarr store for ``url``: ``LocalStore`` for paths, ``FsspecStore`` otherwise."""
+    """The unwrapped Zarr store for ``url``: :class:`LocalObjectStore` for paths, ``FsspecStore`` otherwise."""
     if is_local_url(url):
         path = os.path.abspath(os.path.expanduser(_strip_file_scheme(url)))
         if not read_only:
             os.makedirs(path, exist_ok=True)
-        return LocalStore(path, read_only=read_only)
+        return LocalObjectStore(path, read_only=read_only)
     return FsspecStore.from_url(url, storage_options=dict(storage_options or {}), read_only=read_only)
 
 
@@ -352,19 +448,7 @@ def write_bytes_atomic(url: str, data: bytes, storage_options: dict[str, Any] | 
     """
     if is_local_url(url):
         path = os.path.abspath(os.path.expanduser(_strip_file_scheme(url)))
-
-        def put() -> None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}-{random.getrandbits(32):08x}"
-            try:
-                with open(tmp, "wb") as fh:
-                    fh.write(data)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-
-        retry_call(put, what=f"put {path}")
+        retry_call(lambda: put_local_files([(path, [data])]), what=f"put {path}")
         return
     fs, path = url_to_fs(url, storage_options)
     retry_call(fs.pipe_file, path, data, what=f"put {url}")

@@ -26,6 +26,7 @@ import asyncio
 import datetime as _dt
 import functools
 import json
+import os
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 import tempo_ops
+import tempo_ops.fs as fs_mod  # fs_mod.put_local_files: the one local write primitive (tests inject faults there)
 from schemas import cache_layout as L
 from tempo_ops.errors import (
     CacheCorrupt,
@@ -49,11 +51,19 @@ from tempo_ops.errors import (
     InvalidCacheBlock,
     InvalidTokenRange,
 )
-from tempo_ops.fs import DEFAULT_RETRY, RangeByteRequest, RetryPolicy, SuffixByteRequest, open_store
+from tempo_ops.fs import (
+    DEFAULT_RETRY,
+    RangeByteRequest,
+    RetryPolicy,
+    SuffixByteRequest,
+    local_root,
+    open_store,
+    retry_call,
+)
 from tempo_ops.query_text import DEFAULT_TEMPLATE, TEMPLATES, render_query
 from tempo_ops.store_shard import EMPTY as L_EMPTY
 from tempo_ops.store_shard import (
-    ShardBuffer,
+    ShardEncoder,
     check_shard,
     chunk_crc_ok,
     crc32c_bytes,
@@ -322,6 +332,18 @@ def _bf16_bits_into(out: np.ndarray, x: np.ndarray) -> None:
     out[...] = (u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
 
 
+def _f16_into(out: np.ndarray, x: np.ndarray) -> None:
+    """Write ``x`` rounded to float16 into ``out`` (``<f2``, same shape, rows may be strided)."""
+    torch = _torch()
+    if torch is not None and x.dtype == np.float32 and x.dtype.isnative:
+        # numpy's float32 → float16 cast is scalar (~8 ns a value); torch's is vectorised and rounds
+        # alike (nearest even, overflow to inf, subnormals kept). Not float64: torch rounds it twice.
+        torch.from_numpy(out.view(np.int16)).view(torch.float16).copy_(torch.from_numpy(np.ascontiguousarray(x)))
+        return
+    with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values become inf; the writer checks after
+        np.copyto(out, x, casting="same_kind")
+
+
 def to_bf16_bits(x: np.ndarray) -> np.ndarray:
     """float32 values → bfloat16 bit patterns ``<u2`` (round to nearest even; exact for bf16 values)."""
     out = np.empty(np.shape(x), dtype="<u2")
@@ -400,22 +422,16 @@ def channel_factors(exponents: np.ndarray) -> np.ndarray:
     return np.ldexp(np.float32(1.0), np.asarray(exponents, dtype=np.int32)).astype(np.float32)
 
 
-def _max_abs_bits16(values: np.ndarray) -> int:
-    """Largest ``bits & 0x7FFF`` over 16-bit float bit patterns (float16 or bfloat16 ``<u2``), in cache-sized passes.
+def _bits16_max(values: np.ndarray) -> tuple[int, int]:
+    """Largest positive and largest negative 16-bit float bit pattern (float16 or bfloat16 ``<u2``).
 
-    float16 values are all finite iff it is < 0x7C00; bfloat16 ones iff it is < 0x7F80.
-    ``values``: any shape whose rows (first axis) are each contiguous (e.g. a shard's chunks).
+    Two read-only reductions, no temporaries: as int16 the largest value is the largest positive
+    pattern; as uint16 the largest negative one (negatives are >= 0x8000; with none it is below).
+    All values are finite iff both are below the form's first non-finite pattern (float16:
+    0x7C00 / 0xFC00, bfloat16: 0x7F80 / 0xFF80). ``values``: any shape, last axis contiguous.
     """
-    v = np.atleast_2d(values).view(np.uint16)
-    v = v.reshape(len(v), -1)
-    rows = max(1, _PASS_ELEMENTS // max(1, v.shape[1]))
-    buf = np.empty((min(rows, len(v)), v.shape[1]), dtype=np.uint16)
-    top = 0
-    for i in range(0, len(v), rows):
-        b = buf[: len(v[i : i + rows])]
-        np.bitwise_and(v[i : i + rows], np.uint16(0x7FFF), out=b)
-        top = max(top, int(b.max()))
-    return top
+    v = values.view(np.uint16)
+    return int(v.view(np.int16).max()), int(v.max())
 
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray, exponents: np.ndarray | None = None) -> np.ndarray:
@@ -424,6 +440,11 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray, exponents: np.ndarray | No
     if exponents is not None:
         out *= channel_factors(exponents)[..., None, :]
     return out
+
+
+def _deferred(make: Any, *args: Any) -> Any:
+    """One piece, made when first asked for (after the pieces before it were written)."""
+    yield make(*args)
 
 
 class _SideArray:
@@ -791,42 +812,55 @@ class CacheWriter:
         self._entries[key] = (int(vattrs[L.ENTRY_N_SEGMENTS]), version)
         return self._entries[key]
 
-    def _encode_candidates(self, cand: np.ndarray, seg_start: int, item: str) -> tuple[list[np.ndarray], dict[str, np.ndarray]]:
-        """Candidates ``(n, K, D)`` → one sealed candidates shard object per shard of the block, and
-        the int8 side arrays by kind: scales ``(n, K)`` float32 [, channel exponents ``(n, D)`` int8].
+    def _shard_encoders(
+        self, cand: np.ndarray, seg_start: int, item: str
+    ) -> tuple[list[tuple[ShardEncoder, Any]], dict[str, np.ndarray]]:
+        """Candidates ``(n, K, D)`` → one ``(ShardEncoder, fill)`` per shard of the block, and the
+        int8 side arrays by kind (scales ``(n, K)`` float32 [, channel exponents ``(n, D)`` int8]),
+        filled as the shards are encoded.
 
-        Values are converted to the storage form (``<f2`` / bf16 bits ``<u2`` / ``i1``) straight
-        into each shard's buffer. Float16Overflow names the first value that does not fit.
+        ``fill`` converts a piece of segments to the storage form (``<f2`` / bf16 bits ``<u2`` /
+        ``i1``) straight into the encoder's buffer and checks it there, while it is in cache;
+        Float16Overflow names the first value of the block that does not fit.
         """
         g = self._geo
         form = g.form
-        if cand.dtype == np.float16:  # only inf/NaN can be wrong (numpy's float16 max/min/isfinite are slow)
-            if _max_abs_bits16(cand) >= 0x7C00:
-                self._raise_overflow(cand, seg_start, item)
-        elif form == "float16":  # no temporaries: NaN propagates through max/min and fails the comparison
-            if not (cand.max() <= L.FLOAT16_MAX and cand.min() >= -L.FLOAT16_MAX):
-                self._raise_overflow(cand, seg_start, item)
-        shards: list[np.ndarray] = []
         sides = {side.kind: np.empty((cand.shape[0], side.count), dtype=side.dtype) for side in g.sides}
-        for s0 in range(0, cand.shape[0], g.P):
-            part = cand[s0 : s0 + g.P]
-            buf = ShardBuffer(len(part), g.K, g.D, _NP_STORED[form], g.P, g.C, checksum=g.checksums)
-            if form == "float16":
-                np.copyto(buf.chunks, part.reshape(buf.chunks.shape), casting="same_kind")
-            elif form == "bfloat16":
-                _bf16_bits_into(buf.chunks, part.reshape(buf.chunks.shape))
-                if _max_abs_bits16(buf.chunks) >= 0x7F80:  # NaN, inf, or rounded up beyond bf16's max
+
+        def fill_of(s0: int) -> Any:
+            def fill(dst: np.ndarray, p0: int) -> None:
+                a = s0 + p0  # first segment of the piece, within the block
+                src = cand[a : a + len(dst)]
+                if form == "float16":
+                    if cand.dtype == np.float16:
+                        np.copyto(dst, src.reshape(dst.shape))
+                    else:
+                        _f16_into(dst, src.reshape(dst.shape))
+                    pos, neg = _bits16_max(dst)  # checked converted, in cache: half the bytes of the source
+                    ok = pos < 0x7C00 and neg < 0xFC00
+                    if ok and (pos == 0x7BFF or neg == 0xFBFF) and cand.dtype != np.float16:
+                        # ±65504 may be a larger value rounded down (up to 65520): refuse |x| > 65504
+                        ok = bool(np.abs(src).max() <= L.FLOAT16_MAX)
+                elif form == "bfloat16":
+                    _bf16_bits_into(dst, src.reshape(dst.shape))
+                    pos, neg = _bits16_max(dst)
+                    ok = pos < 0x7F80 and neg < 0xFF80  # not NaN, inf, or rounded up beyond bf16's max
+                else:
+                    sc, exps = _quantize_int8_into(np.ascontiguousarray(src, dtype=np.float32), dst, channel_scaled=g.channel_scaled)
+                    ok = bool(np.isfinite(sc).all())  # NaN/inf propagate into the token's scale
+                    sides["s"][a : a + len(dst)] = sc
+                    if exps is not None:
+                        sides["e"][a : a + len(dst)] = exps
+                if not ok:
                     self._raise_overflow(cand, seg_start, item)
-            else:
-                chunks = buf.chunks.reshape(len(part), g.K // g.C, g.C, g.D)  # a view: splits the chunk axis only
-                sc, exps = _quantize_int8_into(np.ascontiguousarray(part, dtype=np.float32), chunks, channel_scaled=g.channel_scaled)
-                if not np.isfinite(sc).all():  # NaN/inf propagate into the token's scale
-                    self._raise_overflow(cand, seg_start, item)
-                sides["s"][s0 : s0 + len(part)] = sc
-                if exps is not None:
-                    sides["e"][s0 : s0 + len(part)] = exps
-            shards.append(buf.seal())
-        return shards, sides
+
+            return fill
+
+        encoders = [
+            (ShardEncoder(min(g.P, cand.shape[0] - s0), g.K, g.D, g.stored, g.P, g.C, checksum=g.checksums), fill_of(s0))
+            for s0 in range(0, cand.shape[0], g.P)
+        ]
+        return encoders, sides
 
     def _raise_overflow(self, cand: np.ndarray, seg_start: int, item: str) -> None:
         """Raise Float16Overflow for the first candidate value that does not fit the storage form."""
@@ -885,30 +919,51 @@ class CacheWriter:
         if bad_rel.any():
             bad = int(np.flatnonzero(bad_rel)[0])
             raise InvalidCacheBlock(f"relevance of segment {bad + seg_start} is not in [0, 1]: {rel32[bad]!r}", item=item)
-        shard_objects, sides = self._encode_candidates(cand, seg_start, item)
+        encoders, sides = self._shard_encoders(np.ascontiguousarray(cand), seg_start, item)
+        shards = range(seg_start // g.P, -(-end // g.P))
+
+        def side_shard(side: _SideArray, i: int) -> np.ndarray:
+            return encode_shard(sides[side.kind][i * g.P : (i + 1) * g.P][:, None, :], g.P, 1, checksum=g.checksums)
+
+        def rel_chunk(i: int) -> bytes:
+            chunk = np.full(g.P, np.nan, dtype="<f4")
+            part = rel32[i * g.P : (i + 1) * g.P]
+            chunk[: len(part)] = part
+            raw = chunk.tobytes()
+            return raw + (crc32c_bytes(raw) if g.checksums else b"")
+
+        # Candidates (and int8 side arrays) first, relevance last: a relevance chunk present means its block landed.
+        cand_keys = [L.candidates_shard_key(video_id, query_id, shard, version) for shard in shards]
+        side_keys = [[side.key_of(video_id, query_id, shard, version) for shard in shards] for side in g.sides]
+        rel_keys = [L.relevance_chunk_key(video_id, query_id, shard, version) for shard in shards]
+        root = local_root(self.store)
+        if root is not None:  # stream each shard to disk through the encoder's small buffer
+            def put_candidates() -> None:
+                items: list[tuple[str, Any]] = [
+                    (os.path.join(root, key), enc.pieces(fill)) for key, (enc, fill) in zip(cand_keys, encoders)
+                ]
+                # the side shards are encoded once the candidates (which fill them) are written
+                items += [
+                    (os.path.join(root, key), _deferred(side_shard, side, i))
+                    for side, keys in zip(g.sides, side_keys)
+                    for i, key in enumerate(keys)
+                ]
+                fs_mod.put_local_files(items)
+
+            retry_call(put_candidates, what=f"put {root}/{cand_keys[0]}")
+            retry_call(
+                lambda: fs_mod.put_local_files([(os.path.join(root, k), [rel_chunk(i)]) for i, k in enumerate(rel_keys)]),
+                what=f"put {root}/{rel_keys[0]}",
+            )
+            return
+        objects = [enc.encode(fill) for enc, fill in encoders]
         store = self.store
 
         async def put() -> None:
-            # Candidates (and int8 side arrays) first, relevance last: a relevance chunk present means its block landed.
-            puts = []
-            for s0 in range(seg_start, end, g.P):
-                shard = s0 // g.P
-                part = slice(s0 - seg_start, s0 - seg_start + g.P)
-                data = shard_objects[(s0 - seg_start) // g.P]
-                puts.append(_put_bytes(store, L.candidates_shard_key(video_id, query_id, shard, version), data))
-                for side in g.sides:
-                    sdata = encode_shard(sides[side.kind][part][:, None, :], g.P, 1, checksum=g.checksums)
-                    puts.append(_put_bytes(store, side.key_of(video_id, query_id, shard, version), sdata))
+            puts = [_put_bytes(store, key, obj) for key, obj in zip(cand_keys, objects)]
+            puts += [_put_bytes(store, key, side_shard(side, i)) for side, keys in zip(g.sides, side_keys) for i, key in enumerate(keys)]
             await _gather_limited(puts)
-            rel_puts = []
-            for s0 in range(seg_start, end, g.P):
-                chunk = np.full(g.P, np.nan, dtype="<f4")
-                part = rel32[s0 - seg_start : s0 - seg_start + g.P]
-                chunk[: len(part)] = part
-                raw = chunk.tobytes()
-                raw += crc32c_bytes(raw) if g.checksums else b""
-                rel_puts.append(_put_bytes(store, L.relevance_chunk_key(video_id, query_id, s0 // g.P, version), raw))
-            await _gather_limited(rel_puts)
+            await _gather_limited([_put_bytes(store, key, rel_chunk(i)) for i, key in enumerate(rel_keys)])
 
         sync(put())
 

@@ -19,6 +19,7 @@ range request per segment (fewer after merging neighbours) with no bytes wasted.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import google_crc32c
@@ -48,13 +49,19 @@ def encode_index(index: np.ndarray) -> bytes:
     return raw + crc32c_bytes(raw)
 
 
-class ShardBuffer:
-    """One shard object being filled in place: ``chunks`` is a writable view of its chunk data.
+PIECE_NBYTES = 1 << 19  # bytes of chunks encoded per step (one 128 x 2048 bf16 segment): the reused buffer stays in cache
 
-    ``chunks`` has shape ``(n * K // C, C, W)`` in the value dtype (``n`` segments of the
-    shard present, C order, segment-major): callers convert straight into it, so the stored
-    values are written once, with no intermediate array. ``seal`` appends the crc32c of
-    each chunk (layout v2) and the index, and returns the whole object (uint8 array).
+
+class ShardEncoder:
+    """One shard object, encoded segment by segment: chunk data, then each chunk's crc32c
+    (layout v2), then the index (with its crc32c).
+
+    ``n`` segments of ``tokens`` tokens of ``width`` values (``dtype``) are present (n <= P);
+    chunks are ``(1, token_chunk, width)``, C order, segment-major. A caller's ``fill(dst, s0)``
+    converts or copies segments ``[s0, s0 + m)`` straight into ``dst``, a view
+    ``(m, tokens // token_chunk, token_chunk, width)`` of the stored dtype (a source
+    ``(m, tokens, width)`` reshapes to it for free), so values are written once, into a buffer
+    that is reused and small enough to stay in cache; ``fill`` may raise to abandon the shard.
     """
 
     def __init__(
@@ -68,33 +75,58 @@ class ShardBuffer:
         *,
         checksum: bool = True,
     ) -> None:
-        dtype = np.dtype(dtype)
+        self.dtype = np.dtype(dtype)
         if n > segments_per_shard or tokens % token_chunk:
             raise ValueError(f"({n}, {tokens}, {width}) does not fit a shard of {segments_per_shard} x {tokens}/{token_chunk}")
+        self.n, self.tokens, self.width, self.token_chunk = n, tokens, width, token_chunk
         self.checksum = checksum
         self.chunks_per_segment = tokens // token_chunk
-        n_chunks = n * self.chunks_per_segment
-        self.data_nbytes = token_chunk * width * dtype.itemsize
-        chunk_nbytes = self.data_nbytes + (CRC_NBYTES if checksum else 0)
+        self.data_nbytes = token_chunk * width * self.dtype.itemsize
+        self.chunk_nbytes = self.data_nbytes + (CRC_NBYTES if checksum else 0)
         index = np.full((segments_per_shard, self.chunks_per_segment, 1, 2), EMPTY, dtype=np.uint64)
-        offsets = np.arange(n_chunks, dtype=np.uint64) * np.uint64(chunk_nbytes)
+        offsets = np.arange(n * self.chunks_per_segment, dtype=np.uint64) * np.uint64(self.chunk_nbytes)
         index[:n, :, 0, 0] = offsets.reshape(n, self.chunks_per_segment)
-        index[:n, :, 0, 1] = chunk_nbytes
-        self._index_bytes = encode_index(index)
-        self._body_nbytes = n_chunks * chunk_nbytes
-        self.out = np.empty(self._body_nbytes + len(self._index_bytes), dtype=np.uint8)
-        self._body = self.out[: self._body_nbytes].reshape(n_chunks, chunk_nbytes)
-        self._data = self._body[:, : self.data_nbytes]
-        self.chunks = self._data.view(dtype).reshape(n_chunks, token_chunk, width)
+        index[:n, :, 0, 1] = self.chunk_nbytes
+        self.index_bytes = encode_index(index)
+        self.nbytes = n * self.chunks_per_segment * self.chunk_nbytes + len(self.index_bytes)
 
-    def seal(self) -> np.ndarray:
-        """Checksums and index written after the chunks; the shard object (uint8 array)."""
-        if self.checksum:
-            crc = google_crc32c.value  # takes each contiguous ndarray row as a buffer (no copy)
-            crcs = np.fromiter((crc(row) for row in self._data), dtype="<u4", count=len(self._data))
-            self._body[:, self.data_nbytes :] = crcs.view(np.uint8).reshape(-1, CRC_NBYTES)
-        self.out[self._body_nbytes :] = np.frombuffer(self._index_bytes, dtype=np.uint8)
-        return self.out
+    def pieces(
+        self, fill: Callable[[np.ndarray, int], None], piece_nbytes: int = PIECE_NBYTES, *, out: np.ndarray | None = None
+    ) -> Iterator[np.ndarray]:
+        """The shard object as consecutive uint8 pieces, the last one the index.
+
+        Every piece but the index is a view of one reused buffer: consume (write) it before
+        asking for the next. With ``out`` (``nbytes`` uint8) the pieces are encoded in place
+        into it instead, so that afterwards it holds the whole object.
+        """
+        cps = self.chunks_per_segment
+        per_piece = max(1, min(self.n, piece_nbytes // (cps * self.chunk_nbytes)))
+        buf = np.empty((per_piece * cps, self.chunk_nbytes), dtype=np.uint8) if out is None else None
+        crc = google_crc32c.value  # takes each contiguous ndarray row as a buffer (no copy)
+        for s0 in range(0, self.n, per_piece):
+            m = min(per_piece, self.n - s0)
+            if buf is None:
+                body = out[s0 * cps * self.chunk_nbytes : (s0 + m) * cps * self.chunk_nbytes].reshape(m * cps, self.chunk_nbytes)
+            else:
+                body = buf[: m * cps]
+            data = body[:, : self.data_nbytes]
+            # splits axes only, so always a view of the buffer (merging chunk rows would copy: the crcs lie between)
+            fill(data.view(self.dtype).reshape(m, cps, self.token_chunk, self.width), s0)
+            if self.checksum:
+                crcs = np.fromiter(map(crc, data), dtype="<u4", count=len(data))
+                body[:, self.data_nbytes :] = crcs.view(np.uint8).reshape(-1, CRC_NBYTES)
+            yield body.reshape(-1)
+        index = np.frombuffer(self.index_bytes, dtype=np.uint8)
+        if out is not None:
+            out[self.nbytes - len(index) :] = index
+        yield index
+
+    def encode(self, fill: Callable[[np.ndarray, int], None]) -> np.ndarray:
+        """The whole shard object (uint8 array), for stores that take one object per put."""
+        out = np.empty(self.nbytes, dtype=np.uint8)
+        for _ in self.pieces(fill, out=out):
+            pass
+        return out
 
 
 def encode_shard(block: np.ndarray, segments_per_shard: int, token_chunk: int, *, checksum: bool = True) -> np.ndarray:
@@ -102,12 +134,14 @@ def encode_shard(block: np.ndarray, segments_per_shard: int, token_chunk: int, *
 
     Inner chunks are ``(1, token_chunk, W)`` in C order; with ``checksum`` (layout v2) each
     is followed by its crc32c. Segments ``n..P-1`` (past the end of the array) are absent in
-    the index. The data is copied once, straight into the output buffer.
+    the index.
     """
     n, k, w = block.shape
-    buf = ShardBuffer(n, k, w, block.dtype, segments_per_shard, token_chunk, checksum=checksum)
-    buf.chunks[...] = block.reshape(buf.chunks.shape)
-    return buf.seal()
+
+    def fill(dst: np.ndarray, s0: int) -> None:
+        dst[...] = block[s0 : s0 + len(dst)].reshape(dst.shape)
+
+    return ShardEncoder(n, k, w, block.dtype, segments_per_shard, token_chunk, checksum=checksum).encode(fill)
 
 
 def decode_index(raw: bytes, segments_per_shard: int, chunks_per_segment: int, *, item: str) -> np.ndarray:

@@ -210,20 +210,23 @@ def test_sampling_mismatch_is_refused_before_the_model_loads(compressed, tiny_mo
 
 
 # --------------------------------------------------------------------------- 11: storage errors
-def _failing_local_set(monkeypatch, err: int, *, after: int = 0) -> list[int]:
-    """LocalStore.set raises OSError(err) after ``after`` successful puts; returns the call counter."""
-    from zarr.storage import LocalStore
+def _failing_local_set(monkeypatch, err: int, under: Path, *, after: int = 0) -> list[int]:
+    """Local writes under ``under`` (``put_local_files``, the one local write primitive) raise
+    OSError(err) after ``after`` successful calls; returns the call counter."""
+    from tempo_ops import fs as fs_mod
 
-    real = LocalStore.set
+    real = fs_mod.put_local_files
     calls = [0]
 
-    async def set_(self, key, value):
+    def put(items):
+        if not items[0][0].startswith(f"{under}{os.sep}"):
+            return real(items)
         calls[0] += 1
         if calls[0] > after:
-            raise OSError(err, os.strerror(err), os.path.join(str(self.root), key))
-        return await real(self, key, value)
+            raise OSError(err, os.strerror(err), items[0][0])
+        return real(items)
 
-    monkeypatch.setattr(LocalStore, "set", set_)
+    monkeypatch.setattr(fs_mod, "put_local_files", put)
     return calls
 
 
@@ -235,7 +238,7 @@ def test_read_only_cache_stops_at_once_keeping_what_is_complete(compressed, tiny
     manifest, source = compressed
     cache = tmp_path / "cache.zarr"
     shutil.copytree(source, cache)
-    calls = _failing_local_set(monkeypatch, errno.EROFS)
+    calls = _failing_local_set(monkeypatch, errno.EROFS, cache)
     assert tempo(_compress(manifest, cache, tiny_models, "--force")) == 2
     line = _one_error_line(capsys.readouterr().err, "cache_not_writable")
     assert str(cache) in line and "Read-only file system" in line
@@ -247,7 +250,7 @@ def test_read_only_cache_stops_at_once_keeping_what_is_complete(compressed, tiny
 def test_disk_full_stops_at_once_with_one_line(tiny_models, tmp_path, capsys, monkeypatch):
     manifest = _corpus(tmp_path / "c", n_videos=2)
     cache = tmp_path / "cache.zarr"
-    calls = _failing_local_set(monkeypatch, errno.ENOSPC, after=2)  # the cache root is created, then the disk fills
+    calls = _failing_local_set(monkeypatch, errno.ENOSPC, cache, after=2)  # the cache root is created, then the disk fills
     assert tempo(_compress(manifest, cache, tiny_models)) == 2
     line = _one_error_line(capsys.readouterr().err, "disk_full")
     assert str(cache) in line

@@ -140,14 +140,17 @@ def test_float16_overflow_rejected_before_writing(cache: str) -> None:
     w.write_video("v", make_meta())
     w.begin_entry("v", "q", "?", S)
     cand, rel = block_data("v", "q")
-    for bad in (70000.0, -65600.0, np.inf, np.nan):
-        block = cand[:P].copy()
+    # 65510 and -65519 round to ±65504 yet lie beyond it: refused too; float64 goes through numpy's cast
+    for bad, dtype in [(70000.0, np.float32), (-65600.0, np.float32), (np.inf, np.float32), (np.nan, np.float32),
+                       (65510.0, np.float32), (-65519.0, np.float32), (65510.0, np.float64), (-np.inf, np.float64)]:
+        block = cand[:P].astype(dtype)
         block[2, 5, 7] = bad
         with pytest.raises(Float16Overflow, match="segment 2, token 5, channel 7") as info:
             w.write_block("v", "q", 0, block, rel[:P])
         assert info.value.item == "v/q" and info.value.code == "float16_overflow"
     ok = cand[:P].copy()
     ok[0, 0, 0] = 65504.0  # the largest float16 is fine
+    ok[0, 0, 1] = -65504.0
     f16 = cand[:P].astype(np.float16)
     f16[1, 1, 1] = np.float16(np.inf)
     with pytest.raises(Float16Overflow):

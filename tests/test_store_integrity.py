@@ -469,14 +469,41 @@ def test_values_are_converted_straight_into_the_shard_bytes_of_the_separate_step
     assert (torch_bits[0, :2] == [0x7F80, 0xFF80]).all() and (torch_bits[0, 2] & 0x7FFF) > 0x7F80
 
 
-@pytest.mark.parametrize("form", ["bfloat16", "int8"])
-def test_values_the_form_cannot_hold_are_refused_before_writing(tmp_path: Path, form: str) -> None:
-    from tempo_ops.errors import Float16Overflow
+@pytest.mark.parametrize("form", ["float16", "bfloat16", "int8"])
+def test_streamed_local_shards_equal_the_whole_objects_put_to_an_object_store(tmp_path: Path, form: str) -> None:
+    """Locally each shard is streamed to disk piece by piece; elsewhere it is one object: same bytes."""
+    import fsspec
 
+    cand, rel = block_data("v", "q")
+    cand = cand * 3.7
+    local, remote = str(tmp_path / form), f"memory://streamed-{form}"
+    for url in (local, remote):
+        _write(_form_writer(url, form), cand, rel)
+    mem = fsspec.filesystem("memory")
+    lv, rv = CacheReader(local).entry("v", "q").version, CacheReader(remote).entry("v", "q").version
+    keys = [L.candidates_shard_key, L.relevance_chunk_key]
+    keys += [L.scales_shard_key, L.channel_exponents_shard_key] if form == "int8" else []
+    for key_of in keys:
+        for shard in range(-(-S // P)):
+            got = (Path(local) / key_of("v", "q", shard, lv)).read_bytes()
+            assert got == mem.cat(f"/streamed-{form}/{key_of('v', 'q', shard, rv)}"), (key_of.__name__, shard)
+    mem.rm(f"/streamed-{form}", recursive=True)
+
+
+def _begun_writer(tmp_path: Path, form: str) -> tuple[str, CacheWriter]:
+    """A ``form`` cache under ``tmp_path`` with video "v" written and entry ("v", "q") begun."""
     url = str(tmp_path / form)
     w = _form_writer(url, form)
     w.write_video("v", make_meta())
     w.begin_entry("v", "q", "?", S)
+    return url, w
+
+
+@pytest.mark.parametrize("form", ["bfloat16", "int8"])
+def test_values_the_form_cannot_hold_are_refused_before_writing(tmp_path: Path, form: str) -> None:
+    from tempo_ops.errors import Float16Overflow
+
+    url, w = _begun_writer(tmp_path, form)
     cand, rel = block_data("v", "q")
     bads = (np.inf, -np.inf, np.nan) + ((3.4e38,) if form == "bfloat16" else ())  # 3.4e38 rounds to bf16 inf
     for bad in bads:
@@ -489,6 +516,66 @@ def test_values_the_form_cannot_hold_are_refused_before_writing(tmp_path: Path, 
     ok = cand[:P].copy()
     ok[0, 0, 0] = 3.38e38 if form == "bfloat16" else 1e30  # large but representable
     w.write_block("v", "q", 0, ok, rel[:P])
+
+
+@pytest.mark.parametrize("form", ["float16", "bfloat16", "int8"])
+def test_a_bad_value_in_a_later_shard_of_a_block_writes_no_shard_and_leaves_no_temporary(tmp_path: Path, form: str) -> None:
+    """Shards are streamed to temporaries and renamed together: a check failing in the last shard leaves nothing."""
+    from tempo_ops.errors import Float16Overflow
+
+    url, w = _begun_writer(tmp_path, form)
+    cand, rel = block_data("v", "q")
+    block = cand.copy()
+    block[2 * P + 1, 1, 2] = np.nan  # in the last (short) shard
+    with pytest.raises(Float16Overflow, match=f"segment {2 * P + 1}, token 1, channel 2"):
+        w.write_block("v", "q", 0, block, rel)
+    version_dir = Path(url) / L.data_path("v", "q", w.pending_version("v", "q"))
+    files = [f.relative_to(version_dir).as_posix() for f in version_dir.rglob("*") if f.is_file()]
+    assert all(f.endswith("zarr.json") for f in files), files  # array metadata only: no shard, no .partial
+    assert w.missing_segments("v", "q") == [(0, S)]
+    w.write_block("v", "q", 0, cand, rel)
+    w.finalize_entry("v", "q")
+    assert CacheReader(url).entry("v", "q").verify() == []
+
+
+def test_float16_conversion_rounds_as_numpy_does() -> None:
+    """The writer's float32 (vectorised) and float64 → float16 casts equal numpy's: nearest even, subnormals, overflow."""
+    from tempo_ops import store as store_mod
+
+    rng = np.random.default_rng(5)
+    edge = np.array([65504.0, 65519.99, 65520.0, -65520.0, 6.1e-5, 5.96e-8, 2.98e-8, 1e-9, -0.0, np.inf, np.nan], dtype=np.float32)
+    for dtype in (np.float32, np.float64):
+        x = np.concatenate([rng.standard_normal(5000) * 10.0 ** rng.integers(-9, 5, 5000), edge]).astype(dtype)
+        got = np.zeros((2, len(x) + 3), dtype="<f2")[:, :-3]  # strided rows, like a shard's chunks
+        with np.errstate(over="ignore"):  # 65520 and beyond become inf, as they should
+            store_mod._f16_into(got, np.stack([x, -x]))
+            want = np.stack([x, -x]).astype(np.float16)
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+
+
+def test_put_local_files_renames_all_or_none(tmp_path: Path) -> None:
+    from tempo_ops.fs import put_local_files
+
+    (tmp_path / "b").write_bytes(b"old b")
+
+    def failing():
+        yield b"half"
+        raise RuntimeError("check failed")
+
+    with pytest.raises(RuntimeError):
+        put_local_files([(str(tmp_path / "a" / "x"), [b"new a"]), (str(tmp_path / "b"), failing())])
+    assert (tmp_path / "b").read_bytes() == b"old b" and not (tmp_path / "a" / "x").exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["b"]  # no temporary left
+    buf = np.zeros(4, dtype=np.uint8)
+
+    def reused():  # one buffer rewritten between pieces: each piece is written before the next is made
+        for v in (1, 2, 3):
+            buf[:] = v
+            yield buf
+
+    put_local_files([(str(tmp_path / "a" / "x"), reused()), (str(tmp_path / "b"), [memoryview(b"new b")])])
+    assert (tmp_path / "a" / "x").read_bytes() == bytes([1] * 4 + [2] * 4 + [3] * 4)
+    assert (tmp_path / "b").read_bytes() == b"new b"
 
 
 # ---------------------------------------------------------------- v1 compatibility and migration
@@ -587,8 +674,7 @@ def test_v1_cache_is_shardable_without_conversion(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- fatal storage errors in the v2 write paths
 @pytest.mark.parametrize(("err", "code"), [(errno.ENOSPC, "disk_full"), (errno.EROFS, "cache_not_writable")])
 def test_fatal_storage_errors_stop_v2_writes_at_once(cache: str, monkeypatch, err: int, code: str) -> None:
-    from zarr.storage import LocalStore
-
+    from tempo_ops import fs as fs_mod
     from tempo_ops.errors import TempoError
 
     w = open_writer(cache)
@@ -596,11 +682,11 @@ def test_fatal_storage_errors_stop_v2_writes_at_once(cache: str, monkeypatch, er
     w.begin_entry("v", "q", "question q?", S, force=True)  # a new version beside the complete one
     calls = [0]
 
-    async def failing_set(self, key, value):
+    def failing_put(items):
         calls[0] += 1
-        raise OSError(err, os.strerror(err), os.path.join(str(self.root), key))
+        raise OSError(err, os.strerror(err), items[0][0])
 
-    monkeypatch.setattr(LocalStore, "set", failing_set)
+    monkeypatch.setattr(fs_mod, "put_local_files", failing_put)
     with pytest.raises(TempoError) as info:
         w.write_block("v", "q", 0, cand[:P], rel[:P])
     assert info.value.code == code and info.value.fatal
