@@ -25,6 +25,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="metadata, shard indexes and relevance only (no chunk data)")
     parser.add_argument("--json", action="store_true", help="emit one JSON document instead of text")
+    parser.add_argument(
+        "--prune-leftovers",
+        action="store_true",
+        help="first delete what crashed writes left behind (unreferenced entry versions, *.partial files) older than --older-than",
+    )
+    parser.add_argument(
+        "--older-than",
+        type=float,
+        default=24.0,
+        metavar="HOURS",
+        help="with --prune-leftovers: only leftovers at least this old (default 24; a running --force/--repair job's new version is unreferenced too)",
+    )
     add_storage_option_argument(parser)
 
 
@@ -67,13 +79,25 @@ def run(args: argparse.Namespace, extra_args: list[str]) -> int:
         return 0 if doc["clean"] else 1
     if not args.cache:
         raise ConfigError("give a CACHE, or --shards DIR", item="verify")
-    from tempo_ops.cache_maintenance import verify_cache
+    from tempo_ops.cache_maintenance import prune_leftovers, verify_cache
 
+    pruned = None
+    if args.prune_leftovers:
+        if args.older_than < 0:
+            raise ConfigError(f"--older-than must be >= 0 hours, got {args.older_than}", item="verify")
+        pruned = prune_leftovers(args.cache, opts, older_than_s=args.older_than * 3600.0)
     report = verify_cache(args.cache, opts, entries=args.entries, full=not args.quick)
+    if pruned is not None:
+        report["pruned"] = pruned
     if args.json:
         json.dump(report, sys.stdout, indent=2, sort_keys=True)
         sys.stdout.write("\n")
     else:
+        if pruned is not None:
+            print(
+                f"pruned {len(pruned['removed'])} leftover(s) older than {args.older_than:g} h "
+                f"({pruned['removed_nbytes'] / 2**20:.1f} MiB); kept {len(pruned['kept'])} younger"
+            )
         print(format_report(report))
     return 0 if report["clean"] else 1
 
@@ -91,6 +115,12 @@ def format_report(r: dict[str, Any]) -> str:
     lines += [f"  INCOMPLETE {i['video_id']}/{i['query_id']}" for i in r["incomplete"]]
     lines += [f"  MISSING {m}" for m in r["missing"]]
     lines += [f"  UNREADABLE {u['key']}: {u['reason']}" for u in r["unreadable"]]
+    for x in r.get("leftovers", []):
+        age = "age unknown" if x["age_s"] is None else f"{x['age_s'] / 3600:.1f} h old"
+        what = "unreferenced version" if x["kind"] == "unreferenced_version" else "partial file"
+        lines.append(f"  LEFTOVER {what} {x['key']} ({x['nbytes'] / 2**20:.1f} MiB, {age}; never read)")
+    if r.get("leftovers"):
+        lines.append("remove leftovers with: tempo verify CACHE --prune-leftovers [--older-than HOURS]")
     if not r["clean"]:
         lines.append("recompute with: tempo compress --repair ... (incomplete entries: any re-run)")
     return "\n".join(lines)

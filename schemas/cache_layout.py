@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -113,6 +114,7 @@ ENTRY_PENDING = "pending_version"  # the version subgroup being written (resume 
 ENTRY_INPUTS = "inputs"  # what the entry was computed from (see entry_inputs)
 ENTRY_INPUTS_SHA256 = "inputs_sha256"  # sha256 of canonical_json(inputs)
 VERSION_KIND = "tempo_entry_version"
+VERSION_NAME = re.compile(r"v[0-9a-f]{16}")  # version subgroup names (``v`` + 16 hex digits)
 
 # ---------------------------------------------------------------- config / fingerprint
 REQUIRED_COMPRESSOR_FIELDS = (

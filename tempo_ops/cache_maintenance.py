@@ -1,4 +1,4 @@
-"""Cache maintenance: ``verify_cache`` (``tempo verify``) and ``migrate_cache`` (``tempo migrate``).
+"""Cache maintenance: ``verify_cache`` and ``prune_leftovers`` (``tempo verify``), ``migrate_cache`` (``tempo migrate``).
 
 Both are plain functions over ``tempo_ops.store``; the CLI adapters are ``pipelines/verify_cmd.py``
 and ``pipelines/migrate_cmd.py``.
@@ -6,12 +6,16 @@ and ``pipelines/migrate_cmd.py``.
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Sequence
 from typing import Any
 
+from zarr.core.sync import sync
+
 from schemas import cache_layout as L
 from tempo_ops.errors import CacheCorrupt, ConfigError, EntryNotFound
-from tempo_ops.fs import url_to_fs
+from tempo_ops.fs import local_root, open_store, url_to_fs
 from tempo_ops.store import CacheReader, CacheWriter
 
 
@@ -43,7 +47,9 @@ def verify_cache(
     and relevance only. Returns ``{"url", "layout_version", "storage_form", "full", "checked",
     "ok", "corrupt": [{"video_id", "query_id", "problems": [{"chunk", "reason"}]}],
     "incomplete": [{"video_id", "query_id"}], "missing": [item], "unreadable": [{"key",
-    "reason"}], "clean": bool}``. A damaged root raises CacheLayoutError.
+    "reason"}], "leftovers": [{"kind", "key", "nbytes", "age_s"}] (``CacheReader.leftovers``:
+    wasted space, never served, so not counted against ``clean``), "clean": bool}``. A damaged
+    root raises CacheLayoutError.
     """
     reader = reader or CacheReader(url, storage_options)
     rows = reader.scan()
@@ -75,8 +81,32 @@ def verify_cache(
         "incomplete": incomplete,
         "missing": missing,
         "unreadable": unreadable if entries is None else [],
+        "leftovers": reader.leftovers(rows) if entries is None else [],
         "clean": not (corrupt or incomplete or missing or (unreadable and entries is None)),
     }
+
+
+def prune_leftovers(url: str, storage_options: dict[str, Any] | None = None, *, older_than_s: float) -> dict[str, Any]:
+    """Delete the leftovers (``CacheReader.leftovers``) older than ``older_than_s`` seconds.
+
+    Younger ones — and versions whose age is unknown — are kept: an unreferenced version may
+    belong to a ``--force``/``--repair`` run still writing it. Returns ``{"removed": [...],
+    "kept": [...], "removed_nbytes"}``.
+    """
+    store = open_store(url, storage_options)  # writable: readers open read-only
+    reader = CacheReader(url, storage_options, store=store)
+    removed, kept = [], []
+    for item in reader.leftovers():
+        if item["age_s"] is None or item["age_s"] < older_than_s:
+            kept.append(item)
+            continue
+        if item["kind"] == "partial_file":
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(local_root(store) or "", item["key"]))
+        else:
+            sync(store.delete_dir(item["key"]))
+        removed.append(item)
+    return {"removed": removed, "kept": kept, "removed_nbytes": sum(i["nbytes"] for i in removed)}
 
 
 def migrate_cache(

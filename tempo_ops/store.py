@@ -1225,6 +1225,59 @@ class CacheReader:
                     out.append({"key": f"{vpath}/{L.QUERIES}/{e['key']}", "reason": "entry zarr.json is missing or damaged"})
         return out
 
+    def leftovers(self, rows: list[dict[str, Any]] | None = None, *, now: float | None = None) -> list[dict[str, Any]]:
+        """What crashed writes left behind and nothing reads: ``[{"kind", "key", "nbytes", "age_s"}]``.
+
+        ``kind`` is ``"unreferenced_version"`` — a version subgroup that is neither an entry's
+        complete version nor its recorded pending one (a crash between the switch and deleting
+        the superseded version, or a ``--force``/``--repair`` run that died before switching;
+        ``age_s`` from its ``started_at``) — or ``"partial_file"``, a local ``*.partial``
+        temporary of an interrupted put (``age_s`` from its mtime; local caches only). A
+        version being written right now beside a complete one is unreferenced too: only
+        ``prune_leftovers`` with an age threshold decides what is safe to delete.
+        """
+        now = _dt.datetime.now(_dt.timezone.utc).timestamp() if now is None else now
+        if self.layout_version < 2:
+            return []
+        candidates: list[tuple[str, set[Any]]] = []  # (entry path, the versions it references)
+        for v in rows if rows is not None else self.scan():
+            for e in v["entries"]:
+                a = e["attrs"] or {}
+                keep = {a.get(L.ENTRY_VERSION), a.get(L.ENTRY_PENDING)}
+                candidates.append((f"{L.VIDEOS}/{v['key']}/{L.QUERIES}/{e['key']}", keep))
+
+        async def run() -> list[dict[str, Any]]:
+            async def unreferenced(epath: str, keep: set[Any]) -> list[dict[str, Any]]:
+                names = [n for n in await _list_children(self.store, epath) if L.VERSION_NAME.fullmatch(n) and n not in keep]
+                out = []
+                for name in names:
+                    attrs = await _get_attrs(self.store, f"{epath}/{name}") or {}
+                    started = attrs.get(L.ENTRY_STARTED_AT)
+                    try:
+                        age = now - _dt.datetime.fromisoformat(started).timestamp() if isinstance(started, str) else None
+                    except ValueError:
+                        age = None
+                    nbytes = await self.store.getsize_prefix(f"{epath}/{name}")
+                    out.append({"kind": "unreferenced_version", "key": f"{epath}/{name}", "nbytes": int(nbytes), "age_s": age})
+                return out
+
+            found = await _gather_limited([unreferenced(p, k) for p, k in candidates], limit=16)
+            return [x for xs in found for x in xs]
+
+        found = sync(run())
+        root = local_root(self.store)
+        if root is not None:
+            for dirpath, _, files in os.walk(root):
+                for f in files:
+                    if f.endswith(".partial"):
+                        try:
+                            st = os.stat(os.path.join(dirpath, f))
+                        except FileNotFoundError:  # its put just finished (renamed) or was cleaned up
+                            continue
+                        key = os.path.relpath(os.path.join(dirpath, f), root).replace(os.sep, "/")
+                        found.append({"kind": "partial_file", "key": key, "nbytes": st.st_size, "age_s": now - st.st_mtime})
+        return sorted(found, key=lambda x: x["key"])
+
     def entry(self, video_id: str, query_id: str) -> EntryReader:
         """Reader of a complete entry. EntryNotFound when absent or incomplete; CacheCorrupt when damaged."""
         item = f"{video_id}/{query_id}"

@@ -650,6 +650,63 @@ def test_verify_cli_lists_problems_and_exit_status(cache: str, capsys: pytest.Ca
         CacheReader(cache).entry("v", "nope")
 
 
+def test_verify_reports_and_prunes_what_crashed_writes_left(cache: str, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
+    from tempo_ops.fs import LocalObjectStore
+
+    cand, rel = block_data("v", "q")
+    superseded = entry_version(cache, "v", "q")
+    # 1. a --force run that died between the switch and deleting the superseded version
+    w = open_writer(cache)
+    w.begin_entry("v", "q", "question q?", S, force=True)
+    for s0 in range(0, S, P):
+        w.write_block("v", "q", s0, cand[s0 : s0 + P], rel[s0 : s0 + P])
+
+    async def died_before_deleting(self, prefix):
+        return None
+
+    with monkeypatch.context() as m:
+        m.setattr(LocalObjectStore, "delete_dir", died_before_deleting)
+        w.finalize_entry("v", "q")
+    # 2. a --force run that died before switching (beside the complete q2)
+    w.begin_entry("v", "q2", "question q2?", S, force=True)
+    cand2, rel2 = block_data("v", "q2")
+    w.write_block("v", "q2", 0, cand2[:P], rel2[:P])
+    dead_force = w.pending_version("v", "q2")
+    # 3. an interrupted put's temporary, two days old
+    partial = _shard(cache, 0, query="q2").with_name("0.0123456789abcdef.partial")
+    partial.write_bytes(b"x" * 100)
+    os.utime(partial, (partial.stat().st_mtime - 48 * 3600,) * 2)
+    # 4. an unfinished entry: its pending version is referenced (resumable), never a leftover
+    write_entry(w, "v", "q3", units=[0])
+    pending = entry_version(cache, "v", "q3", "pending_version")
+
+    assert tempo(["verify", cache, "--json"]) == 1  # q3 is incomplete; leftovers alone do not fail it
+    doc = json.loads(capsys.readouterr().out)
+    entry = f"{L.VIDEOS}/v/{L.QUERIES}"
+    assert [(x["kind"], x["key"]) for x in doc["leftovers"]] == sorted(
+        [
+            ("unreferenced_version", f"{entry}/q/{superseded}"),
+            ("unreferenced_version", f"{entry}/q2/{dead_force}"),
+            ("partial_file", partial.relative_to(cache).as_posix()),
+        ],
+        key=lambda kv: kv[1],
+    )
+    assert all(x["nbytes"] > 0 for x in doc["leftovers"])
+    ages = {x["kind"]: x["age_s"] for x in doc["leftovers"]}
+    assert 0 <= ages["unreferenced_version"] < 3600 and ages["partial_file"] > 47 * 3600
+    assert tempo(["verify", cache, "--prune-leftovers"]) == 1  # default: older than 24 h, i.e. the partial file only
+    out = capsys.readouterr().out
+    assert "pruned 1 leftover(s) older than 24 h" in out and "kept 2 younger" in out
+    assert out.count("LEFTOVER unreferenced version") == 2 and not partial.exists()
+    assert tempo(["verify", cache, "--prune-leftovers", "--older-than", "0"]) == 1
+    assert "pruned 2 leftover(s)" in capsys.readouterr().out
+    assert not (Path(cache) / entry / "q" / superseded).exists() and not (Path(cache) / entry / "q2" / dead_force).exists()
+    assert (Path(cache) / entry / "q3" / pending).exists()
+    assert tempo(["verify", cache, "--entries", "v/q", "v/q2"]) == 0  # both still read, intact
+    np.testing.assert_array_equal(CacheReader(cache).entry("v", "q").read_all(), cand.astype(np.float16))
+    assert tempo(["verify", cache, "--prune-leftovers", "--older-than", "-1"]) == 2
+
+
 def test_v1_cache_is_shardable_without_conversion(tmp_path: Path) -> None:
     from tempo_ops.shards import shard_dataset
 
