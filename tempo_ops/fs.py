@@ -306,8 +306,8 @@ def put_local_files(items: Sequence[tuple[str, Iterable[Any]]]) -> None:
     """Write each ``(path, pieces)`` as a whole file; ``pieces``: buffer-likes, written in order
     (an iterator may reuse one buffer: each piece is written before the next is asked for).
 
-    Every file goes to a temporary beside it (``<name>.<hex>.partial``, the name Zarr's
-    LocalStore uses, so listings never take it for a key; parents created) and all are renamed
+    Every file goes to a temporary beside it (``<name>.<hex>.partial``, like Zarr's LocalStore's
+    temporaries: a name with a dot, so listings never take it for a key; parents created) and all are renamed
     into place only after all were written: an OS error, or a ``pieces`` iterator that raises
     (a value check), leaves every target as it was and no temporary behind.
     """
