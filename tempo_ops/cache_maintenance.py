@@ -93,8 +93,8 @@ def prune_leftovers(url: str, storage_options: dict[str, Any] | None = None, *, 
     belong to a ``--force``/``--repair`` run still writing it. Returns ``{"removed": [...],
     "kept": [...], "removed_nbytes"}``.
     """
-    store = open_store(url, storage_options)  # writable: readers open read-only
-    reader = CacheReader(url, storage_options, store=store)
+    reader = CacheReader(url, storage_options)  # checks the root first: a wrong path is refused, never created
+    store = open_store(url, storage_options)  # writable (readers open read-only), for the deletes
     removed, kept = [], []
     for item in reader.leftovers():
         if item["age_s"] is None or item["age_s"] < older_than_s:

@@ -705,6 +705,8 @@ def test_verify_reports_and_prunes_what_crashed_writes_left(cache: str, capsys: 
     assert tempo(["verify", cache, "--entries", "v/q", "v/q2"]) == 0  # both still read, intact
     np.testing.assert_array_equal(CacheReader(cache).entry("v", "q").read_all(), cand.astype(np.float16))
     assert tempo(["verify", cache, "--prune-leftovers", "--older-than", "-1"]) == 2
+    nowhere = Path(cache).parent / "no-such-cache"
+    assert tempo(["verify", str(nowhere), "--prune-leftovers"]) == 2 and not nowhere.exists()  # refused, not created
 
 
 def test_v1_cache_is_shardable_without_conversion(tmp_path: Path) -> None:
