@@ -66,6 +66,7 @@ from tempo_ops.store_shard import (
     ShardEncoder,
     check_shard,
     chunk_crc_ok,
+    chunk_rows_crc_ok,
     crc32c_bytes,
     decode_index,
     encode_shard,
@@ -84,6 +85,12 @@ def _now() -> str:
 async def _get_bytes(store: Any, key: str, byte_range: Any = None) -> bytes | None:
     buf = await store.get(key, _PROTO, byte_range)
     return None if buf is None else buf.to_bytes()
+
+
+async def _get_array(store: Any, key: str, byte_range: Any = None) -> np.ndarray | None:
+    """Like ``_get_bytes`` but the store's buffer as a 1-D uint8 array, not copied (chunk data)."""
+    buf = await store.get(key, _PROTO, byte_range)
+    return None if buf is None else buf.as_numpy_array().reshape(-1).view(np.uint8)
 
 
 async def _get_json(store: Any, key: str) -> dict[str, Any] | None:
@@ -352,8 +359,13 @@ def to_bf16_bits(x: np.ndarray) -> np.ndarray:
 
 
 def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) → float32 (exact)."""
-    return (np.asarray(bits).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    """bfloat16 bit patterns (uint16) → float32 (exact: the bits shifted into the high half)."""
+    bits = np.asarray(bits)
+    torch = _torch()
+    if torch is not None and bits.size:  # one vectorised pass instead of numpy's widen-then-shift (~2x faster)
+        native = np.ascontiguousarray(bits, dtype=np.uint16).view(np.int16)
+        return torch.from_numpy(native).view(torch.bfloat16).float().numpy()
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 def _channel_exponents(x: np.ndarray, buf: np.ndarray) -> np.ndarray:
@@ -436,7 +448,8 @@ def _bits16_max(values: np.ndarray) -> tuple[int, int]:
 
 def dequantize_int8(q: np.ndarray, scale: np.ndarray, exponents: np.ndarray | None = None) -> np.ndarray:
     """int8 ``(..., D)``, scales ``(...)`` [, channel exponents: ``(S, D)`` for ``q`` ``(S, K, D)``] → float32."""
-    out = q.astype(np.float32) * np.asarray(scale, dtype=np.float32)[..., None]
+    out = np.empty(np.shape(q), dtype=np.float32)
+    np.multiply(q, np.asarray(scale, dtype=np.float32)[..., None], out=out)  # int8 widened inside the loop
     if exponents is not None:
         out *= channel_factors(exponents)[..., None, :]
     return out
@@ -1483,13 +1496,15 @@ class EntryReader:
             return stored if dtype == np.float16 else stored.astype(dtype)
         if self.storage_form == "bfloat16":
             values = from_bf16_bits(stored)
-        else:
-            values = dequantize_int8(stored, sides["s"])
-            if "e" in sides:  # rows of segment i times 2**e[i] (exact)
-                factors = channel_factors(sides["e"])
-                for i in range(self.n_segments):
-                    if starts[i + 1] > starts[i]:
-                        values[starts[i] : starts[i + 1]] *= factors[i]
+        else:  # q · scale, then rows of segment i times 2**e[i] (exact), a segment at a time (in cache)
+            values = np.empty(stored.shape, dtype=np.float32)
+            factors = channel_factors(sides["e"]) if "e" in sides else None
+            for i in range(self.n_segments):
+                a, b = int(starts[i]), int(starts[i + 1])
+                if b > a:
+                    np.multiply(stored[a:b], sides["s"][a:b, None], out=values[a:b])
+                    if factors is not None:
+                        values[a:b] *= factors[i]
         return values if dtype == np.float32 else values.astype(dtype)
 
     def _read(self, rs: list[tuple[int, int]], method: str) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
@@ -1610,22 +1625,34 @@ class EntryReader:
 
         async def fetch(key: str, run: list[tuple[int, int, tuple[Any, ...]]]) -> None:
             start, stop = run[0][0], run[-1][0] + run[-1][1]
-            raw = await _get_bytes(self._store, key, RangeByteRequest(start, stop))
+            raw = await _get_array(self._store, key, RangeByteRequest(start, stop))
             if raw is None or len(raw) != stop - start:
                 raise self._corrupt(f"short read [{start}, {stop})", key)
-            view = memoryview(raw)
-            for off, nb, (kind, seg, c, r0, r1, row) in run:
-                chunk = view[off - start : off - start + nb]
-                if not chunk_crc_ok(chunk):
-                    what = f"token chunk {c}" if kind == "c" else f"{by_kind[kind].name} chunk"
-                    raise self._corrupt(f"segment {seg} {what} fails its crc32c", key)
-                if kind == "c":
-                    vals = np.frombuffer(chunk, dtype=g.stored, count=g.C * self.D).reshape(g.C, self.D)
-                    out[row : row + r1 - r0] = vals[r0:r1]
-                    continue
-                side = by_kind[kind]
-                vals = np.frombuffer(chunk, dtype=side.dtype, count=side.count)
-                vals = vals[r0:r1] if side.per_token else vals
+            rows = raw.reshape(len(run), -1)  # a run: chunks of one array (one size, checked above) back to back
+            ok = chunk_rows_crc_ok(rows)
+            kind = run[0][2][0]
+            if not ok.all():
+                _, seg, c, *_ = run[int(np.argmin(ok))][2]
+                what = f"token chunk {c}" if kind == "c" else f"{by_kind[kind].name} chunk"
+                raise self._corrupt(f"segment {seg} {what} fails its crc32c", key)
+            if kind == "c":
+                vals = rows[:, : -g.crc].view(g.stored).reshape(len(run), g.C, self.D)
+                j = 0
+                while j < len(run):
+                    _, _, r0, r1, row = run[j][2][1:]
+                    m = 1
+                    if r0 == 0 and r1 == g.C:  # whole chunks landing on consecutive rows: one copy
+                        while j + m < len(run) and run[j + m][2][3:] == (0, g.C, row + m * g.C):
+                            m += 1
+                        out[row : row + m * g.C].reshape(m, g.C, self.D)[...] = vals[j : j + m]
+                    else:
+                        out[row : row + r1 - r0] = vals[j, r0:r1]
+                    j += m
+                return
+            side = by_kind[kind]
+            side_vals = rows[:, : -g.crc].view(side.dtype)
+            for j, (_, _, (_, seg, _, r0, r1, row)) in enumerate(run):
+                vals = side_vals[j, r0:r1] if side.per_token else side_vals[j]
                 if side.bad_values(vals):
                     raise self._corrupt(f"{side.name} of segment {seg} are not valid", key)
                 if side.per_token:
@@ -1655,10 +1682,10 @@ class EntryReader:
         flat = out.reshape(-1).view(np.uint8)
 
         async def fetch(key: str, off: int, n: int, row: int) -> None:
-            raw = await _get_bytes(self._store, key, RangeByteRequest(off, off + n))
+            raw = await _get_array(self._store, key, RangeByteRequest(off, off + n))
             if raw is None or len(raw) != n:
                 raise self._corrupt(f"short read [{off}, {off + n})", key)
-            flat[row * g.token_nbytes : row * g.token_nbytes + n] = np.frombuffer(raw, dtype=np.uint8)
+            flat[row * g.token_nbytes : row * g.token_nbytes + n] = raw
 
         await _gather_limited([fetch(*r) for r in requests])
         if np.isnan(out).any():  # v1 chunks carry no checksum; a NaN can only be damage (the writer refuses NaN)

@@ -2,7 +2,7 @@
 
 Layout v2 appends a crc32c to every inner chunk (inner codecs ``[bytes, crc32c]``), so an inner
 chunk is ``C·D·itemsize + 4`` bytes and a read must fetch whole chunks to verify them
-(``chunk_crc_ok``). Layout v1 (below) had no per-chunk checksum; its reads are byte-exact.
+(``chunk_crc_ok``, ``chunk_rows_crc_ok``). Layout v1 (below) had no per-chunk checksum; its reads are byte-exact.
 
 A candidates shard holds ``P`` segments × ``K`` tokens × ``D`` channels float16 as inner
 chunks of shape ``(1, C, D)`` (``C`` = token chunk), codec ``bytes`` (little endian, no
@@ -41,6 +41,12 @@ def chunk_crc_ok(chunk: bytes | memoryview) -> bool:
     """True when a v2 chunk (data + 4-byte crc32c) is intact."""
     view = memoryview(chunk)
     return len(view) >= CRC_NBYTES and crc32c_bytes(view[:-CRC_NBYTES]) == bytes(view[-CRC_NBYTES:])
+
+
+def crc32c_rows(rows: np.ndarray) -> np.ndarray:
+    """crc32c of each row of ``rows`` ``(n, nbytes)`` uint8 (rows contiguous, may be strided): ``(n,)`` ``<u4``."""
+    # google_crc32c takes each contiguous ndarray row as a buffer: no copy
+    return np.fromiter(map(google_crc32c.value, rows), dtype="<u4", count=len(rows))
 
 
 def encode_index(index: np.ndarray) -> bytes:
@@ -102,7 +108,6 @@ class ShardEncoder:
         cps = self.chunks_per_segment
         per_piece = max(1, min(self.n, piece_nbytes // (cps * self.chunk_nbytes)))
         buf = np.empty((per_piece * cps, self.chunk_nbytes), dtype=np.uint8) if out is None else None
-        crc = google_crc32c.value  # takes each contiguous ndarray row as a buffer (no copy)
         for s0 in range(0, self.n, per_piece):
             m = min(per_piece, self.n - s0)
             if buf is None:
@@ -113,8 +118,7 @@ class ShardEncoder:
             # splits axes only, so always a view of the buffer (merging chunk rows would copy: the crcs lie between)
             fill(data.view(self.dtype).reshape(m, cps, self.token_chunk, self.width), s0)
             if self.checksum:
-                crcs = np.fromiter(map(crc, data), dtype="<u4", count=len(data))
-                body[:, self.data_nbytes :] = crcs.view(np.uint8).reshape(-1, CRC_NBYTES)
+                body[:, self.data_nbytes :] = crc32c_rows(data).view(np.uint8).reshape(-1, CRC_NBYTES)
             yield body.reshape(-1)
         index = np.frombuffer(self.index_bytes, dtype=np.uint8)
         if out is not None:
@@ -155,16 +159,10 @@ def decode_index(raw: bytes, segments_per_shard: int, chunks_per_segment: int, *
     return np.frombuffer(body, dtype="<u8").reshape(segments_per_shard, chunks_per_segment, 2)
 
 
-def bad_chunks(shard: bytes | memoryview, index: np.ndarray, n_segments_in_shard: int) -> list[tuple[int, int]]:
-    """(local segment, chunk) of every in-bounds v2 chunk of a whole shard whose crc32c fails."""
-    view = memoryview(shard)
-    bad = []
-    for s in range(n_segments_in_shard):
-        for c in range(index.shape[1]):
-            off, nb = int(index[s, c, 0]), int(index[s, c, 1])
-            if off == int(EMPTY) or off + nb > len(view) or not chunk_crc_ok(view[off : off + nb]):
-                bad.append((s, c))
-    return bad
+def chunk_rows_crc_ok(rows: np.ndarray) -> np.ndarray:
+    """Which v2 chunks of ``rows`` ``(n, chunk_nbytes)`` uint8 (chunks back to back: data, then
+    its 4-byte crc32c) are intact: ``(n,)`` bool, without copying the data."""
+    return crc32c_rows(rows[:, :-CRC_NBYTES]) == np.ascontiguousarray(rows[:, -CRC_NBYTES:]).view("<u4").reshape(-1)
 
 
 def check_shard(

@@ -553,6 +553,38 @@ def test_float16_conversion_rounds_as_numpy_does() -> None:
         np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
+def test_bfloat16_and_int8_decoding_are_exact() -> None:
+    """Reads decode bf16 (torch's vectorised widening) and int8 exactly as the definitions say:
+    every one of the 65536 bf16 patterns (NaN payloads, subnormals, -0) widens to ``bits << 16``,
+    from any byte order and layout; int8 is ``q · scale · 2**e``."""
+    bits = np.arange(2**16, dtype=np.uint32)
+    want = (bits << np.uint32(16)).view(np.float32)
+    for given in (bits.astype("<u2"), bits.astype(">u2"), bits.astype("<u2").reshape(256, 256).T):
+        got = from_bf16_bits(given)
+        assert got.dtype == np.float32 and got.shape == given.shape
+        np.testing.assert_array_equal(got.view(np.uint32).reshape(-1), (np.asarray(given, dtype=np.uint32) << 16).reshape(-1))
+    np.testing.assert_array_equal(from_bf16_bits(bits.astype("<u2")).view(np.uint32), want.view(np.uint32))
+    assert from_bf16_bits(np.uint16(0x3F80)) == np.float32(1.0) and from_bf16_bits(np.zeros(0, np.uint16)).shape == (0,)
+
+    rng = np.random.default_rng(3)
+    q = rng.integers(-127, 128, (3, 5, 7)).astype(np.int8)
+    scale = rng.random((3, 5)).astype(np.float32)
+    e = rng.integers(-20, 20, (3, 7)).astype(np.int8)
+    want8 = q.astype(np.float64) * scale[..., None].astype(np.float64) * np.exp2(e.astype(np.float64))[:, None, :]
+    np.testing.assert_array_equal(dequantize_int8(q, scale, e), want8.astype(np.float32))
+
+
+def test_chunk_rows_crc_ok_names_each_damaged_row() -> None:
+    from tempo_ops.store_shard import chunk_rows_crc_ok, crc32c_bytes
+
+    data = [bytes([i]) * 64 for i in range(5)]
+    rows = np.frombuffer(b"".join(d + crc32c_bytes(d) for d in data), dtype=np.uint8).reshape(5, 68).copy()
+    assert chunk_rows_crc_ok(rows).all()
+    rows[1, 3] ^= 1  # a data byte
+    rows[4, -1] ^= 0x80  # a checksum byte
+    np.testing.assert_array_equal(chunk_rows_crc_ok(rows), [True, False, True, True, False])
+
+
 def test_put_local_files_renames_all_or_none(tmp_path: Path) -> None:
     from tempo_ops.fs import put_local_files
 
