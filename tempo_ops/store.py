@@ -363,8 +363,8 @@ def from_bf16_bits(bits: np.ndarray) -> np.ndarray:
     bits = np.asarray(bits)
     torch = _torch()
     if torch is not None and bits.size:  # one vectorised pass instead of numpy's widen-then-shift (~2x faster)
-        native = np.ascontiguousarray(bits, dtype=np.uint16).view(np.int16)
-        return torch.from_numpy(native).view(torch.bfloat16).float().numpy()
+        native = np.ascontiguousarray(bits, dtype=np.uint16).view(np.int16)  # (1,) for a 0-d input
+        return torch.from_numpy(native).view(torch.bfloat16).float().numpy().reshape(bits.shape)
     return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 

@@ -564,7 +564,8 @@ def test_bfloat16_and_int8_decoding_are_exact() -> None:
         assert got.dtype == np.float32 and got.shape == given.shape
         np.testing.assert_array_equal(got.view(np.uint32).reshape(-1), (np.asarray(given, dtype=np.uint32) << 16).reshape(-1))
     np.testing.assert_array_equal(from_bf16_bits(bits.astype("<u2")).view(np.uint32), want.view(np.uint32))
-    assert from_bf16_bits(np.uint16(0x3F80)) == np.float32(1.0) and from_bf16_bits(np.zeros(0, np.uint16)).shape == (0,)
+    one = from_bf16_bits(np.uint16(0x3F80))
+    assert one.shape == () and one == np.float32(1.0) and from_bf16_bits(np.zeros(0, np.uint16)).shape == (0,)
 
     rng = np.random.default_rng(3)
     q = rng.integers(-127, 128, (3, 5, 7)).astype(np.int8)
