@@ -26,6 +26,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.options.pipeline_options import DirectOptions, PipelineOptions, StandardOptions
 
+from pipelines.job_support import JobInterrupted, pending_interrupt
 from tempo_ops.errors import ConfigError, TempoError
 from tempo_ops.fs import storage_error
 
@@ -157,8 +158,13 @@ class DeadLetter:
         """Typed errors keep their code; anything else is an internal error with its type named.
 
         Fatal storage errors (full disk, read-only or forbidden output: ``tempo_ops.fs.storage_error``)
-        are raised instead: no later item could succeed, so the job stops at once.
+        are raised instead: no later item could succeed, so the job stops at once. So is the
+        interrupt of a job that received SIGINT/SIGTERM (``pending_interrupt``): the failure may
+        be the signal itself, swallowed by a library's callback, and the item is not known bad.
         """
+        signum = pending_interrupt()
+        if signum is not None:
+            raise JobInterrupted(signum) from exc
         fatal = storage_error(exc)
         if fatal is not None:
             raise fatal from (None if fatal is exc else exc)

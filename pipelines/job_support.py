@@ -353,6 +353,20 @@ class _SignalState:
     signum: int | None = None
 
 
+_PENDING_INTERRUPT: list[int] = []  # the signal the running job is unwinding from (set by the handlers below)
+
+
+def pending_interrupt() -> int | None:
+    """The signal (SIGINT/SIGTERM) this process's running job received, or None.
+
+    The handler raises JobInterrupted wherever the main thread is; a C library running a Python
+    callback there (PyAV's I/O callbacks) swallows it and reports its own error instead (a
+    "corrupt" video). So an item that fails while this is set may have failed *because* of the
+    signal: ``DeadLetter.from_exception`` then raises JobInterrupted rather than record it.
+    """
+    return _PENDING_INTERRUPT[-1] if _PENDING_INTERRUPT else None
+
+
 @contextlib.contextmanager
 def _signals_raise(state: _SignalState) -> Iterator[None]:
     """SIGINT/SIGTERM raise JobInterrupted in the main thread (once; later ones are ignored)."""
@@ -364,17 +378,35 @@ def _signals_raise(state: _SignalState) -> Iterator[None]:
         if state.signum is not None:
             return
         state.signum = signum
+        _PENDING_INTERRUPT.append(signum)
         # Runners log the exception of every step it unwinds through: the one line is ours.
         logging.disable(logging.CRITICAL)
         raise JobInterrupted(signum)
 
+    # Our JobInterrupted, raised inside a C library's callback that cannot propagate it, is
+    # printed by the library (PyAV's I/O callbacks: a traceback through sys.excepthook, then
+    # "Exception ignored in: 'av.container.pyio.pyio_seek'" through sys.unraisablehook). The job
+    # unwinds anyway (pending_interrupt), so both stay quiet about it.
+    previous_excepthook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+    def excepthook(kind, value, tb) -> None:
+        if not isinstance(value, JobInterrupted):
+            previous_excepthook(kind, value, tb)
+
+    def unraisable(info) -> None:
+        if not isinstance(info.exc_value, JobInterrupted):
+            previous_unraisable(info)
+
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    sys.excepthook, sys.unraisablehook = excepthook, unraisable
     try:
         yield
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+        sys.excepthook, sys.unraisablehook = previous_excepthook, previous_unraisable
         if state.signum is not None:
+            _PENDING_INTERRUPT.clear()
             logging.disable(logging.NOTSET)
 
 

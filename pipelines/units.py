@@ -35,7 +35,7 @@ from pipelines.beam_support import (
     is_local_runner,
     runner_name,
 )
-from pipelines.job_support import JobRun
+from pipelines.job_support import JobInterrupted, JobRun, pending_interrupt
 from schemas import manifest as manifest_schema
 from tempo_ops import video
 
@@ -303,6 +303,9 @@ class LoadUnitFn(beam.DoFn):
             yield dead(exc, video_id=unit.video_id, query_id=None, stage="index_read" if from_index else "decode", unit=unit.unit_index)
             yield from unit_failed(unit, targets)
             return
+        signum = pending_interrupt()
+        if signum is not None:  # a signal swallowed in PyAV's I/O callbacks may have cut the decode short
+            raise JobInterrupted(signum)
         ms = int((time.perf_counter() - t0) * 1000)
         (self.index_ms if from_index else self.decode_ms).update(ms)
         (self.read if from_index else self.decoded).inc(len(payload))

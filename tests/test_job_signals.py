@@ -93,3 +93,82 @@ def test_sigterm_ends_tempo_index_the_same_way(tiny_models, tmp_path):
     assert tempo(args) == 0
     done = json.loads(Path(str(index) + ".summary.json").read_text())["counts"]
     assert done["videos_completed"] + done.get("videos_skipped_complete", 0) == 4
+
+
+def test_interrupt_swallowed_by_a_library_callback_still_stops_the_job(tmp_path, capsys):
+    """The handler raises JobInterrupted wherever the main thread is; inside a C library's
+    callback (PyAV's I/O) it is swallowed and the library reports its own error. The job must
+    still stop as interrupted, dead-letter nothing as bad, and print no traceback for it."""
+    from types import SimpleNamespace
+
+    from pipelines.beam_support import DeadLetter
+    from pipelines.job_support import JobInterrupted, JobRun, pending_interrupt
+    from tempo_ops.errors import CorruptVideo
+
+    base = tmp_path / "cache.zarr"
+    run = JobRun.start("compress", str(base))
+    seen_by_outer_hook = []
+    outer_hook, sys.unraisablehook = sys.unraisablehook, seen_by_outer_hook.append
+    outer_excepthook, sys.excepthook = sys.excepthook, lambda *exc: seen_by_outer_hook.append(exc[1])
+    try:
+        with pytest.raises(JobInterrupted) as info:
+            with run.interruptible(partial=lambda: {"counts_so_far": {"blocks_done": 1}}):
+                try:
+                    signal.raise_signal(signal.SIGINT)  # the handler raises here...
+                except JobInterrupted:
+                    pass  # ...and the library swallows it, reporting it as unraisable
+                assert pending_interrupt() == signal.SIGINT
+                sys.unraisablehook(SimpleNamespace(exc_value=JobInterrupted(signal.SIGINT)))
+                other = SimpleNamespace(exc_value=ValueError("a real unraisable error"))
+                sys.unraisablehook(other)
+                sys.excepthook(JobInterrupted, JobInterrupted(signal.SIGINT), None)  # PyAV prints its traceback so
+                real_error = RuntimeError("a real error")
+                sys.excepthook(RuntimeError, real_error, None)
+                # the library's error for the item it was reading: the interrupt, not a bad item
+                DeadLetter.from_exception(CorruptVideo("seek failed", item="v"), video_id="v", query_id=None, stage="decode")
+                pytest.fail("a failure during an interrupt must not become a dead letter")
+    finally:
+        sys.unraisablehook, sys.excepthook = outer_hook, outer_excepthook
+    assert info.value.signum == signal.SIGINT
+    assert seen_by_outer_hook == [other, real_error]  # only JobInterrupted is silenced, and only during the job
+    summary = json.loads(Path(str(base) + ".summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["signal"] == "SIGINT"
+    assert pending_interrupt() is None  # cleared when the job's handlers are removed
+    letter = DeadLetter.from_exception(CorruptVideo("seek failed", item="v"), video_id="v", query_id=None, stage="decode")
+    assert letter.code == "corrupt_container"  # with no interrupt pending it is a dead letter again
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_ctrl_c_inside_pyav_io_ends_compress_as_interrupted_not_corrupt(tiny_models, tmp_path):
+    """End to end: SIGINT arriving while PyAV runs its Python I/O callback (a seek), where
+    PyAV swallows the exception, still ends `tempo compress` with one line and exit 130; the
+    video it was reading is not dead-lettered as a corrupt container."""
+    manifest = _corpus(tmp_path / "c", n_videos=4)
+    cache = tmp_path / "cache.zarr"
+    program = """
+import os, signal, sys, threading, time
+import fsspec.implementations.local as local
+real, calls = local.LocalFileOpener.seek, []
+def seek(self, *a, **k):
+    calls.append(1)
+    if len(calls) == 3 and threading.current_thread() is threading.main_thread():
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.5)  # the handler runs here, inside PyAV's callback
+    return real(self, *a, **k)
+local.LocalFileOpener.seek = seek
+from pipelines.cli import main
+sys.exit(main())
+"""
+    cmd = [sys.executable, "-c", program, *_compress(manifest, cache, tiny_models)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TEMPO_PROGRESS_INTERVAL_S="0")
+    proc = subprocess.run(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, timeout=300)
+    err = proc.stderr
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1] == "tempo compress: interrupted by SIGINT; completed work is kept, re-run to resume"
+    letters = Path(str(cache) + ".deadletter.jsonl")
+    assert not letters.exists() or "corrupt_container" not in letters.read_text()
+    assert json.loads(Path(str(cache) + ".summary.json").read_text())["status"] == "interrupted"
+    assert tempo(_compress(manifest, cache, tiny_models)) == 0  # the re-run completes every entry
+    done = json.loads(Path(str(cache) + ".summary.json").read_text())["counts"]
+    assert done["queries_completed"] + done["queries_skipped_complete"] == 8
