@@ -353,7 +353,7 @@ class _SignalState:
     signum: int | None = None
 
 
-_PENDING_INTERRUPT: list[int] = []  # the signal the running job is unwinding from (set by the handlers below)
+_pending_signum: int | None = None  # the signal the running job is unwinding from (set by the handler below)
 
 
 def pending_interrupt() -> int | None:
@@ -364,7 +364,7 @@ def pending_interrupt() -> int | None:
     "corrupt" video). So an item that fails while this is set may have failed *because* of the
     signal: ``DeadLetter.from_exception`` then raises JobInterrupted rather than record it.
     """
-    return _PENDING_INTERRUPT[-1] if _PENDING_INTERRUPT else None
+    return _pending_signum
 
 
 @contextlib.contextmanager
@@ -375,10 +375,10 @@ def _signals_raise(state: _SignalState) -> Iterator[None]:
         return
 
     def handler(signum, _frame):
+        global _pending_signum
         if state.signum is not None:
             return
-        state.signum = signum
-        _PENDING_INTERRUPT.append(signum)
+        state.signum = _pending_signum = signum
         # Runners log the exception of every step it unwinds through: the one line is ours.
         logging.disable(logging.CRITICAL)
         raise JobInterrupted(signum)
@@ -406,7 +406,8 @@ def _signals_raise(state: _SignalState) -> Iterator[None]:
             signal.signal(s, h)
         sys.excepthook, sys.unraisablehook = previous_excepthook, previous_unraisable
         if state.signum is not None:
-            _PENDING_INTERRUPT.clear()
+            global _pending_signum
+            _pending_signum = None
             logging.disable(logging.NOTSET)
 
 

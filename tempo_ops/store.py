@@ -1637,17 +1637,8 @@ class EntryReader:
                 raise self._corrupt(f"segment {seg} {what} fails its crc32c", key)
             if kind == "c":
                 vals = rows[:, : -g.crc].view(g.stored).reshape(len(run), g.C, self.D)
-                j = 0
-                while j < len(run):
-                    _, _, r0, r1, row = run[j][2][1:]
-                    m = 1
-                    if r0 == 0 and r1 == g.C:  # whole chunks landing on consecutive rows: one copy
-                        while j + m < len(run) and run[j + m][2][3:] == (0, g.C, row + m * g.C):
-                            m += 1
-                        out[row : row + m * g.C].reshape(m, g.C, self.D)[...] = vals[j : j + m]
-                    else:
-                        out[row : row + r1 - r0] = vals[j, r0:r1]
-                    j += m
+                for j, (_, _, (_, _, _, r0, r1, row)) in enumerate(run):
+                    out[row : row + r1 - r0] = vals[j, r0:r1]
                 return
             side = by_kind[kind]
             side_vals = rows[:, : -g.crc].view(side.dtype)
