@@ -15,8 +15,9 @@
   never dead-lettered per item), keeping everything already complete.
 - ``write_bytes_atomic(url, data)`` writes one whole object: a temporary file renamed into
   place locally, a single PUT on object stores (which never show a partial object).
-- ``put_local_files(items)`` is the one local write primitive: files written piece by piece
-  to temporaries and renamed into place together once all were written.
+- ``put_local_files(items, write_behind=0)`` is the one local write primitive: files written
+  piece by piece (optionally by a writer thread, overlapping the producer) to temporaries and
+  renamed into place together once all were written.
   :class:`LocalObjectStore` (what ``open_store`` returns for paths) puts through it and runs
   small requests inline on Zarr's event loop; ``local_root(store)`` says where a store's
   files are, so the cache writer can stream a shard to disk without building it in memory.
@@ -29,10 +30,12 @@ import asyncio
 import contextlib
 import errno
 import os
+import queue
 import random
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -302,9 +305,16 @@ def is_local_url(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
 
-def put_local_files(items: Sequence[tuple[str, Iterable[Any]]]) -> None:
-    """Write each ``(path, pieces)`` as a whole file; ``pieces``: buffer-likes, written in order
-    (an iterator may reuse one buffer: each piece is written before the next is asked for).
+def put_local_files(items: Sequence[tuple[str, Iterable[Any]]], *, write_behind: int = 0) -> None:
+    """Write each ``(path, pieces)`` as a whole file; ``pieces``: buffer-likes, or zero-argument
+    callables returning one (finishing work, such as checksums, run just before the write),
+    written in order.
+
+    With ``write_behind=0`` each piece is written as soon as it is made, so an iterator may
+    reuse one buffer. With ``write_behind=n > 0`` a writer thread finishes and writes the pieces
+    while the iterator makes the next ones (on two cores, converting overlaps with checksums
+    and the kernel's copy); the iterator is asked for a piece only once at most ``n`` of its
+    earlier pieces are unwritten, so it may cycle through ``n + 1`` buffers.
 
     Every file goes to a temporary beside it (``<name>.<hex>.partial``, like Zarr's LocalStore's
     temporaries: a name with a dot, so listings never take it for a key; parents created) and all are renamed
@@ -312,27 +322,130 @@ def put_local_files(items: Sequence[tuple[str, Iterable[Any]]]) -> None:
     (a value check), leaves every target as it was and no temporary behind.
     """
     staged: list[tuple[str, str]] = []
+    writer = _PieceWriter(write_behind)
     try:
         for path, pieces in items:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             tmp = f"{path}.{uuid.uuid4().hex}.partial"
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             staged.append((tmp, path))
-            try:
-                for piece in pieces:
-                    view = memoryview(piece).cast("B")
-                    while view:  # a write may take fewer bytes than asked
-                        view = view[os.write(fd, view) :]
-            finally:
-                os.close(fd)
+            writer.add_file(fd)
+            for piece in writer.paced(pieces):
+                writer.write(fd, piece)
+            writer.close(fd)
+        writer.finish()
         while staged:
             tmp, path = staged[0]
             os.replace(tmp, path)
             staged.pop(0)
     finally:
+        writer.abort()
         for tmp, _ in staged:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+
+
+def _write_piece(fd: int, piece: Any) -> None:
+    view = memoryview(piece() if callable(piece) else piece).cast("B")
+    while view:  # a write may take fewer bytes than asked
+        view = view[os.write(fd, view) :]
+
+
+class _PieceWriter:
+    """Writes pieces to open files for :func:`put_local_files`: inline (``write_behind=0``) or on
+    one background thread that takes them in order, at most ``write_behind`` ahead of the producer.
+
+    The first error of the thread is raised in the producer at its next step (or at
+    ``finish``); after it, queued pieces are dropped. ``abort`` stops the thread and closes
+    every file still open, whatever happened.
+    """
+
+    def __init__(self, write_behind: int) -> None:
+        self._open: set[int] = set()
+        self._error: BaseException | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        if write_behind > 0:
+            self._slots = threading.Semaphore(write_behind + 1)
+            self._queue: queue.SimpleQueue[tuple[int, Any]] = queue.SimpleQueue()
+            self._thread = threading.Thread(target=self._run, name="tempo-put-local-files", daemon=True)
+            self._thread.start()
+
+    def add_file(self, fd: int) -> None:
+        self._open.add(fd)
+
+    def paced(self, pieces: Iterable[Any]) -> Iterator[Any]:
+        """``pieces``, each asked for only when a slot is free (at most ``write_behind`` unwritten)."""
+        it = iter(pieces)
+        while True:
+            if self._thread is not None:
+                self._slots.acquire()  # released by the thread once a piece is written
+                self._raise_error()
+            try:
+                piece = next(it)
+            except StopIteration:
+                if self._thread is not None:
+                    self._slots.release()
+                return
+            yield piece
+
+    def write(self, fd: int, piece: Any) -> None:
+        if self._thread is None:
+            _write_piece(fd, piece)
+        else:
+            self._queue.put((fd, piece))
+
+    def close(self, fd: int) -> None:
+        if self._thread is None:
+            self._close(fd)
+        else:
+            self._queue.put((fd, _CLOSE))
+
+    def finish(self) -> None:
+        """Wait until everything queued is written; raise the thread's error if it had one."""
+        self._join()
+        self._raise_error()
+
+    def abort(self) -> None:
+        self._stopping = True
+        self._join()
+        for fd in list(self._open):  # only on a failure: its error is the one to report
+            with contextlib.suppress(OSError):
+                self._close(fd)
+
+    def _close(self, fd: int) -> None:
+        self._open.discard(fd)
+        os.close(fd)
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._queue.put((-1, _STOP))
+            self._thread.join()
+            self._thread = None
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        while True:
+            fd, piece = self._queue.get()
+            if piece is _STOP:
+                return
+            try:
+                if piece is _CLOSE:
+                    self._close(fd)  # a close can report a failed write (NFS): an error like any other
+                elif self._error is None and not self._stopping:
+                    _write_piece(fd, piece)
+            except BaseException as exc:  # handed to the producer, which raises it
+                self._error = self._error or exc
+            finally:
+                if piece is not _CLOSE:
+                    self._slots.release()
+
+
+_CLOSE = object()
+_STOP = object()
 
 
 # Requests up to this size run on the event loop: on local storage a thread hop costs more than

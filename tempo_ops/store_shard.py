@@ -19,6 +19,7 @@ range request per segment (fewer after merging neighbours) with no bytes wasted.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -55,7 +56,7 @@ def encode_index(index: np.ndarray) -> bytes:
     return raw + crc32c_bytes(raw)
 
 
-PIECE_NBYTES = 1 << 19  # bytes of chunks encoded per step (one 128 x 2048 bf16 segment): the reused buffer stays in cache
+PIECE_NBYTES = 1 << 21  # bytes of chunks encoded per step (four 128 x 2048 bf16 segments): see tempo_ops.store._WRITE_BEHIND
 
 
 class ShardEncoder:
@@ -66,8 +67,8 @@ class ShardEncoder:
     chunks are ``(1, token_chunk, width)``, C order, segment-major. A caller's ``fill(dst, s0)``
     converts or copies segments ``[s0, s0 + m)`` straight into ``dst``, a view
     ``(m, tokens // token_chunk, token_chunk, width)`` of the stored dtype (a source
-    ``(m, tokens, width)`` reshapes to it for free), so values are written once, into a buffer
-    that is reused and small enough to stay in cache; ``fill`` may raise to abandon the shard.
+    ``(m, tokens, width)`` reshapes to it for free), so values are written once, into one of a
+    few reused buffers of ~2 MiB; ``fill`` may raise to abandon the shard.
     """
 
     def __init__(
@@ -97,39 +98,56 @@ class ShardEncoder:
         self.nbytes = n * self.chunks_per_segment * self.chunk_nbytes + len(self.index_bytes)
 
     def pieces(
-        self, fill: Callable[[np.ndarray, int], None], piece_nbytes: int = PIECE_NBYTES, *, out: np.ndarray | None = None
-    ) -> Iterator[np.ndarray]:
-        """The shard object as consecutive uint8 pieces, the last one the index.
+        self,
+        fill: Callable[[np.ndarray, int], None],
+        piece_nbytes: int | None = None,
+        *,
+        out: np.ndarray | None = None,
+        buffers: int = 1,
+    ) -> Iterator[Callable[[], np.ndarray]]:
+        """The shard object as consecutive pieces of about ``piece_nbytes`` (default
+        ``PIECE_NBYTES``), the last one the index: each a zero-argument callable that finishes
+        the piece (its chunks' crc32c) and returns it, uint8.
 
-        Every piece but the index is a view of one reused buffer: consume (write) it before
-        asking for the next. With ``out`` (``nbytes`` uint8) the pieces are encoded in place
-        into it instead, so that afterwards it holds the whole object.
+        ``fill`` runs when a piece is asked for; finishing may run later and on another thread
+        (``tempo_ops.fs.put_local_files`` with ``write_behind=buffers - 1`` finishes and writes
+        on its writer thread). Every piece but the index is a view of one of ``buffers``
+        reused buffers, taken in turn: finish and consume (write) a piece before the
+        ``buffers``-th piece after it is asked for. With ``out`` (``nbytes`` uint8) the pieces
+        are encoded in place into it instead, so that once all are finished it holds the whole
+        object.
         """
         cps = self.chunks_per_segment
+        piece_nbytes = PIECE_NBYTES if piece_nbytes is None else piece_nbytes
         per_piece = max(1, min(self.n, piece_nbytes // (cps * self.chunk_nbytes)))
-        buf = np.empty((per_piece * cps, self.chunk_nbytes), dtype=np.uint8) if out is None else None
-        for s0 in range(0, self.n, per_piece):
+        ring: list[np.ndarray] = []
+        for i, s0 in enumerate(range(0, self.n, per_piece)):
             m = min(per_piece, self.n - s0)
-            if buf is None:
+            if out is not None:
                 body = out[s0 * cps * self.chunk_nbytes : (s0 + m) * cps * self.chunk_nbytes].reshape(m * cps, self.chunk_nbytes)
             else:
-                body = buf[: m * cps]
-            data = body[:, : self.data_nbytes]
+                if len(ring) < buffers:
+                    ring.append(np.empty((per_piece * cps, self.chunk_nbytes), dtype=np.uint8))
+                body = ring[i % buffers][: m * cps]
             # splits axes only, so always a view of the buffer (merging chunk rows would copy: the crcs lie between)
-            fill(data.view(self.dtype).reshape(m, cps, self.token_chunk, self.width), s0)
-            if self.checksum:
-                body[:, self.data_nbytes :] = crc32c_rows(data).view(np.uint8).reshape(-1, CRC_NBYTES)
-            yield body.reshape(-1)
+            fill(body[:, : self.data_nbytes].view(self.dtype).reshape(m, cps, self.token_chunk, self.width), s0)
+            yield functools.partial(self._finish, body)
         index = np.frombuffer(self.index_bytes, dtype=np.uint8)
         if out is not None:
             out[self.nbytes - len(index) :] = index
-        yield index
+        yield functools.partial(np.asarray, index)
+
+    def _finish(self, body: np.ndarray) -> np.ndarray:
+        """A filled piece ``(rows, chunk_nbytes)`` uint8 with its chunks' crc32c written: flat uint8."""
+        if self.checksum:
+            body[:, self.data_nbytes :] = crc32c_rows(body[:, : self.data_nbytes]).view(np.uint8).reshape(-1, CRC_NBYTES)
+        return body.reshape(-1)
 
     def encode(self, fill: Callable[[np.ndarray, int], None]) -> np.ndarray:
         """The whole shard object (uint8 array), for stores that take one object per put."""
         out = np.empty(self.nbytes, dtype=np.uint8)
-        for _ in self.pieces(fill, out=out):
-            pass
+        for finish in self.pieces(fill, out=out):
+            finish()
         return out
 
 

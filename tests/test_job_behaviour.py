@@ -218,13 +218,13 @@ def _failing_local_set(monkeypatch, err: int, under: Path, *, after: int = 0) ->
     real = fs_mod.put_local_files
     calls = [0]
 
-    def put(items):
+    def put(items, **kwargs):
         if not items[0][0].startswith(f"{under}{os.sep}"):
-            return real(items)
+            return real(items, **kwargs)
         calls[0] += 1
         if calls[0] > after:
             raise OSError(err, os.strerror(err), items[0][0])
-        return real(items)
+        return real(items, **kwargs)
 
     monkeypatch.setattr(fs_mod, "put_local_files", put)
     return calls

@@ -774,7 +774,7 @@ def test_fatal_storage_errors_stop_v2_writes_at_once(cache: str, monkeypatch, er
     w.begin_entry("v", "q", "question q?", S, force=True)  # a new version beside the complete one
     calls = [0]
 
-    def failing_put(items):
+    def failing_put(items, **kwargs):
         calls[0] += 1
         raise OSError(err, os.strerror(err), items[0][0])
 
