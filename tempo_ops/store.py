@@ -454,9 +454,12 @@ def _bits16_max(values: np.ndarray) -> tuple[int, int]:
     return int(v.view(np.int16).max()), int(v.max())
 
 
-def dequantize_int8(q: np.ndarray, scale: np.ndarray, exponents: np.ndarray | None = None) -> np.ndarray:
-    """int8 ``(..., D)``, scales ``(...)`` [, channel exponents: ``(S, D)`` for ``q`` ``(S, K, D)``] → float32."""
-    out = np.empty(np.shape(q), dtype=np.float32)
+def dequantize_int8(
+    q: np.ndarray, scale: np.ndarray, exponents: np.ndarray | None = None, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """int8 ``(..., D)``, scales ``(...)`` [, channel exponents: ``(S, D)`` for ``q`` ``(S, K, D)``,
+    or ``(D,)`` for one segment's rows ``(n, D)``] → float32 (into ``out`` when given)."""
+    out = np.empty(np.shape(q), dtype=np.float32) if out is None else out
     np.multiply(q, np.asarray(scale, dtype=np.float32)[..., None], out=out)  # int8 widened inside the loop
     if exponents is not None:
         out *= channel_factors(exponents)[..., None, :]
@@ -1508,15 +1511,13 @@ class EntryReader:
             return stored if dtype == np.float16 else stored.astype(dtype)
         if self.storage_form == "bfloat16":
             values = from_bf16_bits(stored)
-        else:  # q · scale, then rows of segment i times 2**e[i] (exact), a segment at a time (in cache)
+        else:  # a segment at a time (its rows stay in cache), each with its own channel exponents
             values = np.empty(stored.shape, dtype=np.float32)
-            factors = channel_factors(sides["e"]) if "e" in sides else None
+            exps = sides.get("e")
             for i in range(self.n_segments):
                 a, b = int(starts[i]), int(starts[i + 1])
                 if b > a:
-                    np.multiply(stored[a:b], sides["s"][a:b, None], out=values[a:b])
-                    if factors is not None:
-                        values[a:b] *= factors[i]
+                    dequantize_int8(stored[a:b], sides["s"][a:b], None if exps is None else exps[i], out=values[a:b])
         return values if dtype == np.float32 else values.astype(dtype)
 
     def _read(self, rs: list[tuple[int, int]], method: str) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
