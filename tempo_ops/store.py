@@ -72,6 +72,7 @@ from tempo_ops.store_shard import (
     encode_shard,
     merge_pieces,
     plan_segment,
+    thread_piece_ring,
 )
 from tempo_ops.torch_threads import this_thread_torch_threads
 
@@ -324,10 +325,12 @@ def _torch() -> Any:
 
 
 # Local writes pipeline: the calling thread converts and checks pieces (its torch casts held to
-# one thread), a writer thread checksums and writes up to this many pieces behind it (so 4
-# reused buffers of PIECE_NBYTES = 2 MiB). Measured on 2 cores, a 64 MiB float16 entry from
-# float32, medians of 11: 33 ms, against 36 ms with 0.5 MiB pieces and 39 ms all in one thread
-# (torch on both cores); with torch's two workers left on, the pipeline was slower than none.
+# one thread), a writer thread checksums and writes up to this many pieces behind it (so a ring
+# of 4 buffers of PIECE_NBYTES = 2 MiB, kept per thread: see store_shard.PieceRing). Measured
+# on 2 cores, a 64 MiB float16 entry from float32, medians of 11: 33 ms, against 36 ms with
+# 0.5 MiB pieces and 39 ms all in one thread (torch on both cores); with torch's two workers
+# left on, the pipeline was slower than none. (Figures from before the ring was kept per
+# thread; keeping it took the entry's bfloat16 writes from ~45 to ~37 ms in bench.bench_store.)
 _WRITE_BEHIND = 3
 
 _PASS_ELEMENTS = 1 << 18  # elements per pass of the checks and int8 quantisation below (fits in cache)
@@ -759,7 +762,13 @@ class CacheWriter:
             raise InvalidCacheBlock(f"n_segments must be a positive int, got {n_segments!r}", item=item)
         n_segments = int(n_segments)
         epath = L.entry_path(video_id, query_id)
-        video = sync(_get_attrs(self.store, L.video_path(video_id)))
+
+        async def read_both() -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+            # one round trip to zarr's event loop (~0.3 ms each on 2 cores), not two
+            got = await asyncio.gather(_get_attrs(self.store, L.video_path(video_id)), _get_attrs(self.store, epath))
+            return got[0], got[1]
+
+        video, current = sync(read_both())
         if video is None:
             raise EntryNotFound("video not written yet (call write_video first)", item=video_id)
         if video.get(L.VIDEO_N_SEGMENTS) != n_segments:
@@ -768,7 +777,6 @@ class CacheWriter:
             )
         inputs = self.entry_inputs(query_text, n_segments, prompt_template=prompt_template, video_identity=video_identity)
         digest = L.inputs_digest(inputs)
-        current = sync(_get_attrs(self.store, epath))
         complete = current is not None and current.get(L.ENTRY_COMPLETE) is True
         if complete and not force and inputs_match(current, inputs):
             self._entries[(video_id, query_id)] = (n_segments, str(current[L.ENTRY_VERSION]))
@@ -961,13 +969,14 @@ class CacheWriter:
         side_keys = [[side.key_of(video_id, query_id, shard, version) for shard in shards] for side in g.sides]
         rel_keys = [L.relevance_chunk_key(video_id, query_id, shard, version) for shard in shards]
         root = local_root(self.store)
-        if root is not None:  # stream each shard to disk through the encoder's reused buffers
+        if root is not None:  # stream each shard to disk through this thread's buffer ring
             def put_candidates() -> None:
                 # conversions on one core, checksums and writes on the other (see _WRITE_BEHIND)
                 with this_thread_torch_threads(1) as pipelined:
                     behind = _WRITE_BEHIND if pipelined else 0
+                    ring = thread_piece_ring(behind + 1)  # the same memory for every put of this thread
                     items: list[tuple[str, Any]] = [
-                        (os.path.join(root, key), enc.pieces(fill, buffers=behind + 1))
+                        (os.path.join(root, key), enc.pieces(fill, ring=ring))
                         for key, (enc, fill) in zip(cand_keys, encoders)
                     ]
                     # the side shards are encoded once all candidate pieces (which fill them) were made
@@ -1065,7 +1074,7 @@ class CacheWriter:
         epath = L.entry_path(video_id, query_id)
         store = self.store
 
-        async def verify() -> tuple[dict[str, Any], dict[str, Any] | None]:
+        async def verify_and_switch() -> None:  # one round trip to zarr's event loop
             rel = await _read_relevance_raw(store, g, video_id, query_id, n_seg, version)
             missing = _segment_ranges(np.isnan(rel))
             if missing:
@@ -1078,9 +1087,18 @@ class CacheWriter:
             )
             if vattrs is None:
                 raise EntryNotFound(f"entry version {version} vanished before finalising", item=item)
-            return vattrs, current
+            attrs, previous = self._completed_attrs(video_id, query_id, n_seg, version, vattrs, current)
+            await _put_group(store, epath, attrs)  # the switch: readers see the old version or this one
+            if isinstance(previous, str) and previous != version:
+                await store.delete_dir(L.data_path(video_id, query_id, previous))
 
-        vattrs, current = sync(verify())
+        sync(verify_and_switch())
+
+    def _completed_attrs(
+        self, video_id: str, query_id: str, n_seg: int, version: str, vattrs: dict[str, Any], current: dict[str, Any] | None
+    ) -> tuple[dict[str, Any], str | None]:
+        """The entry group's attributes once ``version`` is complete, and the complete version it supersedes (if any)."""
+        g = self._geo
         inputs = vattrs[L.ENTRY_INPUTS]
         attrs = {
             L.ROOT_KIND: L.ENTRY_KIND,
@@ -1100,13 +1118,7 @@ class CacheWriter:
             L.ENTRY_PACKAGE_VERSION: tempo_ops.__version__,
         }
         previous = (current or {}).get(L.ENTRY_VERSION) if (current or {}).get(L.ENTRY_COMPLETE) is True else None
-
-        async def switch() -> None:
-            await _put_group(store, epath, attrs)  # the switch: readers see the old version or this one
-            if isinstance(previous, str) and previous != version:
-                await store.delete_dir(L.data_path(video_id, query_id, previous))
-
-        sync(switch())
+        return attrs, previous if isinstance(previous, str) else None
 
     def is_complete(
         self, video_id: str, query_id: str, *, query_text: str | None = None, prompt_template: str | None = None

@@ -20,6 +20,7 @@ range request per segment (fewer after merging neighbours) with no bytes wasted.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -57,6 +58,45 @@ def encode_index(index: np.ndarray) -> bytes:
 
 
 PIECE_NBYTES = 1 << 21  # bytes of chunks encoded per step (four 128 x 2048 bf16 segments): see tempo_ops.store._WRITE_BEHIND
+
+
+class PieceRing:
+    """``count`` reused flat uint8 buffers, handed out in turn by ``take``: a buffer comes back
+    ``count`` takes later, so its piece must be finished and written by then.
+
+    Reusing the same memory across shards and blocks matters: a fresh 2 MiB buffer costs 512
+    page faults on first touch (~6 ms per 64 MiB entry on the 2-core VM, ``bench.bench_store``).
+    """
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"a ring needs at least one buffer, got {count}")
+        self.buffers: list[np.ndarray | None] = [None] * count
+        self.next = 0
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """The next buffer's first ``nbytes`` (uint8), grown when it is smaller."""
+        i = self.next
+        self.next = (i + 1) % len(self.buffers)
+        buf = self.buffers[i]
+        if buf is None or buf.nbytes < nbytes:
+            buf = self.buffers[i] = np.empty(nbytes, dtype=np.uint8)
+        return buf[:nbytes]
+
+
+_THREAD_RINGS = threading.local()
+
+
+def thread_piece_ring(count: int) -> PieceRing:
+    """This thread's ring of ``count`` buffers, kept for the thread's lifetime (``count`` x ~2 MiB).
+
+    One thread writes one put at a time (``tempo_ops.fs.put_local_files`` returns only once its
+    writer thread is joined), so consecutive puts of a thread can share the ring.
+    """
+    ring = getattr(_THREAD_RINGS, "ring", None)
+    if ring is None or len(ring.buffers) != count:
+        ring = _THREAD_RINGS.ring = PieceRing(count)
+    return ring
 
 
 class ShardEncoder:
@@ -103,32 +143,29 @@ class ShardEncoder:
         piece_nbytes: int | None = None,
         *,
         out: np.ndarray | None = None,
-        buffers: int = 1,
+        ring: PieceRing | None = None,
     ) -> Iterator[Callable[[], np.ndarray]]:
         """The shard object as consecutive pieces of about ``piece_nbytes`` (default
         ``PIECE_NBYTES``), the last one the index: each a zero-argument callable that finishes
         the piece (its chunks' crc32c) and returns it, uint8.
 
         ``fill`` runs when a piece is asked for; finishing may run later and on another thread
-        (``tempo_ops.fs.put_local_files`` with ``write_behind=buffers - 1`` finishes and writes
-        on its writer thread). Every piece but the index is a view of one of ``buffers``
-        reused buffers, taken in turn: finish and consume (write) a piece before the
-        ``buffers``-th piece after it is asked for. With ``out`` (``nbytes`` uint8) the pieces
-        are encoded in place into it instead, so that once all are finished it holds the whole
-        object.
+        (``tempo_ops.fs.put_local_files`` with ``write_behind=len(ring.buffers) - 1`` finishes
+        and writes on its writer thread). Every piece but the index is a view of a buffer of ``ring``
+        (default: a new ring of one buffer); encoders may share a ring: finish and consume
+        (write) a piece before ``ring`` has handed out ``len(ring.buffers)`` more. With ``out``
+        (``nbytes`` uint8) the pieces are encoded in place into it instead, so that once all
+        are finished it holds the whole object.
         """
         cps = self.chunks_per_segment
         piece_nbytes = PIECE_NBYTES if piece_nbytes is None else piece_nbytes
         per_piece = max(1, min(self.n, piece_nbytes // (cps * self.chunk_nbytes)))
-        ring: list[np.ndarray] = []
-        for i, s0 in enumerate(range(0, self.n, per_piece)):
+        ring = PieceRing(1) if ring is None and out is None else ring
+        for s0 in range(0, self.n, per_piece):
             m = min(per_piece, self.n - s0)
-            if out is not None:
-                body = out[s0 * cps * self.chunk_nbytes : (s0 + m) * cps * self.chunk_nbytes].reshape(m * cps, self.chunk_nbytes)
-            else:
-                if len(ring) < buffers:
-                    ring.append(np.empty((per_piece * cps, self.chunk_nbytes), dtype=np.uint8))
-                body = ring[i % buffers][: m * cps]
+            span = m * cps * self.chunk_nbytes
+            flat = out[s0 * cps * self.chunk_nbytes :][:span] if out is not None else ring.take(span)
+            body = flat.reshape(m * cps, self.chunk_nbytes)
             # splits axes only, so always a view of the buffer (merging chunk rows would copy: the crcs lie between)
             fill(body[:, : self.data_nbytes].view(self.dtype).reshape(m, cps, self.token_chunk, self.width), s0)
             yield functools.partial(self._finish, body)

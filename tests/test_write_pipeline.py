@@ -210,3 +210,79 @@ def test_pipelined_shards_with_small_pieces_and_a_slow_writer_equal_encode_shard
     if form == "float16":
         np.testing.assert_array_equal(np.stack(got), cand.astype(np.float16))
     assert not _writer_threads()
+
+
+def test_a_piece_ring_hands_out_its_buffers_in_turn_and_grows_one_that_is_too_small() -> None:
+    ring = shard_mod.PieceRing(3)
+    first = [ring.take(100) for _ in range(3)]
+    assert len({a.__array_interface__["data"][0] for a in first}) == 3  # three distinct buffers
+    again = ring.take(60)  # the 4th take is the 1st buffer again, viewed shorter
+    assert again.nbytes == 60 and np.shares_memory(again, first[0])
+    grown = ring.take(200)  # the 2nd buffer is too small: replaced, never overrun
+    assert grown.nbytes == 200 and not np.shares_memory(grown, first[1])
+    assert not np.shares_memory(ring.take(150), first[2])  # the 3rd is also too small for 150
+    assert np.shares_memory(ring.take(10), again)  # the grown-back 1st buffer was kept (60 <= 100)
+    with pytest.raises(ValueError):
+        shard_mod.PieceRing(0)
+
+
+def test_each_thread_keeps_one_ring_across_puts() -> None:
+    ring = shard_mod.thread_piece_ring(4)
+    assert shard_mod.thread_piece_ring(4) is ring
+    other: list[object] = []
+    t = threading.Thread(target=lambda: other.append(shard_mod.thread_piece_ring(4)))
+    t.start()
+    t.join()
+    assert other[0] is not ring  # a writer shared by threads never shares buffers between them
+    assert len(shard_mod.thread_piece_ring(1).buffers) == 1  # another size: a new ring for this thread
+
+
+@pytest.mark.parametrize("form", ["float16", "bfloat16"])
+def test_consecutive_puts_reuse_the_thread_ring_without_new_memory_and_stay_exact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str
+) -> None:
+    """Blocks of two caches with different chunk sizes, written alternately by one thread through a
+    lagging writer: every shard equals the zarr-compatible encoding, and after the first blocks
+    the ring hands out the same memory (no fresh pages per put)."""
+    with this_thread_torch_threads(1) as pipelined:  # the writer's ring: write_behind + 1 buffers
+        count = store_mod._WRITE_BEHIND + 1 if pipelined else 1
+    monkeypatch.setattr(shard_mod, "PIECE_NBYTES", 1)  # one segment per piece
+    _slow_writes(monkeypatch, 0.0005)
+    writers, data = {}, {}
+    for width in (32, 48):  # chunk rows of 4 * 32 * 2 and 4 * 48 * 2 bytes (+ crc)
+        config = make_config(hidden_size=width)
+        config["stored_dtype"] = form
+        url = str(tmp_path / f"{form}-{width}")
+        w = CacheWriter.open(url, config, segments_per_shard=P, token_chunk=C)
+        w.write_video("v", make_meta())
+        w.begin_entry("v", "q", "question q?", S)
+        rng = np.random.default_rng(width)
+        data[width] = ((rng.standard_normal((S, 16, width)) * 5).astype(np.float32), rng.random(S).astype(np.float32))
+        writers[width] = (url, w)
+    takers: list[shard_mod.PieceRing] = []
+    real_take = shard_mod.PieceRing.take
+
+    def take(self: shard_mod.PieceRing, nbytes: int) -> np.ndarray:
+        takers.append(self)
+        return real_take(self, nbytes)
+
+    monkeypatch.setattr(shard_mod.PieceRing, "take", take)
+    seen: list[set[int]] = []
+    for s0 in range(0, S, P):
+        for width, (_, w) in writers.items():
+            cand, rel = data[width]
+            w.write_block("v", "q", s0, cand[s0 : s0 + P], rel[s0 : s0 + P])
+        ring = shard_mod.thread_piece_ring(count)
+        seen.append({b.__array_interface__["data"][0] for b in ring.buffers if b is not None})
+    assert takers and all(r is ring for r in takers)  # every piece of every put came from this thread's ring
+    assert seen[1] == seen[-1]  # the wider cache's first block sized the buffers; later puts reuse them
+    for width, (url, w) in writers.items():
+        w.finalize_entry("v", "q")
+        cand, _ = data[width]
+        version = CacheReader(url).entry("v", "q").version
+        for shard in range(-(-S // P)):
+            block = cand[shard * P : (shard + 1) * P]
+            stored = block.astype("<f2") if form == "float16" else to_bf16_bits(block)
+            got = (Path(url) / L.candidates_shard_key("v", "q", shard, version)).read_bytes()
+            assert got == encode_shard(stored, P, C).tobytes(), (width, shard)
+    assert not _writer_threads()
