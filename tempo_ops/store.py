@@ -1089,7 +1089,7 @@ class CacheWriter:
                 raise EntryNotFound(f"entry version {version} vanished before finalising", item=item)
             attrs, previous = self._completed_attrs(video_id, query_id, n_seg, version, vattrs, current)
             await _put_group(store, epath, attrs)  # the switch: readers see the old version or this one
-            if isinstance(previous, str) and previous != version:
+            if previous is not None and previous != version:
                 await store.delete_dir(L.data_path(video_id, query_id, previous))
 
         sync(verify_and_switch())
