@@ -7,7 +7,9 @@ One (video, query) entry: 128 segments x 128 tokens x D=2048 (64 MiB as float16/
   form) vs ``np.save`` of the same blocks in the stored dtype — converted from the same input
   by the same functions (like for like), and already converted — throughput ratios (target
   >= 0.8), interleaved, WRITE_REPEAT pairs: ratio of medians, median of the pairs' ratios and
-  fastest against fastest; and the time of the crc32c pass alone.
+  fastest against fastest; and the time of the crc32c pass alone. The input lies in memory numpy
+  allocated, as the compressor's output does (huge pages where the kernel offers them); one more
+  bfloat16 case gives the writer a copy in 4 KiB pages (as a torch tensor's ``.numpy()`` is).
 - Full reads per form (direct reader, crc32c verified, returned as float32 / float16) vs
   ``np.load`` of the .npy blocks.
 - Reads at budgets 1K/4K/8K with an ATA-like allocation (k_min=4 + floor(s_hat*124), rescaled
@@ -25,6 +27,7 @@ Run: ``python -m bench.bench_store`` → ``bench/results/store.json``.
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import tempfile
 import time
@@ -197,8 +200,22 @@ WRITE_CASES = (  # (case, storage form, writer input): what the compress job han
     ("float16", "float16", "float32"),
     ("float16_given_float16", "float16", "float16"),
     ("bfloat16", "bfloat16", "float32"),
+    ("bfloat16_given_4KiB_pages", "bfloat16", "float32_4KiB_pages"),
     ("int8", "int8", "float32"),
 )
+
+
+def in_small_pages(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a`` in memory the kernel may not back with transparent huge pages (4 KiB pages),
+    as a torch tensor's ``.numpy()`` is: on the 2-core VM the writer's one-thread float32 →
+    bfloat16 cast from such memory took ~45 % longer (18 against 12.5 ms per 64 MiB entry) than
+    from numpy's own allocations, which numpy offers the kernel for huge pages."""
+    mm = mmap.mmap(-1, a.nbytes)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mm.madvise(mmap.MADV_NOHUGEPAGE)
+    out = np.frombuffer(mm, dtype=a.dtype).reshape(a.shape)
+    out[...] = a
+    return out
 
 
 def crc32c_pass_s(blocks: list[tuple[np.ndarray, ...]], chunk_nbytes: int) -> float:
@@ -226,7 +243,7 @@ def measure_writes(
     for w in writers.values():
         w.write_video("video", meta())
     p = writers["float16"].segments_per_shard
-    inputs = {"float32": cand32, "float16": cand16}
+    inputs = {"float32": cand32, "float16": cand16, "float32_4KiB_pages": in_small_pages(cand32)}
     times: dict[str, list[float]] = {f"{c}_{k}": [] for c, _, _ in WRITE_CASES for k in ("cache", "npy", "npy_convert")}
     crc_s: list[float] = []
 
@@ -286,13 +303,16 @@ def measure_writes(
     out["repeat"] = WRITE_REPEAT
     out["target_ratio"] = 0.8
     out["filesystem"] = str(work)
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    out["transparent_huge_pages"] = thp.read_text().strip() if thp.exists() else "unknown"
     return out
 
 
 def main() -> None:
     rng = np.random.default_rng(0)
     cand32 = rng.standard_normal((S, K, D), dtype=np.float32)
-    cand32 = np.asarray(store_mod.from_bf16_bits(to_bf16_bits(cand32)))  # bf16 values, like the model's
+    # bf16 values, like the model's, in an array numpy allocated (as the compressor's output is)
+    cand32 = np.array(store_mod.from_bf16_bits(to_bf16_bits(cand32)))
     cand16 = cand32.astype(np.float16)
     rel = rng.beta(0.5, 0.5, S).astype(np.float32)
     work = Path(tempfile.mkdtemp(prefix="bench_store_", dir="/tmp"))

@@ -67,7 +67,11 @@ class PieceRing:
     Reusing the same memory across shards and blocks matters: a fresh 2 MiB buffer costs 512
     page faults on first touch. On the 2-core VM, converting a 64 MiB entry into fresh buffers
     took ~6 ms longer than into reused ones, and keeping one ring per thread took a bfloat16
-    entry write from ~45 to ~37 ms (``bench.bench_store``).
+    entry write from ~45 to ~37 ms (``bench.bench_store``). The buffers lie side by side in one
+    allocation aligned to 2 MiB, which numpy (for an allocation of >= 4 MiB) offers the kernel
+    for transparent huge pages: fewer TLB misses in the conversion, the crc32c and the kernel's
+    copy of every piece (per 64 MiB entry, alone: cast 13.0 → 11.8 ms, crc32c 12.6 → 11.6 ms,
+    write 6.2 → 5.3 ms; in ``bench.bench_store``, bfloat16 entries 37–41 → 32–33 ms).
     """
 
     def __init__(self, count: int) -> None:
@@ -77,13 +81,27 @@ class PieceRing:
         self.next = 0
 
     def take(self, nbytes: int) -> np.ndarray:
-        """The next buffer's first ``nbytes`` (uint8), grown when it is smaller."""
+        """The next buffer's first ``nbytes`` (uint8); all buffers are replaced by larger ones
+        when it is smaller (pieces already handed out keep their old memory)."""
         i = self.next
         self.next = (i + 1) % len(self.buffers)
         buf = self.buffers[i]
         if buf is None or buf.nbytes < nbytes:
-            buf = self.buffers[i] = np.empty(nbytes, dtype=np.uint8)
+            self.buffers = _side_by_side(len(self.buffers), nbytes)
+            buf = self.buffers[i]
         return buf[:nbytes]
+
+
+_HUGE_PAGE = 1 << 21
+_PAGE = 1 << 12
+
+
+def _side_by_side(count: int, nbytes: int) -> list[np.ndarray | None]:
+    """``count`` flat uint8 buffers of ``nbytes``, page-aligned, in one allocation aligned to 2 MiB."""
+    stride = -(-nbytes // _PAGE) * _PAGE
+    raw = np.empty(count * stride + _HUGE_PAGE, dtype=np.uint8)
+    start = -raw.ctypes.data % _HUGE_PAGE
+    return [raw[start + i * stride :][:nbytes] for i in range(count)]
 
 
 _THREAD_RINGS = threading.local()

@@ -212,18 +212,35 @@ def test_pipelined_shards_with_small_pieces_and_a_slow_writer_equal_encode_shard
     assert not _writer_threads()
 
 
-def test_a_piece_ring_hands_out_its_buffers_in_turn_and_grows_one_that_is_too_small() -> None:
+def test_a_piece_ring_hands_out_its_buffers_in_turn_and_grows_them_when_one_is_too_small() -> None:
     ring = shard_mod.PieceRing(3)
     first = [ring.take(100) for _ in range(3)]
     assert len({a.__array_interface__["data"][0] for a in first}) == 3  # three distinct buffers
     again = ring.take(60)  # the 4th take is the 1st buffer again, viewed shorter
     assert again.nbytes == 60 and np.shares_memory(again, first[0])
-    grown = ring.take(200)  # the 2nd buffer is too small: replaced, never overrun
-    assert grown.nbytes == 200 and not np.shares_memory(grown, first[1])
-    assert not np.shares_memory(ring.take(150), first[2])  # the 3rd is also too small for 150
-    assert np.shares_memory(ring.take(10), again)  # the grown-back 1st buffer was kept (60 <= 100)
+    again[:] = 7
+    grown = ring.take(200)  # the 2nd buffer is too small: all are replaced, none overrun
+    assert grown.nbytes == 200 and not any(np.shares_memory(grown, a) for a in first)
+    grown[:] = 9
+    assert (again == 7).all()  # a piece handed out before the growth keeps its memory
+    third = ring.take(150)  # the new 3rd buffer fits 150
+    assert not any(np.shares_memory(third, a) for a in [*first, grown])
+    assert not np.shares_memory(ring.take(10), again)  # the 1st was replaced too, though 10 bytes fit it
     with pytest.raises(ValueError):
         shard_mod.PieceRing(0)
+
+
+def test_a_piece_ring_lays_its_buffers_side_by_side_from_a_huge_page_boundary() -> None:
+    """One allocation, 2 MiB-aligned, buffers page-aligned: numpy offers an allocation this large
+    to the kernel for transparent huge pages (fewer TLB misses per piece)."""
+    ring = shard_mod.PieceRing(4)
+    nbytes = (1 << 21) + 256  # a 2 MiB piece and its chunks' crc32c
+    bufs = [ring.take(nbytes) for _ in range(4)]
+    addrs = [b.__array_interface__["data"][0] for b in bufs]
+    assert addrs[0] % (1 << 21) == 0
+    assert all(a % 4096 == 0 for a in addrs)
+    assert [b - a for a, b in zip(addrs, addrs[1:])] == [(1 << 21) + 4096] * 3
+    assert all(b.base is bufs[0].base for b in bufs) and all(b.nbytes == nbytes for b in bufs)
 
 
 def test_each_thread_keeps_one_ring_across_puts() -> None:
