@@ -71,7 +71,7 @@ class PieceRing:
     allocation aligned to 2 MiB, which numpy (for an allocation of >= 4 MiB) offers the kernel
     for transparent huge pages: fewer TLB misses in the conversion, the crc32c and the kernel's
     copy of every piece (per 64 MiB entry, alone: cast 13.0 → 11.8 ms, crc32c 12.6 → 11.6 ms,
-    write 6.2 → 5.3 ms; in ``bench.bench_store``, bfloat16 entries 37–41 → 32–33 ms).
+    write 6.2 → 5.3 ms; in ``bench.bench_store``, the fastest bfloat16 entry 37–41 → 32 ms).
     """
 
     def __init__(self, count: int) -> None:
