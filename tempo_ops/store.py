@@ -329,8 +329,8 @@ def _torch() -> Any:
 # of 4 buffers of PIECE_NBYTES = 2 MiB, kept per thread: see store_shard.PieceRing). Measured
 # on 2 cores, a 64 MiB float16 entry from float32, medians of 11: 33 ms, against 36 ms with
 # 0.5 MiB pieces and 39 ms all in one thread (torch on both cores); with torch's two workers
-# left on, the pipeline was slower than none. (Figures from before the ring was kept per
-# thread; keeping it took the entry's bfloat16 writes from ~45 to ~37 ms in bench.bench_store.)
+# left on, the pipeline was slower than none. (Figures from before the ring; what its reused,
+# huge-page memory saves since is in PieceRing's docstring.)
 _WRITE_BEHIND = 3
 
 _PASS_ELEMENTS = 1 << 18  # elements per pass of the checks and int8 quantisation below (fits in cache)
